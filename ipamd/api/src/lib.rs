@@ -1,0 +1,82 @@
+//! The wire contract between `ipamd` and the `vpc-cni` plugin.
+//!
+//! Kept in its own crate so the CNI binary links only tonic and prost, never
+//! a cloud SDK.
+
+#[allow(clippy::all, missing_docs, rust_2018_idioms)]
+pub mod v1 {
+    tonic::include_proto!("vpccni.ipamd.v1");
+}
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Where ipamd listens unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/vpc-cni/ipamd.sock";
+
+/// Why a connection to ipamd could not be made, with a hint an operator can act on.
+#[derive(Debug)]
+pub struct ConnectError {
+    pub socket: PathBuf,
+    pub source: std::io::Error,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hint = match self.source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                "is ipamd running?"
+            }
+            std::io::ErrorKind::PermissionDenied => "the socket is root-only (mode 0600)",
+            _ => "cannot reach ipamd",
+        };
+        write!(
+            f,
+            "{hint} socket {}: {}",
+            self.socket.display(),
+            self.source
+        )
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Opens a gRPC channel to ipamd over its unix socket.
+///
+/// The socket is connected eagerly so that a missing daemon is reported as
+/// such, not as an opaque transport error on the first call.
+pub async fn connect(socket: impl AsRef<Path>) -> Result<Channel, ConnectError> {
+    let socket = socket.as_ref().to_path_buf();
+    // Probe first: tonic would otherwise wrap "connection refused" in layers.
+    if let Err(source) = tokio::net::UnixStream::connect(&socket).await {
+        return Err(ConnectError { socket, source });
+    }
+    let path = socket.clone();
+    // The URI is required by the builder but unused: the connector dials the socket.
+    Endpoint::from_static("http://ipamd.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| ConnectError {
+            socket,
+            source: std::io::Error::other(e.to_string()),
+        })
+}
+
+/// A client for the ipamd service over its unix socket.
+pub async fn client(
+    socket: impl AsRef<Path>,
+) -> Result<v1::ipamd_client::IpamdClient<Channel>, ConnectError> {
+    Ok(v1::ipamd_client::IpamdClient::new(connect(socket).await?))
+}

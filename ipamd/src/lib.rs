@@ -1,0 +1,3 @@
+//! ipamd: the per-node IP address manager of vpc-cni.
+
+pub mod policy;

@@ -1,0 +1,339 @@
+//! The pool policy: a pure function from the pool as it is and the targets to
+//! the cloud actions that bring it where it should be. No I/O, no clock of its
+//! own: the daemon and the scale simulator call the same `plan`.
+//!
+//! Knob meanings follow aws-node:
+//! * `WARM_ENI_TARGET` (default 1): keep at least that many whole interfaces'
+//!   worth of addresses available; interfaces are filled completely.
+//! * `WARM_IP_TARGET` / `MINIMUM_IP_TARGET`: when either is set, the ENI target
+//!   is ignored; keep `WARM_IP_TARGET` addresses available and at least
+//!   `MINIMUM_IP_TARGET` in total, adding and releasing single addresses.
+//! * `ENABLE_PREFIX_DELEGATION` + `WARM_PREFIX_TARGET`: the pool grows by /28
+//!   prefixes; keep that many wholly unused prefixes. The IP targets, when set,
+//!   apply in addresses and are rounded up to prefixes.
+//! * `MAX_ENI` and the max-pods cap bound growth.
+//!
+//! Where we deliberately differ: addresses in cooldown count as in use (never
+//! as available), and waiting ADDs count as demand so the pool grows for them
+//! even when the targets alone would not.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use providers::{AssignRequest, Limits};
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// Addresses in one delegated /28.
+pub const PREFIX_SIZE: u32 = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolConfig {
+    pub warm_eni_target: u32,
+    pub warm_ip_target: Option<u32>,
+    pub minimum_ip_target: Option<u32>,
+    pub warm_prefix_target: Option<u32>,
+    pub prefix_delegation: bool,
+    pub max_eni: Option<u32>,
+    pub max_pods: Option<u32>,
+    /// An interface younger than this is never deleted.
+    pub min_interface_age: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            warm_eni_target: 1,
+            warm_ip_target: None,
+            minimum_ip_target: None,
+            warm_prefix_target: None,
+            prefix_delegation: false,
+            max_eni: None,
+            max_pods: None,
+            min_interface_age: Duration::from_secs(60),
+        }
+    }
+}
+
+impl PoolConfig {
+    fn ip_targets(&self) -> bool {
+        self.warm_ip_target.is_some() || self.minimum_ip_target.is_some()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixView {
+    pub prefix: Ipv4Net,
+    /// Addresses of the prefix held by pods or cooling down.
+    pub in_use: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IfaceView {
+    pub id: String,
+    pub device_index: u32,
+    pub attached_at: Instant,
+    /// Secondary addresses held one by one (not via a prefix).
+    pub ips: u32,
+    pub prefixes: Vec<PrefixView>,
+    /// Addresses held by pods.
+    pub assigned: u32,
+    /// Addresses released within the cooldown.
+    pub cooling: u32,
+    /// Individually held addresses that are free and not cooling: the only
+    /// ones that may be released.
+    pub free_ips: Vec<Ipv4Addr>,
+}
+
+impl IfaceView {
+    fn primary(&self) -> bool {
+        self.device_index == 0
+    }
+    fn total(&self) -> u32 {
+        self.ips + PREFIX_SIZE * self.prefixes.len() as u32
+    }
+    fn used(&self) -> u32 {
+        self.assigned + self.cooling
+    }
+    fn slots_used(&self) -> u32 {
+        self.ips + self.prefixes.len() as u32
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolView {
+    /// Attached interfaces, not counting ones being deleted.
+    pub interfaces: Vec<IfaceView>,
+    pub limits: Limits,
+    pub hot_attach: bool,
+    /// ADDs waiting for an address right now.
+    pub waiting: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    AssignIps {
+        interface_id: String,
+        count: u32,
+    },
+    AssignPrefixes {
+        interface_id: String,
+        count: u32,
+    },
+    CreateInterface {
+        initial: AssignRequest,
+    },
+    ReleaseIps {
+        interface_id: String,
+        ips: Vec<Ipv4Addr>,
+    },
+    ReleasePrefixes {
+        interface_id: String,
+        prefixes: Vec<Ipv4Net>,
+    },
+    DeleteInterface {
+        interface_id: String,
+    },
+}
+
+/// Why the pool cannot grow although it is short.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Blocked {
+    /// Every interface is full and no more can be attached.
+    InterfaceLimit { interfaces: u32, per_interface: u32 },
+    /// The pool already holds max-pods addresses.
+    MaxPods { max_pods: u32 },
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InterfaceLimit {
+                interfaces,
+                per_interface,
+            } => write!(
+                f,
+                "instance is at its limit: {interfaces} interfaces with {per_interface} addresses or prefixes each, all in use"
+            ),
+            Self::MaxPods { max_pods } => write!(f, "max pods ({max_pods}) reached on this node"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub blocked: Option<Blocked>,
+}
+
+fn div_ceil(a: u32, b: u32) -> u32 {
+    a.div_ceil(b.max(1))
+}
+
+/// Decides what the pool should do now.
+pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
+    let slots = view.limits.slots_per_interface();
+    let max_ifaces = cfg.max_eni.map_or(view.limits.max_interfaces, |m| {
+        m.min(view.limits.max_interfaces)
+    });
+    let pd = cfg.prefix_delegation;
+    let unit = if pd { PREFIX_SIZE } else { 1 };
+
+    let total: u32 = view.interfaces.iter().map(IfaceView::total).sum();
+    let used: u32 = view.interfaces.iter().map(IfaceView::used).sum();
+    let demand = used + view.waiting;
+
+    // How many addresses the pool should hold.
+    let mut want = if cfg.ip_targets() {
+        (demand + cfg.warm_ip_target.unwrap_or(0)).max(cfg.minimum_ip_target.unwrap_or(0))
+    } else if pd {
+        // Wholly unused prefixes to keep, on top of what is needed for demand.
+        let in_use_prefixes = div_ceil(demand, PREFIX_SIZE);
+        let partial: u32 = view
+            .interfaces
+            .iter()
+            .flat_map(|i| &i.prefixes)
+            .filter(|p| p.in_use > 0)
+            .count() as u32;
+        PREFIX_SIZE * (in_use_prefixes.max(partial) + cfg.warm_prefix_target.unwrap_or(0))
+    } else {
+        demand + cfg.warm_eni_target * slots
+    };
+    // In prefix mode the pool moves in whole prefixes.
+    want = div_ceil(want, unit) * unit;
+
+    let mut blocked = None;
+    // Slots the max-pods cap still allows to be added.
+    let mut room = u32::MAX;
+    if let Some(max_pods) = cfg.max_pods {
+        let cap_slots = div_ceil(max_pods, unit);
+        room = cap_slots.saturating_sub(div_ceil(total, unit));
+        let cap = (div_ceil(max_pods, unit) * unit).max(div_ceil(used, unit) * unit);
+        if want > cap {
+            want = cap;
+            if view.waiting > 0 && total >= cap {
+                blocked = Some(Blocked::MaxPods { max_pods });
+            }
+        }
+    }
+
+    let mut actions = Vec::new();
+    if want > total {
+        let mut short = div_ceil(want - total, unit); // in slots
+        let fill_whole = !pd && !cfg.ip_targets();
+        for i in &view.interfaces {
+            if short == 0 {
+                break;
+            }
+            let free_slots = slots.saturating_sub(i.slots_used());
+            if free_slots == 0 {
+                continue;
+            }
+            let n = if fill_whole {
+                free_slots
+            } else {
+                free_slots.min(short)
+            }
+            .min(room);
+            if n == 0 {
+                break;
+            }
+            short = short.saturating_sub(n);
+            room -= n;
+            actions.push(if pd {
+                Action::AssignPrefixes {
+                    interface_id: i.id.clone(),
+                    count: n,
+                }
+            } else {
+                Action::AssignIps {
+                    interface_id: i.id.clone(),
+                    count: n,
+                }
+            });
+        }
+        if short > 0 && room > 0 {
+            if view.hot_attach && (view.interfaces.len() as u32) < max_ifaces {
+                let n = if fill_whole { slots } else { short.min(slots) }.min(room);
+                actions.push(Action::CreateInterface {
+                    initial: if pd {
+                        AssignRequest::Prefixes(n)
+                    } else {
+                        AssignRequest::Ips(n)
+                    },
+                });
+            } else if blocked.is_none() {
+                blocked = Some(Blocked::InterfaceLimit {
+                    interfaces: view.interfaces.len() as u32,
+                    per_interface: slots,
+                });
+            }
+        }
+        return Plan { actions, blocked };
+    }
+
+    if view.waiting > 0 {
+        return Plan { actions, blocked };
+    }
+
+    // Shrink. First a whole idle interface, at most one per step.
+    let excess = total - want;
+    let deletable = view
+        .interfaces
+        .iter()
+        .filter(|i| {
+            !i.primary()
+                && i.used() == 0
+                && now.saturating_duration_since(i.attached_at) >= cfg.min_interface_age
+                && i.total() <= excess
+        })
+        .max_by_key(|i| i.device_index);
+    if let Some(i) = deletable {
+        actions.push(Action::DeleteInterface {
+            interface_id: i.id.clone(),
+        });
+        return Plan { actions, blocked };
+    }
+    // Under the ENI target aws-node keeps interfaces whole.
+    if !pd && !cfg.ip_targets() {
+        return Plan { actions, blocked };
+    }
+    // Then single addresses or wholly unused prefixes, emptiest interface first.
+    let mut order: Vec<&IfaceView> = view.interfaces.iter().collect();
+    order.sort_by_key(|i| (i.assigned, std::cmp::Reverse(i.device_index)));
+    let mut excess = excess;
+    for i in order {
+        if excess < unit {
+            break;
+        }
+        if pd {
+            let free: Vec<Ipv4Net> = i
+                .prefixes
+                .iter()
+                .filter(|p| p.in_use == 0)
+                .map(|p| p.prefix)
+                .take((excess / PREFIX_SIZE) as usize)
+                .collect();
+            if !free.is_empty() {
+                excess -= PREFIX_SIZE * free.len() as u32;
+                actions.push(Action::ReleasePrefixes {
+                    interface_id: i.id.clone(),
+                    prefixes: free,
+                });
+            }
+        }
+        // Single addresses also exist in prefix mode after a fallback.
+        let ips: Vec<Ipv4Addr> = i.free_ips.iter().copied().take(excess as usize).collect();
+        if !ips.is_empty() {
+            excess -= ips.len() as u32;
+            actions.push(Action::ReleaseIps {
+                interface_id: i.id.clone(),
+                ips,
+            });
+        }
+    }
+    Plan { actions, blocked }
+}

@@ -1,0 +1,55 @@
+//! The `CloudProvider` trait: the only door from ipamd to a cloud.
+//!
+//! Everything here speaks in the project's own types. An implementation turns
+//! them into SDK calls (aws, azure) or into operations on the simulated VPC
+//! (`sim`), and owns retries and throttling at this boundary.
+
+pub mod error;
+pub mod limits;
+pub mod sim;
+pub mod types;
+
+pub use error::{ProviderError, Result};
+pub use types::*;
+
+use async_trait::async_trait;
+
+/// A cloud as seen from one node (one instance).
+///
+/// Object safe, so ipamd holds an `Arc<dyn CloudProvider>` chosen at start by
+/// [`sim::SimProvider`] or a cloud implementation.
+#[async_trait]
+pub trait CloudProvider: Send + Sync + 'static {
+    /// Short name for logs and metrics ("sim", "aws", "azure").
+    fn name(&self) -> &'static str;
+
+    /// What this cloud can do (hot-attach, prefixes).
+    fn capabilities(&self) -> Capabilities;
+
+    /// The instance this node runs on, with its limits and VPC CIDRs.
+    async fn describe_instance(&self) -> Result<Instance>;
+
+    /// Interfaces attached to this instance, with their addresses.
+    async fn describe_interfaces(&self) -> Result<Vec<Interface>>;
+
+    /// Adds `count` secondary IPs, or `count` /28 prefixes, to an attached interface.
+    /// Returns what was actually assigned (a cloud may assign fewer).
+    async fn assign(&self, interface_id: &str, request: AssignRequest) -> Result<Assigned>;
+
+    /// Removes secondary IPs and prefixes from an interface.
+    async fn release(&self, interface_id: &str, release: &Assigned) -> Result<()>;
+
+    /// Creates an interface in `spec.subnet_id` and attaches it to this
+    /// instance at a free device index.
+    async fn create_interface(&self, spec: &CreateInterface) -> Result<Interface>;
+
+    /// Detaches an interface from this instance. Already detached is success.
+    async fn detach_interface(&self, interface_id: &str) -> Result<()>;
+
+    /// Deletes a detached interface. Unknown interface is success.
+    async fn delete_interface(&self, interface_id: &str) -> Result<()>;
+
+    /// Subnets of this instance's VPC usable for new interfaces, in the
+    /// instance's zone.
+    async fn list_subnets(&self) -> Result<Vec<Subnet>>;
+}

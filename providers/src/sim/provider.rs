@@ -1,0 +1,225 @@
+//! `CloudProvider` over the simulated VPC, in-process or remote.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{Reply, Request, SimClient, Vpc};
+use crate::error::{ProviderError, Result};
+use crate::types::*;
+use crate::CloudProvider;
+
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Local(Arc<Vpc>),
+    Remote(Arc<SimClient>),
+}
+
+impl Backend {
+    pub async fn call(&self, req: Request) -> Result<Reply> {
+        match self {
+            Self::Local(v) => v.handle(req).await,
+            Self::Remote(c) => c.call(&req).await,
+        }
+    }
+}
+
+/// One node of the simulated VPC.
+#[derive(Debug, Clone)]
+pub struct SimProvider {
+    backend: Backend,
+    instance_id: String,
+    zone: String,
+}
+
+fn unexpected(r: Reply) -> ProviderError {
+    ProviderError::Transport(format!(
+        "simulator answered with an unexpected reply: {r:?}"
+    ))
+}
+
+impl SimProvider {
+    /// Finds the instance named `node_name`, launching it with
+    /// `instance_type` the first time, as a node boots and reads its identity.
+    pub async fn join(backend: Backend, node_name: &str, instance_type: &str) -> Result<Self> {
+        match backend
+            .call(Request::LaunchInstance {
+                name: node_name.into(),
+                instance_type: instance_type.into(),
+                subnet_id: None,
+            })
+            .await?
+        {
+            Reply::InstanceId(instance_id) => {
+                let mut p = Self {
+                    backend,
+                    instance_id,
+                    zone: String::new(),
+                };
+                p.zone = p.describe_instance().await?.zone;
+                Ok(p)
+            }
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+}
+
+#[async_trait]
+impl CloudProvider for SimProvider {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            hot_attach: true,
+            prefixes: true,
+        }
+    }
+
+    async fn describe_instance(&self) -> Result<Instance> {
+        match self
+            .backend
+            .call(Request::DescribeInstance {
+                instance_id: self.instance_id.clone(),
+            })
+            .await?
+        {
+            Reply::Instance(i) => Ok(*i),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    async fn describe_interfaces(&self) -> Result<Vec<Interface>> {
+        match self
+            .backend
+            .call(Request::DescribeInterfaces {
+                instance_id: self.instance_id.clone(),
+            })
+            .await?
+        {
+            Reply::Interfaces(v) => Ok(v),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    async fn assign(&self, interface_id: &str, request: AssignRequest) -> Result<Assigned> {
+        let (ips, prefixes) = match request {
+            AssignRequest::Ips(n) => (n, 0),
+            AssignRequest::Prefixes(n) => (0, n),
+        };
+        match self
+            .backend
+            .call(Request::Assign {
+                interface_id: interface_id.into(),
+                ips,
+                prefixes,
+            })
+            .await?
+        {
+            Reply::Assigned(a) => Ok(a),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    async fn release(&self, interface_id: &str, release: &Assigned) -> Result<()> {
+        self.backend
+            .call(Request::Unassign {
+                interface_id: interface_id.into(),
+                release: release.clone(),
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn create_interface(&self, spec: &CreateInterface) -> Result<Interface> {
+        let (ips, prefixes) = match spec.initial {
+            AssignRequest::Ips(n) => (n, 0),
+            AssignRequest::Prefixes(n) => (0, n),
+        };
+        let mut iface = match self
+            .backend
+            .call(Request::CreateInterface {
+                subnet_id: spec.subnet_id.clone(),
+                security_groups: spec.security_groups.clone(),
+                tags: spec.tags.clone(),
+                ips,
+                prefixes,
+            })
+            .await?
+        {
+            Reply::Interface(i) => *i,
+            r => return Err(unexpected(r)),
+        };
+        let attached = self
+            .backend
+            .call(Request::AttachInterface {
+                interface_id: iface.id.clone(),
+                instance_id: self.instance_id.clone(),
+                device_index: None,
+            })
+            .await;
+        match attached {
+            Ok(Reply::DeviceIndex(i)) => {
+                iface.device_index = i;
+                Ok(iface)
+            }
+            Ok(r) => Err(unexpected(r)),
+            Err(e) => {
+                // Do not leave a created, unattached interface behind. If the
+                // delete fails too, the tagged interface is collected later.
+                if let Err(del) = self.delete_interface(&iface.id).await {
+                    tracing::warn!(interface = %iface.id, error = %del, "could not delete interface after failed attach");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn detach_interface(&self, interface_id: &str) -> Result<()> {
+        match self
+            .backend
+            .call(Request::DetachInterface {
+                interface_id: interface_id.into(),
+            })
+            .await
+        {
+            Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete_interface(&self, interface_id: &str) -> Result<()> {
+        match self
+            .backend
+            .call(Request::DeleteInterface {
+                interface_id: interface_id.into(),
+            })
+            .await
+        {
+            Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_subnets(&self) -> Result<Vec<Subnet>> {
+        match self
+            .backend
+            .call(Request::DescribeSubnets {
+                zone: Some(self.zone.clone()),
+            })
+            .await?
+        {
+            Reply::Subnets(v) => Ok(v),
+            r => Err(unexpected(r)),
+        }
+    }
+}
