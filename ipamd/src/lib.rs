@@ -1,3 +1,9 @@
 //! ipamd: the per-node IP address manager of vpc-cni.
 
+pub mod config;
+pub mod datastore;
+pub mod introspect;
+pub mod ipam;
+pub mod journal;
 pub mod policy;
+pub mod rpc;

@@ -1,0 +1,63 @@
+//! Introspection over HTTP on loopback: the pool as JSON.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::ipam::Ipam;
+
+pub fn router(ipam: Arc<Ipam>) -> Router {
+    Router::new()
+        .route(
+            "/v1/pool",
+            get(|State(i): State<Arc<Ipam>>| async move { Json(i.summary()) }),
+        )
+        .route(
+            "/v1/interfaces",
+            get(|State(i): State<Arc<Ipam>>| async move { Json(i.interfaces()) }),
+        )
+        .route(
+            "/v1/assignments",
+            get(|State(i): State<Arc<Ipam>>| async move {
+                let v: Vec<serde_json::Value> = i
+                    .assignments()
+                    .into_iter()
+                    .map(|(k, ip)| {
+                        serde_json::json!({
+                            "network": k.network,
+                            "container_id": k.container_id,
+                            "ifname": k.ifname,
+                            "ip": ip,
+                        })
+                    })
+                    .collect();
+                Json(v)
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(ipam)
+}
+
+/// Binds on loopback only: the pool layout is not for the network.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    if !addr.ip().is_loopback() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("introspection address {addr} is not on loopback"),
+        ));
+    }
+    tokio::net::TcpListener::bind(addr).await
+}
+
+pub async fn serve(
+    ipam: Arc<Ipam>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(ipam))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,810 @@
+//! The pool of one node: assignments answered from the datastore, made
+//! durable in the journal, and a reconciler that keeps the pool at its
+//! targets through the cloud provider.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use providers::{
+    AssignRequest, Assigned, Capabilities, CloudProvider, CreateInterface, Instance, ProviderError,
+};
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Settings;
+use crate::datastore::{route_table, Datastore, IfaceEntry, Placement, PodKey, Slot};
+use crate::journal::{self, Journal, JournalError, Record, Replayed};
+use crate::policy::{self, Action, Blocked};
+
+/// Journal records appended between two compactions.
+const COMPACT_AFTER: u64 = 20_000;
+/// How often the pool is compared with what the cloud reports.
+const RESYNC_EVERY: Duration = Duration::from_secs(60);
+/// How often the reconciler looks at the pool when nothing wakes it.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
+/// Tags put on every interface ipamd creates.
+pub const TAG_OWNER: &str = "vpc-cni.io/owner";
+pub const TAG_INSTANCE: &str = "vpc-cni.io/instance-id";
+pub const TAG_CLUSTER: &str = "vpc-cni.io/cluster-name";
+pub const TAG_CREATED: &str = "vpc-cni.io/created-at";
+pub const TAG_SUBNET_ROLE: &str = "kubernetes.io/role/cni";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("no address available after waiting {}s: {reason}", waited.as_secs_f32())]
+    Exhausted { waited: Duration, reason: String },
+    #[error("could not record the assignment durably: {0}")]
+    Journal(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("cloud provider: {0}")]
+    Provider(#[from] ProviderError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What the reconciler last saw, for error messages and introspection.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub blocked: Option<Blocked>,
+    pub last_error: Option<String>,
+    pub last_error_kind: Option<&'static str>,
+    pub consecutive_errors: u32,
+    pub actions_done: u64,
+    /// Assignments found in the journal whose address the cloud no longer has.
+    pub lost_assignments: u64,
+}
+
+struct State {
+    ds: Datastore,
+    status: Status,
+    pending_deletes: BTreeSet<String>,
+    appends_since_compact: u64,
+    last_resync: Instant,
+}
+
+/// Everything the CNI needs to wire a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Wiring {
+    pub ip: Ipv4Addr,
+    pub interface_id: String,
+    pub mac: String,
+    pub device_index: u32,
+    pub route_table: u32,
+    pub subnet_cidr: ipnet::Ipv4Net,
+    pub gateway: Ipv4Addr,
+}
+
+pub struct Ipam {
+    provider: Arc<dyn CloudProvider>,
+    settings: Settings,
+    instance: Instance,
+    caps: Capabilities,
+    state: Mutex<State>,
+    journal: Journal,
+    wake: Notify,
+    changed: watch::Sender<u64>,
+    waiting: AtomicU32,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Ipam {
+    /// Replays the journal, reads the instance and its interfaces, restores
+    /// every assignment, and compacts the journal.
+    pub async fn start(
+        provider: Arc<dyn CloudProvider>,
+        settings: Settings,
+        journal_path: &Path,
+    ) -> Result<Arc<Self>, StartError> {
+        let replayed = journal::replay(journal_path)?;
+        if replayed.truncated > 0 {
+            warn!(
+                bytes = replayed.truncated,
+                "cut a torn record off the end of the journal"
+            );
+        }
+        let instance = provider.describe_instance().await?;
+        let caps = provider.capabilities();
+        if settings.pool.prefix_delegation && !(caps.prefixes && instance.limits.prefix_delegation)
+        {
+            return Err(StartError::Config(format!(
+                "ENABLE_PREFIX_DELEGATION=true but instance type {} on {} does not support prefix delegation",
+                instance.instance_type,
+                provider.name()
+            )));
+        }
+        let now = Instant::now();
+        let mut ds = Datastore::new(settings.cooldown);
+        for i in provider.describe_interfaces().await? {
+            ds.add_interface(i, now);
+        }
+        for id in &replayed.pending_deletes {
+            ds.set_draining(id);
+        }
+        let mut status = Status::default();
+        for (key, ip) in &replayed.assignments {
+            if !ds.restore(key, *ip) {
+                error!(pod = %key, %ip, "journal assigns an address this instance no longer holds; dropping the assignment");
+                status.lost_assignments += 1;
+            }
+        }
+        let wall = now_ms();
+        for (ip, at) in &replayed.released_at {
+            let age = Duration::from_millis(wall.saturating_sub(*at));
+            if age < settings.cooldown {
+                ds.restore_cooling(*ip, now + (settings.cooldown - age));
+            }
+        }
+        let restored = ds.assignments().count();
+        let state = State {
+            ds,
+            status,
+            pending_deletes: replayed.pending_deletes.clone(),
+            appends_since_compact: 0,
+            last_resync: now,
+        };
+        let snapshot = snapshot(&state, &settings, now);
+        let journal = Journal::open(journal_path, snapshot)?;
+        info!(
+            instance = %instance.id,
+            instance_type = %instance.instance_type,
+            restored,
+            replayed_records = replayed.records,
+            "pool state restored"
+        );
+        Ok(Arc::new(Self {
+            provider,
+            settings,
+            instance,
+            caps,
+            state: Mutex::new(state),
+            journal,
+            wake: Notify::new(),
+            changed: watch::channel(0).0,
+            waiting: AtomicU32::new(0),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("pool state lock poisoned")
+    }
+
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn publish(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Subscribes to pool changes (tests, readiness).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn wiring(&self, st: &State, p: &Placement) -> Wiring {
+        let e = st.ds.interface(&p.interface_id);
+        let (mac, device_index, subnet_cidr, gateway) = e.map_or_else(
+            || {
+                (
+                    String::new(),
+                    0,
+                    ipnet::Ipv4Net::default(),
+                    Ipv4Addr::UNSPECIFIED,
+                )
+            },
+            |e: &IfaceEntry| {
+                (
+                    e.info.mac.clone(),
+                    e.info.device_index,
+                    e.info.subnet_cidr,
+                    e.info.gateway(),
+                )
+            },
+        );
+        Wiring {
+            ip: p.ip,
+            interface_id: p.interface_id.clone(),
+            mac,
+            device_index,
+            route_table: route_table(device_index),
+            subnet_cidr,
+            gateway,
+        }
+    }
+
+    /// Queues records under the state lock so the journal's order is the
+    /// state's order; compacts now and then.
+    fn append(&self, st: &mut State, records: Vec<Record>) -> journal::Durable {
+        st.appends_since_compact += records.len() as u64;
+        let durable = self.journal.append(records);
+        if st.appends_since_compact >= COMPACT_AFTER {
+            st.appends_since_compact = 0;
+            let done = self
+                .journal
+                .compact(snapshot(st, &self.settings, Instant::now()));
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = done.await {
+                    error!(error = %e, "journal compaction failed");
+                }
+            });
+        }
+        durable
+    }
+
+    /// Gives the attachment an address, waiting (bounded) for the pool to
+    /// grow if none is free. Answers only once the assignment is durable.
+    pub async fn add(&self, key: PodKey) -> Result<Wiring, IpamError> {
+        if key.container_id.is_empty() || key.ifname.is_empty() {
+            return Err(IpamError::Invalid(
+                "container id and ifname are required".into(),
+            ));
+        }
+        let started = Instant::now();
+        let deadline = started + self.settings.add_wait;
+        let mut changes = self.changed.subscribe();
+        let mut waiting = false;
+        let outcome = loop {
+            let now = Instant::now();
+            let attempt = {
+                let mut st = self.lock();
+                match st.ds.assign(&key, now) {
+                    Some((p, new)) => {
+                        let record = if new {
+                            vec![Record::Assign {
+                                key: key.clone(),
+                                ip: p.ip,
+                            }]
+                        } else {
+                            // Same answer as before; still wait until what
+                            // was queued before us is on disk.
+                            vec![]
+                        };
+                        Some((self.wiring(&st, &p), new, self.append(&mut st, record)))
+                    }
+                    None => None,
+                }
+            };
+            if let Some((wiring, new, durable)) = attempt {
+                let failure = match durable.await {
+                    Ok(Ok(())) => break Ok(wiring),
+                    Ok(Err(e)) => e,
+                    Err(_) => "journal writer stopped".to_string(),
+                };
+                if new {
+                    self.lock().ds.unassign(&key);
+                }
+                break Err(IpamError::Journal(failure));
+            }
+            if !waiting {
+                waiting = true;
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                debug!(pod = %key, "pool empty, waiting for it to grow");
+            }
+            self.wake.notify_one();
+            if now >= deadline {
+                break Err(IpamError::Exhausted {
+                    waited: now - started,
+                    reason: self.exhaustion_reason(),
+                });
+            }
+            // Woken by pool changes; also look again now and then, since a
+            // cooldown ending changes nothing the reconciler publishes.
+            let nap = (deadline - now).min(Duration::from_millis(100));
+            tokio::time::timeout(nap, changes.changed()).await.ok();
+        };
+        if waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        // Using an address may take the pool below its warm target.
+        self.wake.notify_one();
+        outcome
+    }
+
+    /// Releases the attachment's address. Unknown attachments are not an
+    /// error: DEL must be idempotent.
+    pub async fn del(&self, key: PodKey) -> Result<Option<Wiring>, IpamError> {
+        let (found, durable) = {
+            let mut st = self.lock();
+            match st.ds.release(&key, Instant::now()) {
+                Some(p) => {
+                    let w = self.wiring(&st, &p);
+                    let d = self.append(
+                        &mut st,
+                        vec![Record::Release {
+                            key: key.clone(),
+                            ip: p.ip,
+                            at_ms: now_ms(),
+                        }],
+                    );
+                    (Some(w), d)
+                }
+                None => (None, self.append(&mut st, vec![])),
+            }
+        };
+        match durable.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(IpamError::Journal(e)),
+            Err(_) => return Err(IpamError::Journal("journal writer stopped".into())),
+        }
+        if found.is_some() {
+            self.wake.notify_one();
+        }
+        Ok(found)
+    }
+
+    fn exhaustion_reason(&self) -> String {
+        let st = self.lock();
+        if let Some(b) = &st.status.blocked {
+            return b.to_string();
+        }
+        if let Some(e) = &st.status.last_error {
+            return format!("the pool cannot grow: {e}");
+        }
+        if st.ds.counts(Instant::now()).cooling > 0 {
+            return "every address is in use or cooling down after a release".into();
+        }
+        "the pool is still growing (the cloud has not answered yet)".into()
+    }
+
+    /// The reconciler: runs until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::default();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.step().await {
+                Ok(0) => {
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+                Ok(_) => backoff.reset(),
+                Err(e) => {
+                    let delay = backoff.next(&e);
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "pool change failed");
+                    {
+                        let mut st = self.lock();
+                        st.status.last_error = Some(e.to_string());
+                        st.status.last_error_kind = Some(e.metric_label());
+                        st.status.consecutive_errors += 1;
+                    }
+                    self.publish();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass: finish pending deletes, resync now and then, plan, act.
+    /// Returns how many actions were carried out.
+    pub async fn step(&self) -> Result<usize, ProviderError> {
+        let pending: Vec<String> = self.lock().pending_deletes.iter().cloned().collect();
+        for id in &pending {
+            self.finish_delete(id).await?;
+        }
+        let resync_due = self.lock().last_resync.elapsed() >= RESYNC_EVERY;
+        if resync_due {
+            self.resync().await?;
+        }
+        let plan = {
+            let mut st = self.lock();
+            let now = Instant::now();
+            let view = st.ds.view(
+                self.instance.limits,
+                self.caps.hot_attach,
+                self.waiting.load(Ordering::SeqCst),
+                now,
+            );
+            let plan = policy::plan(&view, &self.settings.pool, now);
+            st.status.blocked = plan.blocked.clone();
+            plan
+        };
+        let mut done = 0;
+        for action in plan.actions {
+            debug!(?action, "pool action");
+            self.execute(action).await?;
+            done += 1;
+            let mut st = self.lock();
+            st.status.actions_done += 1;
+            st.status.last_error = None;
+            st.status.last_error_kind = None;
+            st.status.consecutive_errors = 0;
+            drop(st);
+            self.publish();
+        }
+        Ok(done)
+    }
+
+    /// Compares the pool with the cloud's view of the instance.
+    pub async fn resync(&self) -> Result<(), ProviderError> {
+        let cloud = self.provider.describe_interfaces().await?;
+        let (lost, durable) = {
+            let mut st = self.lock();
+            st.last_resync = Instant::now();
+            let lost = st.ds.resync(&cloud, Instant::now());
+            let pending: Vec<String> = st.pending_deletes.iter().cloned().collect();
+            for id in pending {
+                st.ds.set_draining(&id);
+            }
+            let records = lost
+                .iter()
+                .map(|(key, ip)| Record::Release {
+                    key: key.clone(),
+                    ip: *ip,
+                    at_ms: now_ms(),
+                })
+                .collect::<Vec<_>>();
+            st.status.lost_assignments += lost.len() as u64;
+            let d = (!records.is_empty()).then(|| self.append(&mut st, records));
+            (lost, d)
+        };
+        for (key, ip) in &lost {
+            error!(pod = %key, %ip, "the cloud no longer has this pod's address");
+        }
+        if let Some(d) = durable {
+            d.await.ok();
+        }
+        self.publish();
+        Ok(())
+    }
+
+    async fn execute(&self, action: Action) -> Result<(), ProviderError> {
+        match action {
+            Action::AssignIps {
+                interface_id,
+                count,
+            } => self.grow(&interface_id, AssignRequest::Ips(count)).await,
+            Action::AssignPrefixes {
+                interface_id,
+                count,
+            } => {
+                match self
+                    .grow(&interface_id, AssignRequest::Prefixes(count))
+                    .await
+                {
+                    Err(ProviderError::InsufficientCidrBlocks { subnet }) => {
+                        warn!(%subnet, "no free /28 left in the subnet (fragmented); adding single addresses instead");
+                        self.grow(&interface_id, AssignRequest::Ips(count)).await
+                    }
+                    other => other,
+                }
+            }
+            Action::CreateInterface { initial } => self.create_interface(initial).await,
+            Action::ReleaseIps { interface_id, ips } => {
+                self.shrink(
+                    &interface_id,
+                    Assigned {
+                        ips,
+                        prefixes: vec![],
+                    },
+                )
+                .await
+            }
+            Action::ReleasePrefixes {
+                interface_id,
+                prefixes,
+            } => {
+                self.shrink(
+                    &interface_id,
+                    Assigned {
+                        ips: vec![],
+                        prefixes,
+                    },
+                )
+                .await
+            }
+            Action::DeleteInterface { interface_id } => self.delete_interface(&interface_id).await,
+        }
+    }
+
+    async fn grow(&self, interface_id: &str, req: AssignRequest) -> Result<(), ProviderError> {
+        let got = self.provider.assign(interface_id, req).await?;
+        info!(
+            interface = interface_id,
+            ips = got.ips.len(),
+            prefixes = got.prefixes.len(),
+            "pool grew"
+        );
+        self.lock().ds.add_addresses(interface_id, &got);
+        Ok(())
+    }
+
+    async fn shrink(&self, interface_id: &str, want: Assigned) -> Result<(), ProviderError> {
+        let claimed = self
+            .lock()
+            .ds
+            .claim_for_release(interface_id, &want, Instant::now());
+        if claimed.ips.is_empty() && claimed.prefixes.is_empty() {
+            return Ok(());
+        }
+        match self.provider.release(interface_id, &claimed).await {
+            Ok(()) => {
+                info!(
+                    interface = interface_id,
+                    ips = claimed.ips.len(),
+                    prefixes = claimed.prefixes.len(),
+                    "pool shrank"
+                );
+                self.lock().ds.forget(interface_id, &claimed);
+                Ok(())
+            }
+            Err(e) => {
+                self.lock().ds.unclaim(interface_id, &claimed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Subnets a new interface may go in: the node's own and same-zone ones
+    /// tagged for the CNI, most free addresses first; a tag of "0" excludes.
+    async fn candidate_subnets(&self) -> Vec<String> {
+        match self.provider.list_subnets().await {
+            Ok(subnets) => {
+                let mut c: Vec<_> = subnets
+                    .into_iter()
+                    .filter(|s| match s.tags.get(TAG_SUBNET_ROLE) {
+                        Some(v) => v != "0",
+                        None => s.id == self.instance.subnet_id,
+                    })
+                    .collect();
+                c.sort_by(|a, b| {
+                    b.free_addresses
+                        .cmp(&a.free_addresses)
+                        .then(a.id.cmp(&b.id))
+                });
+                c.into_iter().map(|s| s.id).collect()
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot list subnets; using the node's subnet");
+                vec![self.instance.subnet_id.clone()]
+            }
+        }
+    }
+
+    async fn create_interface(&self, initial: AssignRequest) -> Result<(), ProviderError> {
+        let mut tags = BTreeMap::new();
+        tags.insert(TAG_OWNER.to_string(), "vpc-cni".to_string());
+        tags.insert(TAG_INSTANCE.to_string(), self.instance.id.clone());
+        tags.insert(TAG_CLUSTER.to_string(), self.settings.cluster_name.clone());
+        tags.insert(TAG_CREATED.to_string(), (now_ms() / 1000).to_string());
+        let mut last = ProviderError::SubnetExhausted {
+            subnet: self.instance.subnet_id.clone(),
+        };
+        for subnet_id in self.candidate_subnets().await {
+            let mut spec = CreateInterface {
+                subnet_id: subnet_id.clone(),
+                security_groups: self.instance.security_groups.clone(),
+                tags: tags.clone(),
+                initial,
+            };
+            let mut result = self.provider.create_interface(&spec).await;
+            if let (Err(ProviderError::InsufficientCidrBlocks { .. }), AssignRequest::Prefixes(n)) =
+                (&result, initial)
+            {
+                warn!(subnet = %subnet_id, "no free /28 for a new interface; creating it with single addresses");
+                spec.initial = AssignRequest::Ips(n);
+                result = self.provider.create_interface(&spec).await;
+            }
+            match result {
+                Ok(iface) => {
+                    info!(interface = %iface.id, device_index = iface.device_index, subnet = %subnet_id, "interface attached");
+                    self.lock().ds.add_interface(iface, Instant::now());
+                    return Ok(());
+                }
+                Err(e @ ProviderError::SubnetExhausted { .. })
+                | Err(e @ ProviderError::InsufficientCidrBlocks { .. }) => {
+                    warn!(subnet = %subnet_id, error = %e, "subnet full, trying the next one");
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    async fn delete_interface(&self, interface_id: &str) -> Result<(), ProviderError> {
+        let durable = {
+            let mut st = self.lock();
+            if !st.ds.start_draining(interface_id, Instant::now()) {
+                return Ok(()); // taken into use since the plan
+            }
+            st.pending_deletes.insert(interface_id.to_string());
+            self.append(
+                &mut st,
+                vec![Record::PendingDelete {
+                    interface_id: interface_id.to_string(),
+                }],
+            )
+        };
+        if !matches!(durable.await, Ok(Ok(()))) {
+            // Without the intent on disk a crash could leak the interface:
+            // do not start.
+            let mut st = self.lock();
+            st.pending_deletes.remove(interface_id);
+            st.ds.stop_draining(interface_id);
+            return Err(ProviderError::Server(
+                "journal write failed; interface delete not started".into(),
+            ));
+        }
+        self.finish_delete(interface_id).await
+    }
+
+    async fn finish_delete(&self, interface_id: &str) -> Result<(), ProviderError> {
+        self.provider.detach_interface(interface_id).await?;
+        self.provider.delete_interface(interface_id).await?;
+        let durable = {
+            let mut st = self.lock();
+            st.ds.remove_interface(interface_id);
+            st.pending_deletes.remove(interface_id);
+            self.append(
+                &mut st,
+                vec![Record::Deleted {
+                    interface_id: interface_id.to_string(),
+                }],
+            )
+        };
+        durable.await.ok();
+        info!(interface = interface_id, "interface detached and deleted");
+        Ok(())
+    }
+
+    /// Pool figures and reconciler status, for introspection.
+    pub fn summary(&self) -> serde_json::Value {
+        let st = self.lock();
+        let now = Instant::now();
+        serde_json::json!({
+            "instance": {
+                "id": self.instance.id,
+                "type": self.instance.instance_type,
+                "zone": self.instance.zone,
+                "primary_ip": self.instance.primary_ip,
+                "max_interfaces": self.instance.limits.max_interfaces,
+                "ipv4_per_interface": self.instance.limits.ipv4_per_interface,
+            },
+            "provider": self.provider.name(),
+            "counts": st.ds.counts(now),
+            "waiting": self.waiting.load(Ordering::SeqCst),
+            "pending_deletes": st.pending_deletes,
+            "status": st.status,
+            "config": self.settings,
+        })
+    }
+
+    /// Interfaces with every address and its state, for introspection.
+    pub fn interfaces(&self) -> serde_json::Value {
+        let st = self.lock();
+        let now = Instant::now();
+        let list: Vec<serde_json::Value> = st
+            .ds
+            .interfaces()
+            .map(|e| {
+                let addrs: Vec<serde_json::Value> = e
+                    .addrs
+                    .iter()
+                    .map(|(ip, s)| {
+                        let (state, pod) = match s {
+                            Slot::Free => ("free", None),
+                            Slot::Assigned(k) => ("assigned", Some(k.to_string())),
+                            Slot::Cooling { until } if *until > now => ("cooling", None),
+                            Slot::Cooling { .. } => ("free", None),
+                            Slot::Releasing => ("releasing", None),
+                        };
+                        serde_json::json!({"ip": ip, "state": state, "pod": pod})
+                    })
+                    .collect();
+                serde_json::json!({
+                    "id": e.info.id,
+                    "mac": e.info.mac,
+                    "device_index": e.info.device_index,
+                    "route_table": route_table(e.info.device_index),
+                    "subnet_id": e.info.subnet_id,
+                    "subnet_cidr": e.info.subnet_cidr,
+                    "primary_ip": e.info.primary_ip,
+                    "draining": e.draining,
+                    "prefixes": e.prefixes,
+                    "addresses": addrs,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+
+    /// Every assignment: pod key -> address.
+    pub fn assignments(&self) -> Vec<(PodKey, Ipv4Addr)> {
+        let st = self.lock();
+        let mut v: Vec<_> = st
+            .ds
+            .assignments()
+            .map(|(k, p)| (k.clone(), p.ip))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// The journal's view of the current state: what compaction writes.
+fn snapshot(st: &State, settings: &Settings, now: Instant) -> Vec<Record> {
+    let wall = now_ms();
+    let released_at = st
+        .ds
+        .cooling(now)
+        .into_iter()
+        .map(|(ip, until)| {
+            let left = until.saturating_duration_since(now);
+            let age = settings.cooldown.saturating_sub(left);
+            (ip, wall.saturating_sub(age.as_millis() as u64))
+        })
+        .collect();
+    Replayed {
+        assignments: st
+            .ds
+            .assignments()
+            .map(|(k, p)| (k.clone(), p.ip))
+            .collect(),
+        released_at,
+        pending_deletes: st.pending_deletes.clone(),
+        records: 0,
+        truncated: 0,
+    }
+    .to_records()
+}
+
+/// Jittered exponential backoff, longer for a full subnet.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    fn next(&mut self, e: &ProviderError) -> Duration {
+        self.failures = (self.failures + 1).min(16);
+        let (base, cap) = match e {
+            ProviderError::SubnetExhausted { .. }
+            | ProviderError::InsufficientCidrBlocks { .. } => {
+                (Duration::from_secs(5), Duration::from_secs(60))
+            }
+            ProviderError::LimitExceeded(_) => (Duration::from_secs(5), Duration::from_secs(60)),
+            _ => (Duration::from_millis(250), Duration::from_secs(30)),
+        };
+        let exp = base
+            .saturating_mul(1 << (self.failures - 1).min(10))
+            .min(cap);
+        // Full jitter over the upper half keeps nodes of one account apart.
+        let ms = exp.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
+    }
+}

@@ -1,0 +1,140 @@
+//! The gRPC service the CNI plugin calls, on a unix socket (mode 0600).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use ipamd_api::v1::ipamd_server::{Ipamd, IpamdServer};
+use ipamd_api::v1::{
+    AddNetworkReply, AddNetworkRequest, DelNetworkReply, DelNetworkRequest, InterfaceInfo, SnatMode,
+};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::datastore::PodKey;
+use crate::ipam::{Ipam, IpamError, Wiring};
+
+pub struct IpamdService {
+    ipam: Arc<Ipam>,
+}
+
+impl IpamdService {
+    pub fn new(ipam: Arc<Ipam>) -> Self {
+        Self { ipam }
+    }
+
+    fn interface(w: &Wiring) -> InterfaceInfo {
+        InterfaceInfo {
+            id: w.interface_id.clone(),
+            mac: w.mac.clone(),
+            device_number: w.device_index,
+            route_table: w.route_table,
+            primary: w.device_index == 0,
+            subnet_cidr: w.subnet_cidr.to_string(),
+            gateway: w.gateway.to_string(),
+        }
+    }
+}
+
+fn to_status(e: IpamError) -> Status {
+    match e {
+        IpamError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
+        IpamError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        IpamError::Journal(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Ipamd for IpamdService {
+    async fn add_network(
+        &self,
+        request: Request<AddNetworkRequest>,
+    ) -> Result<Response<AddNetworkReply>, Status> {
+        let r = request.into_inner();
+        let key = PodKey {
+            network: r.network_name,
+            container_id: r.container_id,
+            ifname: r.ifname,
+        };
+        let w = self.ipam.add(key.clone()).await.map_err(|e| {
+            warn!(pod = %key, error = %e, "AddNetwork failed");
+            to_status(e)
+        })?;
+        let inst = self.ipam.instance();
+        let s = self.ipam.settings();
+        Ok(Response::new(AddNetworkReply {
+            ipv4_address: w.ip.to_string(),
+            interface: Some(Self::interface(&w)),
+            vpc_cidrs: inst.vpc_cidrs.iter().map(ToString::to_string).collect(),
+            snat_mode: if s.external_snat {
+                SnatMode::External
+            } else {
+                SnatMode::Node
+            } as i32,
+            exclude_snat_cidrs: s
+                .exclude_snat_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            node_ip: inst.primary_ip.to_string(),
+        }))
+    }
+
+    async fn del_network(
+        &self,
+        request: Request<DelNetworkRequest>,
+    ) -> Result<Response<DelNetworkReply>, Status> {
+        let r = request.into_inner();
+        let key = PodKey {
+            network: r.network_name,
+            container_id: r.container_id,
+            ifname: r.ifname,
+        };
+        let found = self.ipam.del(key).await.map_err(to_status)?;
+        Ok(Response::new(match found {
+            Some(w) => DelNetworkReply {
+                found: true,
+                ipv4_address: w.ip.to_string(),
+                interface: Some(Self::interface(&w)),
+            },
+            None => DelNetworkReply::default(),
+        }))
+    }
+}
+
+/// Binds the socket with mode 0600 from the first moment: bound under a
+/// temporary name, restricted, then renamed into place.
+pub fn bind_socket(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("another ipamd is serving {}", path.display()),
+        ));
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::remove_file(&tmp).ok();
+    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(listener)
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight calls finish.
+pub async fn serve(
+    ipam: Arc<Ipam>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<IpamdServer<IpamdService>>().await;
+    info!("serving AddNetwork/DelNetwork");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(IpamdServer::new(IpamdService::new(ipam)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,355 @@
+//! The pool against the in-process simulated VPC: waiting for a grow,
+//! failing with a reason at a limit or on a full subnet, surviving throttling,
+//! restarts and a crash between detach and delete.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipamd::config::Settings;
+use ipamd::datastore::PodKey;
+use ipamd::ipam::{Ipam, IpamError};
+use providers::sim::provider::Backend;
+use providers::sim::{Fault, FaultKind, Request, SimProvider, Vpc, VpcConfig};
+use tokio::sync::watch;
+
+struct Node {
+    ipam: Arc<Ipam>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    async fn start(
+        vpc: &Arc<Vpc>,
+        instance_type: &str,
+        env: &[(&str, &str)],
+        journal: &std::path::Path,
+    ) -> Node {
+        let provider = SimProvider::join(Backend::Local(vpc.clone()), "node-a", instance_type)
+            .await
+            .unwrap();
+        let m: HashMap<&str, &str> = env.iter().copied().collect();
+        let settings = Settings::from_source(&m).unwrap();
+        let ipam = Ipam::start(Arc::new(provider), settings, journal)
+            .await
+            .unwrap();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(ipam.clone().run(rx));
+        Node { ipam, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).ok();
+        self.task.await.ok();
+    }
+}
+
+fn key(c: &str) -> PodKey {
+    PodKey {
+        network: "vpc-cni".into(),
+        container_id: c.into(),
+        ifname: "eth0".into(),
+    }
+}
+
+fn vpc(attach_ms: u64) -> Arc<Vpc> {
+    Arc::new(Vpc::with_config(VpcConfig {
+        attach_latency: Duration::from_millis(attach_ms),
+        ..VpcConfig::default()
+    }))
+}
+
+/// Waits until the pool has `n` available addresses.
+async fn warm(ipam: &Ipam, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = ipam.summary();
+        if s["counts"]["available"].as_u64().unwrap() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pool never warmed: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_on_an_empty_pool_waits_for_the_grow_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(600);
+    // t3.small: 3 addresses per interface. The primary fills at once; the
+    // fourth pod needs a new interface, which takes 600 ms to attach.
+    let node = Node::start(
+        &vpc,
+        "t3.small",
+        &[("IPAMD_ADD_WAIT_SECONDS", "5")],
+        &dir.path().join("j"),
+    )
+    .await;
+    warm(&node.ipam, 3).await;
+    let mut ips = vec![];
+    for c in ["a", "b", "c"] {
+        ips.push(node.ipam.add(key(c)).await.unwrap().ip);
+    }
+    // The reconciler already started the grow after the first add; the
+    // interface cannot be there yet.
+    let t = Instant::now();
+    let w = node
+        .ipam
+        .add(key("d"))
+        .await
+        .expect("add waits for the new interface, then succeeds");
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "add did not wait: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(w.device_index, 1, "address comes from the new interface");
+    assert_eq!(w.route_table, 2);
+    assert!(!ips.contains(&w.ip));
+    vpc.snapshot().check_invariants().unwrap();
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_fails_with_a_reason_when_the_instance_is_at_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    let node = Node::start(
+        &vpc,
+        "t3.small",
+        &[("IPAMD_ADD_WAIT_SECONDS", "1")],
+        &dir.path().join("j"),
+    )
+    .await;
+    for i in 0..9 {
+        node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+    }
+    let t = Instant::now();
+    let err = node.ipam.add(key("one-too-many")).await.unwrap_err();
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "gave up before the bound"
+    );
+    match &err {
+        IpamError::Exhausted { reason, .. } => {
+            assert!(
+                reason.contains("limit"),
+                "reason does not say why: {reason}"
+            );
+            assert!(reason.contains("3 interfaces"), "{reason}");
+        }
+        e => panic!("unexpected error {e}"),
+    }
+    assert_eq!(
+        vpc.snapshot().interfaces.len(),
+        3,
+        "no interface beyond the type's limit"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_fails_with_a_reason_when_the_subnet_is_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    // A /28 alone in its zone: 11 usable addresses.
+    vpc.handle(Request::CreateSubnet {
+        id: "subnet-tiny".into(),
+        cidr: "10.0.64.0/28".into(),
+        zone: "sim-1c".into(),
+        tags: Default::default(),
+    })
+    .await
+    .unwrap();
+    vpc.handle(Request::LaunchInstance {
+        name: "node-a".into(),
+        instance_type: "m5.large".into(),
+        subnet_id: Some("subnet-tiny".into()),
+    })
+    .await
+    .unwrap();
+    let node = Node::start(
+        &vpc,
+        "m5.large",
+        &[("IPAMD_ADD_WAIT_SECONDS", "1")],
+        &dir.path().join("j"),
+    )
+    .await;
+    // Primary: 1 + 9 secondaries; a second interface would need 10 more.
+    for i in 0..9 {
+        node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+    }
+    let err = node.ipam.add(key("p9")).await.unwrap_err().to_string();
+    assert!(err.contains("subnet-tiny has no free addresses"), "{err}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_is_backed_off_and_the_pool_still_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    vpc.handle(Request::InjectFault(Fault {
+        api: Some("AssignPrivateIpAddresses".into()),
+        kind: FaultKind::Throttle,
+        count: 3,
+    }))
+    .await
+    .unwrap();
+    let node = Node::start(
+        &vpc,
+        "m5.large",
+        &[("IPAMD_ADD_WAIT_SECONDS", "8")],
+        &dir.path().join("j"),
+    )
+    .await;
+    let w = node
+        .ipam
+        .add(key("a"))
+        .await
+        .expect("succeeds once the throttling passes");
+    assert_eq!(w.device_index, 0);
+    let (calls, throttled) = vpc.call_counts();
+    assert_eq!(throttled["AssignPrivateIpAddresses"], 3);
+    assert!(calls["AssignPrivateIpAddresses"] >= 4);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_assignments_without_reassigning() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("j");
+    let vpc = vpc(10);
+    let node = Node::start(&vpc, "m5.large", &[], &journal).await;
+    let a = node.ipam.add(key("a")).await.unwrap();
+    let b = node.ipam.add(key("b")).await.unwrap();
+    assert_eq!(node.ipam.add(key("a")).await.unwrap(), a, "repeated ADD");
+    node.ipam
+        .del(key("b"))
+        .await
+        .unwrap()
+        .expect("b was assigned");
+    assert!(
+        node.ipam.del(key("b")).await.unwrap().is_none(),
+        "DEL is idempotent"
+    );
+    node.stop().await;
+    let before = vpc.snapshot();
+
+    let node = Node::start(&vpc, "m5.large", &[], &journal).await;
+    assert_eq!(
+        node.ipam.add(key("a")).await.unwrap().ip,
+        a.ip,
+        "a keeps its address across restarts"
+    );
+    // b's address is cooling (30 s), so a new pod must not get it.
+    let c = node.ipam.add(key("c")).await.unwrap();
+    assert_ne!(c.ip, b.ip, "cooldown survives the restart");
+    assert_ne!(c.ip, a.ip);
+    // Nothing was reassigned or re-created in the cloud by the restart.
+    let after = vpc.snapshot();
+    assert_eq!(
+        before.interfaces.keys().collect::<Vec<_>>(),
+        after.interfaces.keys().collect::<Vec<_>>()
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_shrinks_to_warm_ip_target_and_drops_idle_interfaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    let env = [("WARM_IP_TARGET", "2"), ("IP_COOLDOWN_PERIOD", "0")];
+    let node = Node::start(&vpc, "t3.small", &env, &dir.path().join("j")).await;
+    for i in 0..7 {
+        node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+    }
+    warm(&node.ipam, 2).await;
+    assert_eq!(vpc.snapshot().interfaces.len(), 3);
+    for i in 0..7 {
+        node.ipam.del(key(&format!("p{i}"))).await.unwrap();
+    }
+    // Addresses go at once; idle interfaces only once older than 60 s, so
+    // here the pool is back to two addresses on the interfaces it has.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = node.ipam.summary();
+        if s["counts"]["total"].as_u64() == Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pool did not shrink: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secondaries: usize = vpc
+        .snapshot()
+        .interfaces
+        .values()
+        .map(|i| i.secondary_ips.len())
+        .sum();
+    assert_eq!(secondaries, 2, "the cloud holds only what the pool keeps");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_detach_and_delete_leaks_no_interface() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("j");
+    let vpc = vpc(10);
+    let provider = SimProvider::join(Backend::Local(vpc.clone()), "node-a", "m5.large")
+        .await
+        .unwrap();
+    // An interface of ours, attached, with a pending-delete intent in the
+    // journal: what a crash after the intent was written leaves behind.
+    let iface = providers::CloudProvider::create_interface(
+        &provider,
+        &providers::CreateInterface {
+            subnet_id: "subnet-0sim00000000pods".into(),
+            security_groups: vec![],
+            tags: Default::default(),
+            initial: providers::AssignRequest::Ips(2),
+        },
+    )
+    .await
+    .unwrap();
+    providers::CloudProvider::detach_interface(&provider, &iface.id)
+        .await
+        .unwrap();
+    std::fs::write(
+        &journal,
+        format!("{{\"op\":\"header\",\"version\":1}}\n{{\"op\":\"pending_delete\",\"interface_id\":\"{}\"}}\n", iface.id),
+    )
+    .unwrap();
+    let node = Node::start(&vpc, "m5.large", &[], &journal).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vpc.snapshot().interfaces.contains_key(&iface.id) {
+        assert!(
+            Instant::now() < deadline,
+            "pending delete was not finished after restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    vpc.snapshot().check_invariants().unwrap();
+    node.stop().await;
+    let replayed = ipamd::journal::replay(&journal).unwrap();
+    assert!(replayed.pending_deletes.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_delegation_hands_out_addresses_from_prefixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    let env = [
+        ("ENABLE_PREFIX_DELEGATION", "true"),
+        ("WARM_PREFIX_TARGET", "1"),
+    ];
+    let node = Node::start(&vpc, "m5.large", &env, &dir.path().join("j")).await;
+    let w = node.ipam.add(key("a")).await.unwrap();
+    let iface = &vpc.snapshot().interfaces[&w.interface_id];
+    assert!(
+        iface.prefixes.iter().any(|p| p.contains(&w.ip)),
+        "{} not in {:?}",
+        w.ip,
+        iface.prefixes
+    );
+    node.stop().await;
+}
