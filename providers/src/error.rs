@@ -4,7 +4,7 @@ pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
 
 /// What a cloud operation can fail with, in terms ipamd acts on.
 #[derive(Debug, Error, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
 pub enum ProviderError {
     /// The API's rate limit was hit (EC2 RequestLimitExceeded, ARM 429).
     #[error("throttled by the cloud API ({api})")]
