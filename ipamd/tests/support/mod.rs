@@ -1,0 +1,239 @@
+//! Shared by the tests that run the real ipamd binary.
+
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use providers::sim::client::SimAddr;
+use providers::sim::{server, Vpc, VpcConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A simulated VPC served on a unix socket from the test process: it
+/// outlives every ipamd the test starts and kills.
+pub struct SimServer {
+    pub vpc: Arc<Vpc>,
+    pub addr: String,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl SimServer {
+    pub async fn start(dir: &Path, config: VpcConfig) -> Self {
+        let sock = dir.join("sim.sock");
+        let vpc = Arc::new(
+            Vpc::open(VpcConfig {
+                state_path: Some(dir.join("sim-vpc.json")),
+                ..config
+            })
+            .unwrap(),
+        );
+        let listener = server::Listener::bind(&SimAddr::Unix(sock.clone()))
+            .await
+            .unwrap();
+        let task = tokio::spawn(server::serve(vpc.clone(), listener));
+        Self {
+            vpc,
+            addr: format!("unix:{}", sock.display()),
+            task,
+        }
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// One ipamd child process; killed when dropped.
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    pub socket: PathBuf,
+    pub introspection: SocketAddr,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+pub struct DaemonSpec<'a> {
+    pub dir: &'a Path,
+    pub sim: &'a str,
+    pub node: &'a str,
+    pub instance_type: &'a str,
+    pub env: &'a [(&'a str, &'a str)],
+    pub introspection: SocketAddr,
+}
+
+impl Daemon {
+    pub async fn start(spec: &DaemonSpec<'_>) -> Daemon {
+        Self::start_bin(Path::new(env!("CARGO_BIN_EXE_ipamd")), spec).await
+    }
+
+    pub async fn start_bin(bin: &Path, spec: &DaemonSpec<'_>) -> Daemon {
+        let socket = spec.dir.join("ipamd.sock");
+        let state_dir = spec.dir.join("state");
+        let log = spec.dir.join("ipamd.log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--introspection")
+            .arg(spec.introspection.to_string())
+            .args(["--sim-server", spec.sim, "--node-name", spec.node])
+            .args(["--sim-instance-type", spec.instance_type])
+            .env_clear()
+            .env("IPAMD_LOG", "info")
+            .envs(spec.env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .kill_on_drop(true);
+        let child = cmd.spawn().expect("spawn ipamd");
+        let mut d = Daemon {
+            child,
+            socket,
+            introspection: spec.introspection,
+            state_dir,
+            log,
+        };
+        d.wait_ready().await;
+        d
+    }
+
+    async fn wait_ready(&mut self) {
+        for _ in 0..400 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "ipamd exited with {status}:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if ipamd_api::client(&self.socket).await.is_ok()
+                && get(self.introspection, "/healthz").await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "ipamd did not become ready:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn journal(&self) -> PathBuf {
+        self.state_dir.join("ipamd.journal")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    pub async fn assignments(&self) -> Vec<(String, Ipv4Addr)> {
+        let v = get(self.introspection, "/v1/assignments").await.unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["container_id"].as_str().unwrap().to_string(),
+                    a["ip"].as_str().unwrap().parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every address in ipamd's pool, whatever its state.
+    pub async fn pool_addresses(&self) -> Vec<Ipv4Addr> {
+        let v = get(self.introspection, "/v1/interfaces").await.unwrap();
+        let mut out = vec![];
+        for i in v.as_array().unwrap() {
+            for a in i["addresses"].as_array().unwrap() {
+                out.push(a["ip"].as_str().unwrap().parse().unwrap());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub async fn pool(&self) -> serde_json::Value {
+        get(self.introspection, "/v1/pool").await.unwrap()
+    }
+
+    pub async fn kill(&mut self) {
+        self.child.start_kill().ok();
+        self.child.wait().await.ok();
+    }
+
+    /// SIGTERM, and the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.pid();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("ipamd exits on SIGTERM")
+            .unwrap()
+    }
+}
+
+/// A minimal HTTP/1.0 GET against the introspection server.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<serde_json::Value, String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: ipamd\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP body")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(head.to_string());
+    }
+    Ok(serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string())))
+}
+
+/// Addresses the simulated VPC has on an instance's attached interfaces.
+pub fn cloud_addresses(vpc: &Vpc, node: &str) -> Vec<Ipv4Addr> {
+    let s = vpc.snapshot();
+    let id = &s
+        .instances
+        .values()
+        .find(|i| i.name == node)
+        .expect("instance")
+        .id;
+    let mut out: Vec<Ipv4Addr> = s
+        .interfaces
+        .values()
+        .filter(|e| e.attachment.as_ref().is_some_and(|a| &a.instance_id == id))
+        .flat_map(|e| {
+            e.secondary_ips
+                .iter()
+                .copied()
+                .chain(e.prefixes.iter().flat_map(|p| {
+                    (u32::from(p.network())..=u32::from(p.broadcast())).map(Ipv4Addr::from)
+                }))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort();
+    out
+}
