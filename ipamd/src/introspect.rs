@@ -3,11 +3,17 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 
 use crate::ipam::Ipam;
+
+#[derive(serde::Deserialize)]
+struct LatencyQuery {
+    /// Start a new measuring window after answering.
+    reset: Option<bool>,
+}
 
 pub fn router(ipam: Arc<Ipam>) -> Router {
     Router::new()
@@ -36,6 +42,18 @@ pub fn router(ipam: Arc<Ipam>) -> Router {
                     .collect();
                 Json(v)
             }),
+        )
+        .route(
+            "/v1/latency",
+            get(
+                |State(i): State<Arc<Ipam>>, Query(q): Query<LatencyQuery>| async move {
+                    let reset = q.reset.unwrap_or(false);
+                    Json(serde_json::json!({
+                        "add_network": i.add_latency.percentiles(reset),
+                        "del_network": i.del_latency.percentiles(reset),
+                    }))
+                },
+            ),
         )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(ipam)

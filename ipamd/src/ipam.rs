@@ -29,6 +29,8 @@ const COMPACT_AFTER: u64 = 20_000;
 const RESYNC_EVERY: Duration = Duration::from_secs(60);
 /// How often the reconciler looks at the pool when nothing wakes it.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// How long the reconciler lets wake-ups gather when no ADD is waiting.
+const WAKE_DEBOUNCE: Duration = Duration::from_millis(20);
 
 /// Tags put on every interface ipamd creates.
 pub const TAG_OWNER: &str = "vpc-cni.io/owner";
@@ -99,6 +101,9 @@ pub struct Ipam {
     wake: Notify,
     changed: watch::Sender<u64>,
     waiting: AtomicU32,
+    /// Time spent answering AddNetwork / DelNetwork, transport excluded.
+    pub add_latency: crate::latency::Recorder,
+    pub del_latency: crate::latency::Recorder,
 }
 
 fn now_ms() -> u64 {
@@ -181,6 +186,8 @@ impl Ipam {
             wake: Notify::new(),
             changed: watch::channel(0).0,
             waiting: AtomicU32::new(0),
+            add_latency: Default::default(),
+            del_latency: Default::default(),
         }))
     }
 
@@ -247,7 +254,7 @@ impl Ipam {
                 .journal
                 .compact(snapshot(st, &self.settings, Instant::now()));
             tokio::spawn(async move {
-                if let Ok(Err(e)) = done.await {
+                if let Err(e) = done.wait().await {
                     error!(error = %e, "journal compaction failed");
                 }
             });
@@ -289,10 +296,9 @@ impl Ipam {
                 }
             };
             if let Some((wiring, new, durable)) = attempt {
-                let failure = match durable.await {
-                    Ok(Ok(())) => break Ok(wiring),
-                    Ok(Err(e)) => e,
-                    Err(_) => "journal writer stopped".to_string(),
+                let failure = match durable.wait().await {
+                    Ok(()) => break Ok(wiring),
+                    Err(e) => e,
                 };
                 if new {
                     self.lock().ds.unassign(&key);
@@ -345,11 +351,7 @@ impl Ipam {
                 None => (None, self.append(&mut st, vec![])),
             }
         };
-        match durable.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(IpamError::Journal(e)),
-            Err(_) => return Err(IpamError::Journal("journal writer stopped".into())),
-        }
+        durable.wait().await.map_err(IpamError::Journal)?;
         if found.is_some() {
             self.wake.notify_one();
         }
@@ -383,6 +385,15 @@ impl Ipam {
                         _ = self.wake.notified() => {}
                         _ = tokio::time::sleep(RECONCILE_EVERY) => {}
                         _ = shutdown.changed() => return,
+                    }
+                    // Every ADD and DEL wakes us; under a burst, look once
+                    // per debounce instead of once per call. An ADD that is
+                    // waiting for an address is served at once.
+                    if self.waiting.load(Ordering::SeqCst) == 0 {
+                        tokio::select! {
+                            _ = tokio::time::sleep(WAKE_DEBOUNCE) => {}
+                            _ = shutdown.changed() => return,
+                        }
                     }
                 }
                 Ok(_) => backoff.reset(),
@@ -472,7 +483,9 @@ impl Ipam {
             error!(pod = %key, %ip, "the cloud no longer has this pod's address");
         }
         if let Some(d) = durable {
-            d.await.ok();
+            if let Err(e) = d.wait().await {
+                error!(error = %e, "could not journal lost assignments");
+            }
         }
         self.publish();
         Ok(())
@@ -646,7 +659,7 @@ impl Ipam {
                 }],
             )
         };
-        if !matches!(durable.await, Ok(Ok(()))) {
+        if durable.wait().await.is_err() {
             // Without the intent on disk a crash could leak the interface:
             // do not start.
             let mut st = self.lock();
@@ -673,7 +686,11 @@ impl Ipam {
                 }],
             )
         };
-        durable.await.ok();
+        if let Err(e) = durable.wait().await {
+            // The interface is gone; replaying the intent later finds it
+            // gone and records the end then.
+            warn!(interface = interface_id, error = %e, "could not journal the finished delete");
+        }
         info!(interface = interface_id, "interface detached and deleted");
         Ok(())
     }

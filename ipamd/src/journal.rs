@@ -5,20 +5,19 @@
 //! last line (a crash mid-write) is cut off on open; damage anywhere else
 //! stops the daemon rather than guessing.
 //!
-//! One writer thread owns the file. Callers queue records (in the order they
-//! changed the in-memory state, since they queue under the same lock) and get
-//! a receiver that fires once the batch holding their record is synced: group
-//! commit, so 64 concurrent ADDs cost one fsync, not 64.
+//! Callers queue records in the order they changed the in-memory state (they
+//! queue under the same lock) and wait until the batch holding theirs is
+//! synced: group commit, so 64 concurrent ADDs cost a few fsyncs, not 64,
+//! and an uncontended ADD pays no thread hop.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 use crate::datastore::PodKey;
 
@@ -126,8 +125,6 @@ pub enum JournalError {
     },
     #[error("journal {path} has format version {found}; this ipamd reads version {VERSION}")]
     Version { path: PathBuf, found: u32 },
-    #[error("the journal writer has stopped")]
-    Closed,
 }
 
 /// Reads the journal, cutting off a torn last line.
@@ -200,26 +197,99 @@ pub fn replay(path: &Path) -> Result<Replayed, JournalError> {
     Ok(out)
 }
 
-type Ack = oneshot::Sender<Result<(), String>>;
-
-enum Msg {
-    Append(Vec<Record>, Ack),
-    /// Replace the file by these records (a snapshot), atomically.
-    Rewrite(Vec<Record>, Ack),
-}
-
-/// Handle to the journal writer thread.
+/// Handle to the journal: appends queue bytes in order, commits make them
+/// durable. Group commit without a thread of its own: whoever waits first
+/// writes and syncs everything queued so far, and the others find their
+/// record already synced.
 #[derive(Debug, Clone)]
 pub struct Journal {
-    tx: mpsc::Sender<Msg>,
-    path: PathBuf,
+    shared: Arc<Shared>,
 }
 
-/// Resolves once the record is durable.
-pub type Durable = oneshot::Receiver<Result<(), String>>;
+#[derive(Debug)]
+struct Shared {
+    path: PathBuf,
+    queue: Mutex<Queue>,
+    file: tokio::sync::Mutex<FileState>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    buf: Vec<u8>,
+    /// Sequence number of the last record queued.
+    last: u64,
+    /// The queue holds a whole snapshot that replaces the file.
+    rewrite: bool,
+}
+
+#[derive(Debug)]
+struct FileState {
+    file: File,
+    /// Everything up to this sequence number is on disk.
+    synced: u64,
+    /// A failed write leaves the file in an unknown state: every later
+    /// commit fails rather than pretend.
+    broken: Option<String>,
+}
+
+/// A queued record; [`Durable::wait`] returns once it is on disk.
+#[must_use = "an assignment must not be acknowledged before it is durable"]
+#[derive(Debug)]
+pub struct Durable {
+    shared: Arc<Shared>,
+    seq: u64,
+}
+
+impl Durable {
+    /// Waiters queue on an async lock, so none blocks a worker while another
+    /// syncs. The sync itself runs inline: microseconds on tmpfs, where the
+    /// journal belongs; on a disk each sync holds one worker for its length.
+    pub async fn wait(self) -> Result<(), String> {
+        let mut f = self.shared.file.lock().await;
+        self.shared.flush_upto(&mut f, self.seq)
+    }
+}
+
+impl Shared {
+    fn flush_upto(&self, f: &mut FileState, seq: u64) -> Result<(), String> {
+        if let Some(e) = &f.broken {
+            return Err(format!(
+                "journal {} is unusable after a failed write: {e}",
+                self.path.display()
+            ));
+        }
+        if f.synced >= seq {
+            return Ok(());
+        }
+        let (bytes, last, rewrite) = {
+            let mut q = self.queue.lock().expect("journal queue lock");
+            (
+                std::mem::take(&mut q.buf),
+                q.last,
+                std::mem::take(&mut q.rewrite),
+            )
+        };
+        let result = if rewrite {
+            rewrite_file(&self.path, &bytes).map(|file| f.file = file)
+        } else {
+            f.file.write_all(&bytes).and_then(|_| f.file.sync_data())
+        };
+        match result {
+            Ok(()) => {
+                f.synced = last;
+                Ok(())
+            }
+            Err(e) => {
+                let e = e.to_string();
+                f.broken = Some(e.clone());
+                Err(format!("journal {}: {e}", self.path.display()))
+            }
+        }
+    }
+}
 
 impl Journal {
-    /// Starts the writer on `path`, first rewriting it to `initial`
+    /// Opens the journal at `path`, first rewriting it to `initial`
     /// (usually the replayed state, which compacts it at every start).
     pub fn open(path: &Path, initial: Vec<Record>) -> Result<Self, JournalError> {
         let io = |source| JournalError::Io {
@@ -229,43 +299,51 @@ impl Journal {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let file = rewrite(path, &initial).map_err(io)?;
-        let (tx, rx) = mpsc::channel::<Msg>();
-        let thread_path = path.to_path_buf();
-        std::thread::Builder::new()
-            .name("journal".into())
-            .spawn(move || writer(thread_path, file, rx))
-            .map_err(io)?;
+        let mut buf = Vec::new();
+        encode(&initial, &mut buf);
+        let file = rewrite_file(path, &buf).map_err(io)?;
         Ok(Self {
-            tx,
-            path: path.to_path_buf(),
+            shared: Arc::new(Shared {
+                path: path.to_path_buf(),
+                queue: Mutex::new(Queue::default()),
+                file: tokio::sync::Mutex::new(FileState {
+                    file,
+                    synced: 0,
+                    broken: None,
+                }),
+            }),
         })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
-    /// Queues records; the receiver resolves when they are synced.
+    /// Queues records (call this under the lock that orders the state
+    /// changes they describe); wait on the result before acknowledging.
+    /// An empty list is a barrier: it is durable once all before it are.
     pub fn append(&self, records: Vec<Record>) -> Durable {
-        let (ack, done) = oneshot::channel();
-        if let Err(mpsc::SendError(Msg::Append(_, ack) | Msg::Rewrite(_, ack))) =
-            self.tx.send(Msg::Append(records, ack))
-        {
-            ack.send(Err(JournalError::Closed.to_string())).ok();
+        let mut q = self.shared.queue.lock().expect("journal queue lock");
+        encode(&records, &mut q.buf);
+        q.last += 1;
+        Durable {
+            shared: self.shared.clone(),
+            seq: q.last,
         }
-        done
     }
 
-    /// Replaces the journal by a snapshot, in order with appends.
+    /// Replaces the journal by a snapshot of the current state. Records
+    /// queued before it are dropped: the snapshot already says what they say.
     pub fn compact(&self, snapshot: Vec<Record>) -> Durable {
-        let (ack, done) = oneshot::channel();
-        if let Err(mpsc::SendError(Msg::Append(_, ack) | Msg::Rewrite(_, ack))) =
-            self.tx.send(Msg::Rewrite(snapshot, ack))
-        {
-            ack.send(Err(JournalError::Closed.to_string())).ok();
+        let mut q = self.shared.queue.lock().expect("journal queue lock");
+        q.buf.clear();
+        encode(&snapshot, &mut q.buf);
+        q.rewrite = true;
+        q.last += 1;
+        Durable {
+            shared: self.shared.clone(),
+            seq: q.last,
         }
-        done
     }
 }
 
@@ -276,15 +354,13 @@ fn encode(records: &[Record], out: &mut Vec<u8>) {
     }
 }
 
-/// Writes `records` to a temporary file, syncs it, renames it over `path`
-/// and syncs the directory; returns the new file open for appending.
-fn rewrite(path: &Path, records: &[Record]) -> std::io::Result<File> {
+/// Writes `bytes` to a temporary file, syncs it, renames it over `path` and
+/// syncs the directory; returns the new file open for appending.
+fn rewrite_file(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
     let tmp = path.with_extension("compact");
-    let mut buf = Vec::new();
-    encode(records, &mut buf);
     {
         let mut f = File::create(&tmp)?;
-        f.write_all(&buf)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
@@ -294,55 +370,6 @@ fn rewrite(path: &Path, records: &[Record]) -> std::io::Result<File> {
     let mut f = OpenOptions::new().append(true).open(path)?;
     f.seek(SeekFrom::End(0))?;
     Ok(f)
-}
-
-fn writer(path: PathBuf, mut file: File, rx: mpsc::Receiver<Msg>) {
-    let mut buf = Vec::with_capacity(64 * 1024);
-    while let Ok(first) = rx.recv() {
-        let mut pending = vec![first];
-        while let Ok(m) = rx.try_recv() {
-            pending.push(m);
-        }
-        // Appends are batched under one sync; a rewrite flushes the batch
-        // before it and starts a new file.
-        let mut acks: Vec<Ack> = Vec::new();
-        let mut result: Result<(), String> = Ok(());
-        for m in pending {
-            match m {
-                Msg::Append(records, ack) => {
-                    encode(&records, &mut buf);
-                    acks.push(ack);
-                }
-                Msg::Rewrite(records, ack) => {
-                    result = result.and_then(|_| flush(&mut file, &mut buf));
-                    if result.is_ok() {
-                        match rewrite(&path, &records) {
-                            Ok(f) => file = f,
-                            Err(e) => result = Err(e.to_string()),
-                        }
-                    }
-                    acks.push(ack);
-                }
-            }
-        }
-        result = result.and_then(|_| flush(&mut file, &mut buf));
-        buf.clear();
-        for ack in acks {
-            ack.send(result.clone()).ok();
-        }
-    }
-}
-
-fn flush(file: &mut File, buf: &mut Vec<u8>) -> Result<(), String> {
-    if buf.is_empty() {
-        return Ok(());
-    }
-    let r = file
-        .write_all(buf)
-        .and_then(|_| file.sync_data())
-        .map_err(|e| e.to_string());
-    buf.clear();
-    r
 }
 
 #[cfg(test)]
@@ -370,29 +397,29 @@ mod tests {
             key: key("a"),
             ip: ip("10.0.0.5"),
         }])
+        .wait()
         .await
-        .unwrap()
         .unwrap();
         j.append(vec![Record::Assign {
             key: key("b"),
             ip: ip("10.0.0.6"),
         }])
+        .wait()
         .await
-        .unwrap()
         .unwrap();
         j.append(vec![Record::Release {
             key: key("a"),
             ip: ip("10.0.0.5"),
             at_ms: 7,
         }])
+        .wait()
         .await
-        .unwrap()
         .unwrap();
         j.append(vec![Record::PendingDelete {
             interface_id: "eni-1".into(),
         }])
+        .wait()
         .await
-        .unwrap()
         .unwrap();
         let r = replay(&path).unwrap();
         assert_eq!(r.assignments.len(), 1);
@@ -410,8 +437,8 @@ mod tests {
             key: key("a"),
             ip: ip("10.0.0.5"),
         }])
+        .wait()
         .await
-        .unwrap()
         .unwrap();
         drop(j);
         let before = std::fs::metadata(&path).unwrap().len();
@@ -456,28 +483,29 @@ mod tests {
         for i in 0..200u32 {
             let k = key(&format!("c{i}"));
             let a = Ipv4Addr::from(0x0a00_0000 + i);
-            j.append(vec![Record::Assign {
+            // Queued only; the barrier below makes them durable.
+            let _ = j.append(vec![Record::Assign {
                 key: k.clone(),
                 ip: a,
             }]);
             if i % 2 == 0 {
-                j.append(vec![Record::Release {
+                let _ = j.append(vec![Record::Release {
                     key: k,
                     ip: a,
                     at_ms: 1,
                 }]);
             }
         }
-        j.append(vec![]).await.unwrap().unwrap();
+        j.append(vec![]).wait().await.unwrap();
         let full = replay(&path).unwrap();
         let size_before = std::fs::metadata(&path).unwrap().len();
-        j.compact(full.to_records()).await.unwrap().unwrap();
+        j.compact(full.to_records()).wait().await.unwrap();
         j.append(vec![Record::Assign {
             key: key("after"),
             ip: ip("10.9.9.9"),
         }])
+        .wait()
         .await
-        .unwrap()
         .unwrap();
         let compacted = replay(&path).unwrap();
         assert!(std::fs::metadata(&path).unwrap().len() < size_before);

@@ -5,5 +5,6 @@ pub mod datastore;
 pub mod introspect;
 pub mod ipam;
 pub mod journal;
+pub mod latency;
 pub mod policy;
 pub mod rpc;

@@ -51,6 +51,7 @@ impl Ipamd for IpamdService {
         &self,
         request: Request<AddNetworkRequest>,
     ) -> Result<Response<AddNetworkReply>, Status> {
+        let started = std::time::Instant::now();
         let r = request.into_inner();
         let key = PodKey {
             network: r.network_name,
@@ -61,6 +62,7 @@ impl Ipamd for IpamdService {
             warn!(pod = %key, error = %e, "AddNetwork failed");
             to_status(e)
         })?;
+        self.ipam.add_latency.record(started.elapsed());
         let inst = self.ipam.instance();
         let s = self.ipam.settings();
         Ok(Response::new(AddNetworkReply {
@@ -91,7 +93,9 @@ impl Ipamd for IpamdService {
             container_id: r.container_id,
             ifname: r.ifname,
         };
+        let started = std::time::Instant::now();
         let found = self.ipam.del(key).await.map_err(to_status)?;
+        self.ipam.del_latency.record(started.elapsed());
         Ok(Response::new(match found {
             Some(w) => DelNetworkReply {
                 found: true,

@@ -220,7 +220,10 @@ async fn restart_restores_assignments_without_reassigning() {
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("j");
     let vpc = vpc(10);
-    let node = Node::start(&vpc, "m5.large", &[], &journal).await;
+    // Single addresses: no interface is attached just before or after the
+    // restart, so the cloud's interface list must stay as it was.
+    let env = [("WARM_IP_TARGET", "2")];
+    let node = Node::start(&vpc, "m5.large", &env, &journal).await;
     let a = node.ipam.add(key("a")).await.unwrap();
     let b = node.ipam.add(key("b")).await.unwrap();
     assert_eq!(node.ipam.add(key("a")).await.unwrap(), a, "repeated ADD");
@@ -233,10 +236,11 @@ async fn restart_restores_assignments_without_reassigning() {
         node.ipam.del(key("b")).await.unwrap().is_none(),
         "DEL is idempotent"
     );
+    warm(&node.ipam, 2).await;
     node.stop().await;
     let before = vpc.snapshot();
 
-    let node = Node::start(&vpc, "m5.large", &[], &journal).await;
+    let node = Node::start(&vpc, "m5.large", &env, &journal).await;
     assert_eq!(
         node.ipam.add(key("a")).await.unwrap().ip,
         a.ip,

@@ -23,6 +23,24 @@ enum Cmd {
         #[arg(long, default_value = "vpc-cni")]
         network: String,
     },
+    /// Print the pool summary from ipamd's introspection endpoint.
+    Pool {
+        #[arg(
+            long,
+            env = "IPAMD_INTROSPECTION_ADDR",
+            default_value = "127.0.0.1:61679"
+        )]
+        introspection: String,
+    },
+    /// Print every interface and the state of each address.
+    Interfaces {
+        #[arg(
+            long,
+            env = "IPAMD_INTROSPECTION_ADDR",
+            default_value = "127.0.0.1:61679"
+        )]
+        introspection: String,
+    },
     /// Release CONTAINER_ID's address.
     Del {
         container_id: String,
@@ -33,9 +51,40 @@ enum Cmd {
     },
 }
 
+/// GET on the loopback introspection server; prints the JSON body.
+fn introspect(addr: &str, path: &str) -> ! {
+    use std::io::{Read, Write};
+    let fetch = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: ipamd\r\n\r\n").as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    match fetch() {
+        Ok(resp) => {
+            let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            match serde_json::from_str::<serde_json::Value>(body) {
+                Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                Err(_) => println!("{body}"),
+            }
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("ipamctl: introspection at {addr}: {e} (is ipamd running?)");
+            std::process::exit(69)
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
+    match &cli.cmd {
+        Cmd::Pool { introspection } => introspect(introspection, "/v1/pool"),
+        Cmd::Interfaces { introspection } => introspect(introspection, "/v1/interfaces"),
+        _ => {}
+    }
     let mut client = match ipamd_api::client(&cli.socket).await {
         Ok(c) => c,
         Err(e) => {
@@ -44,6 +93,7 @@ async fn main() {
         }
     };
     let out = match cli.cmd {
+        Cmd::Pool { .. } | Cmd::Interfaces { .. } => unreachable!("answered above"),
         Cmd::Add {
             container_id,
             ifname,
