@@ -357,3 +357,23 @@ async fn prefix_delegation_hands_out_addresses_from_prefixes() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_node_grows_its_existing_nic_and_never_attaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    let env = [("WARM_IP_TARGET", "5"), ("IPAMD_ADD_WAIT_SECONDS", "2")];
+    let node = Node::start(&vpc, "Standard_D2s_v3", &env, &dir.path().join("j")).await;
+    for i in 0..20 {
+        node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+    }
+    warm(&node.ipam, 5).await;
+    let (calls, _) = vpc.call_counts();
+    assert_eq!(
+        calls.get("CreateNetworkInterface"),
+        None,
+        "no NIC creation on Azure"
+    );
+    assert_eq!(vpc.snapshot().interfaces.len(), 1);
+    node.stop().await;
+}

@@ -423,3 +423,33 @@ async fn vpc_sim_server_keeps_its_state_across_restarts() {
     );
     server.kill().await.ok();
 }
+
+#[tokio::test]
+async fn azure_sizes_cannot_hot_attach() {
+    let vpc = quiet();
+    let n = node(&vpc, "az", "Standard_D4s_v3").await;
+    assert!(!n.capabilities().hot_attach);
+    let err = n
+        .create_interface(&spec(AssignRequest::Ips(1)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Unsupported(m) if m.contains("deallocated")),
+        "{err}"
+    );
+    assert_eq!(
+        vpc.snapshot().interfaces.len(),
+        1,
+        "the refused NIC was not left behind"
+    );
+    // Growth happens by adding ip-configurations to the existing NIC.
+    let primary = n.describe_instance().await.unwrap().primary_interface_id;
+    assert_eq!(
+        n.assign(&primary, AssignRequest::Ips(200))
+            .await
+            .unwrap()
+            .ips
+            .len(),
+        200
+    );
+}

@@ -411,6 +411,15 @@ impl VpcState {
     ) -> Result<u32> {
         let inst = self.instance(instance_id)?.clone();
         let limits = self.limits_of(&inst.instance_type)?;
+        if matches!(
+            limits::lookup(&inst.instance_type).map(|t| t.family),
+            Some(limits::Family::Azure)
+        ) {
+            return Err(ProviderError::Unsupported(format!(
+                "{instance_id} ({}) is running: Azure attaches a NIC only while the VM is deallocated",
+                inst.instance_type
+            )));
+        }
         let e = self
             .interfaces
             .get(interface_id)

@@ -30,6 +30,7 @@ pub struct SimProvider {
     backend: Backend,
     instance_id: String,
     zone: String,
+    caps: Capabilities,
 }
 
 fn unexpected(r: Reply) -> ProviderError {
@@ -51,10 +52,23 @@ impl SimProvider {
             .await?
         {
             Reply::InstanceId(instance_id) => {
+                // What the simulated cloud can do follows the instance's
+                // family: Azure sizes cannot hot-attach or delegate prefixes.
+                let caps = match crate::limits::lookup(instance_type).map(|t| t.family) {
+                    Some(crate::limits::Family::Azure) => Capabilities {
+                        hot_attach: false,
+                        prefixes: false,
+                    },
+                    _ => Capabilities {
+                        hot_attach: true,
+                        prefixes: true,
+                    },
+                };
                 let mut p = Self {
                     backend,
                     instance_id,
                     zone: String::new(),
+                    caps,
                 };
                 p.zone = p.describe_instance().await?.zone;
                 Ok(p)
@@ -79,10 +93,7 @@ impl CloudProvider for SimProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            hot_attach: true,
-            prefixes: true,
-        }
+        self.caps
     }
 
     async fn describe_instance(&self) -> Result<Instance> {
