@@ -1,24 +1,117 @@
-//! vpc-cni: the CNI plugin. The full CNI front and datapath come with the
-//! plugin work; this binary answers VERSION so the crate builds and links
-//! only the wire contract.
+//! vpc-cni: invoked by the container runtime with CNI_* variables and the
+//! network configuration on stdin. The result or a spec error goes to stdout;
+//! logs go to a file and stderr, never stdout.
+
+use std::io::{Read, Write};
+use std::sync::Mutex;
+
+use vpc_cni::plugin;
+use vpc_cni::spec::{code, CniError, Command, Env, NetConf, DEFAULT_LOG_FILE};
+
+/// Writes each log line to the log file (when it can be opened) and stderr.
+struct Tee(Option<Mutex<std::fs::File>>);
+
+impl Write for &Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(f) = &self.0 {
+            if let Ok(mut f) = f.lock() {
+                f.write_all(buf).ok();
+            }
+        }
+        std::io::stderr().write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+fn init_logging(conf: Option<&NetConf>) {
+    let path = conf
+        .and_then(|c| c.log_file.clone())
+        .unwrap_or_else(|| DEFAULT_LOG_FILE.to_string());
+    let file = (!path.is_empty())
+        .then(|| {
+            if let Some(dir) = std::path::Path::new(&path).parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .ok()
+        })
+        .flatten()
+        .map(Mutex::new);
+    let level = conf
+        .and_then(|c| c.log_level.clone())
+        .or_else(|| std::env::var("VPC_CNI_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let tee: &'static Tee = Box::leak(Box::new(Tee(file)));
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_ansi(false)
+        .with_writer(move || tee)
+        .init();
+}
+
+fn fail(version: &str, e: &CniError) -> ! {
+    tracing::error!(code = e.code, "{e}");
+    println!("{}", e.to_json(version));
+    std::process::exit(1);
+}
 
 fn main() {
-    let cmd = std::env::var("CNI_COMMAND").unwrap_or_default();
-    if cmd == "VERSION" {
-        println!(
-            "{}",
-            serde_json::json!({
-                "cniVersion": "1.1.0",
-                "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]
-            })
+    let raw_cmd = std::env::var("CNI_COMMAND").unwrap_or_default();
+    let mut stdin = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+        init_logging(None);
+        fail(
+            "1.1.0",
+            &CniError::new(code::IO_FAILURE, "cannot read stdin", e),
         );
+    }
+    let cmd = match Command::parse(&raw_cmd) {
+        Ok(c) => c,
+        Err(e) => {
+            init_logging(None);
+            fail("1.1.0", &e);
+        }
+    };
+    if cmd == Command::Version {
+        // VERSION may come with only {"cniVersion": ...} on stdin.
+        let asked = serde_json::from_slice::<serde_json::Value>(&stdin)
+            .ok()
+            .and_then(|v| v.get("cniVersion")?.as_str().map(String::from))
+            .unwrap_or_default();
+        println!("{}", plugin::version(&asked));
         return;
     }
-    let _ = ipamd_api::DEFAULT_SOCKET;
-    eprintln!("vpc-cni: command {cmd:?} is not implemented yet");
-    println!(
-        "{}",
-        serde_json::json!({"cniVersion": "1.1.0", "code": 4, "msg": "unsupported CNI_COMMAND", "details": cmd})
-    );
-    std::process::exit(1);
+    let conf = match NetConf::parse(&stdin) {
+        Ok(c) => c,
+        Err(e) => {
+            init_logging(None);
+            fail("1.1.0", &e);
+        }
+    };
+    init_logging(Some(&conf));
+    let env = match Env::load(cmd, |k| std::env::var(k).ok()) {
+        Ok(e) => e,
+        Err(e) => fail(&conf.cni_version, &e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => fail(
+            &conf.cni_version,
+            &CniError::new(code::IO_FAILURE, "cannot start the runtime", e),
+        ),
+    };
+    match runtime.block_on(plugin::run(cmd, &env, &conf)) {
+        Ok(Some(out)) => println!("{out}"),
+        Ok(None) => {}
+        Err(e) => fail(&conf.cni_version, &e),
+    }
 }

@@ -50,6 +50,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "AWS_VPC_K8S_CNI_EXTERNALSNAT",
     "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
     "CLUSTER_NAME",
+    "IPAMD_RECLAIM_GONE_NETNS",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,6 +63,9 @@ pub struct Settings {
     pub external_snat: bool,
     pub exclude_snat_cidrs: Vec<Ipv4Net>,
     pub cluster_name: String,
+    /// Release addresses of pods whose network namespace path no longer
+    /// exists (ipamd must see the runtime's netns directory).
+    pub reclaim_gone_netns: bool,
 }
 
 impl Default for Settings {
@@ -73,6 +77,7 @@ impl Default for Settings {
             external_snat: false,
             exclude_snat_cidrs: vec![],
             cluster_name: "default".into(),
+            reclaim_gone_netns: false,
         }
     }
 }
@@ -141,6 +146,7 @@ impl Settings {
         let cooldown = r.uint("IP_COOLDOWN_PERIOD");
         let add_wait = r.uint("IPAMD_ADD_WAIT_SECONDS");
         let external_snat = r.boolean("AWS_VPC_K8S_CNI_EXTERNALSNAT").unwrap_or(false);
+        let reclaim_gone_netns = r.boolean("IPAMD_RECLAIM_GONE_NETNS").unwrap_or(false);
         let mut exclude = vec![];
         if let Some(list) = r.raw("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS") {
             for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -217,6 +223,7 @@ impl Settings {
             external_snat,
             exclude_snat_cidrs: exclude,
             cluster_name: r.raw("CLUSTER_NAME").unwrap_or(d.cluster_name),
+            reclaim_gone_netns,
         })
     }
 }

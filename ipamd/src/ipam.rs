@@ -29,6 +29,8 @@ const COMPACT_AFTER: u64 = 20_000;
 const RESYNC_EVERY: Duration = Duration::from_secs(60);
 /// How often the reconciler looks at the pool when nothing wakes it.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// How often pods' network namespaces are checked (when enabled).
+const RECLAIM_EVERY: Duration = Duration::from_secs(10);
 /// How long the reconciler lets wake-ups gather when no ADD is waiting.
 const WAKE_DEBOUNCE: Duration = Duration::from_millis(20);
 
@@ -73,6 +75,10 @@ pub struct Status {
 
 struct State {
     ds: Datastore,
+    /// Pod network namespace paths, for reclaiming addresses of pods that
+    /// are gone without a DEL.
+    netns: std::collections::HashMap<PodKey, String>,
+    last_reclaim: Instant,
     status: Status,
     pending_deletes: BTreeSet<String>,
     appends_since_compact: u64,
@@ -162,6 +168,12 @@ impl Ipam {
         let restored = ds.assignments().count();
         let state = State {
             ds,
+            netns: replayed
+                .netns
+                .iter()
+                .map(|(k, n)| (k.clone(), n.clone()))
+                .collect(),
+            last_reclaim: now,
             status,
             pending_deletes: replayed.pending_deletes.clone(),
             appends_since_compact: 0,
@@ -265,6 +277,11 @@ impl Ipam {
     /// Gives the attachment an address, waiting (bounded) for the pool to
     /// grow if none is free. Answers only once the assignment is durable.
     pub async fn add(&self, key: PodKey) -> Result<Wiring, IpamError> {
+        self.add_in(key, None).await
+    }
+
+    /// [`Ipam::add`] for a pod whose network namespace is at `netns`.
+    pub async fn add_in(&self, key: PodKey, netns: Option<String>) -> Result<Wiring, IpamError> {
         if key.container_id.is_empty() || key.ifname.is_empty() {
             return Err(IpamError::Invalid(
                 "container id and ifname are required".into(),
@@ -281,9 +298,13 @@ impl Ipam {
                 match st.ds.assign(&key, now) {
                     Some((p, new)) => {
                         let record = if new {
+                            if let Some(n) = &netns {
+                                st.netns.insert(key.clone(), n.clone());
+                            }
                             vec![Record::Assign {
                                 key: key.clone(),
                                 ip: p.ip,
+                                netns: netns.clone(),
                             }]
                         } else {
                             // Same answer as before; still wait until what
@@ -301,7 +322,9 @@ impl Ipam {
                     Err(e) => e,
                 };
                 if new {
-                    self.lock().ds.unassign(&key);
+                    let mut st = self.lock();
+                    st.ds.unassign(&key);
+                    st.netns.remove(&key);
                 }
                 break Err(IpamError::Journal(failure));
             }
@@ -337,6 +360,7 @@ impl Ipam {
             let mut st = self.lock();
             match st.ds.release(&key, Instant::now()) {
                 Some(p) => {
+                    st.netns.remove(&key);
                     let w = self.wiring(&st, &p);
                     let d = self.append(
                         &mut st,
@@ -356,6 +380,58 @@ impl Ipam {
             self.wake.notify_one();
         }
         Ok(found)
+    }
+
+    /// The attachment's address, without assigning one.
+    pub fn lookup(&self, key: &PodKey) -> Option<Wiring> {
+        let st = self.lock();
+        st.ds.lookup(key).map(|p| self.wiring(&st, &p.clone()))
+    }
+
+    /// Releases every attachment of `network` not in `valid` (CNI GC).
+    pub async fn gc(
+        &self,
+        network: &str,
+        valid: &std::collections::HashSet<(String, String)>,
+    ) -> Result<Vec<Wiring>, IpamError> {
+        let stale: Vec<PodKey> = self
+            .lock()
+            .ds
+            .assignments()
+            .map(|(k, _)| k)
+            .filter(|k| {
+                k.network == network && !valid.contains(&(k.container_id.clone(), k.ifname.clone()))
+            })
+            .cloned()
+            .collect();
+        let mut released = vec![];
+        for key in stale {
+            info!(pod = %key, "garbage-collecting an attachment the runtime no longer has");
+            if let Some(w) = self.del(key).await? {
+                released.push(w);
+            }
+        }
+        Ok(released)
+    }
+
+    /// Releases addresses of pods whose network namespace is gone: the DEL
+    /// never reached us (ipamd was down) and the runtime has moved on.
+    async fn reclaim_gone(&self) {
+        let gone: Vec<PodKey> = {
+            let mut st = self.lock();
+            st.last_reclaim = Instant::now();
+            st.netns
+                .iter()
+                .filter(|(_, path)| !Path::new(path.as_str()).exists())
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for key in gone {
+            warn!(pod = %key, "pod network namespace is gone without a DEL; releasing its address");
+            if let Err(e) = self.del(key).await {
+                error!(error = %e, "could not release the address of a gone pod");
+            }
+        }
     }
 
     fn exhaustion_reason(&self) -> String {
@@ -426,6 +502,11 @@ impl Ipam {
         let resync_due = self.lock().last_resync.elapsed() >= RESYNC_EVERY;
         if resync_due {
             self.resync().await?;
+        }
+        let reclaim_due =
+            self.settings.reclaim_gone_netns && self.lock().last_reclaim.elapsed() >= RECLAIM_EVERY;
+        if reclaim_due {
+            self.reclaim_gone().await;
         }
         let plan = {
             let mut st = self.lock();
@@ -783,6 +864,11 @@ fn snapshot(st: &State, settings: &Settings, now: Instant) -> Vec<Record> {
         })
         .collect();
     Replayed {
+        netns: st
+            .netns
+            .iter()
+            .map(|(k, n)| (k.clone(), n.clone()))
+            .collect(),
         assignments: st
             .ds
             .assignments()

@@ -32,6 +32,9 @@ pub enum Record {
     Assign {
         key: PodKey,
         ip: Ipv4Addr,
+        /// The pod's network namespace path, when the runtime gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
     },
     /// `at_ms`: wall-clock time of the release, so a restart keeps cooling it.
     Release {
@@ -51,6 +54,7 @@ pub enum Record {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replayed {
     pub assignments: BTreeMap<PodKey, Ipv4Addr>,
+    pub netns: BTreeMap<PodKey, String>,
     /// Address -> release time (ms since the epoch), latest release wins.
     pub released_at: BTreeMap<Ipv4Addr, u64>,
     pub pending_deletes: BTreeSet<String>,
@@ -64,16 +68,21 @@ impl Replayed {
         self.records += 1;
         match r {
             Record::Header { .. } => {}
-            Record::Assign { key, ip } => {
+            Record::Assign { key, ip, netns } => {
                 self.released_at.remove(&ip);
                 // An address has one holder: a later assignment of it means
                 // the earlier holder's release was not written.
                 self.assignments.retain(|_, held| *held != ip);
+                self.netns.retain(|k, _| self.assignments.contains_key(k));
+                if let Some(n) = netns {
+                    self.netns.insert(key.clone(), n);
+                }
                 self.assignments.insert(key, ip);
             }
             Record::Release { key, ip, at_ms } => {
                 if self.assignments.get(&key) == Some(&ip) {
                     self.assignments.remove(&key);
+                    self.netns.remove(&key);
                 }
                 self.released_at.insert(ip, at_ms);
             }
@@ -92,6 +101,7 @@ impl Replayed {
         v.extend(self.assignments.iter().map(|(k, ip)| Record::Assign {
             key: k.clone(),
             ip: *ip,
+            netns: self.netns.get(k).cloned(),
         }));
         v.extend(self.released_at.iter().map(|(ip, at)| Record::Release {
             key: PodKey {
@@ -396,6 +406,7 @@ mod tests {
         j.append(vec![Record::Assign {
             key: key("a"),
             ip: ip("10.0.0.5"),
+            netns: None,
         }])
         .wait()
         .await
@@ -403,6 +414,7 @@ mod tests {
         j.append(vec![Record::Assign {
             key: key("b"),
             ip: ip("10.0.0.6"),
+            netns: None,
         }])
         .wait()
         .await
@@ -436,6 +448,7 @@ mod tests {
         j.append(vec![Record::Assign {
             key: key("a"),
             ip: ip("10.0.0.5"),
+            netns: None,
         }])
         .wait()
         .await
@@ -487,6 +500,7 @@ mod tests {
             let _ = j.append(vec![Record::Assign {
                 key: k.clone(),
                 ip: a,
+                netns: None,
             }]);
             if i % 2 == 0 {
                 let _ = j.append(vec![Record::Release {
@@ -503,6 +517,7 @@ mod tests {
         j.append(vec![Record::Assign {
             key: key("after"),
             ip: ip("10.9.9.9"),
+            netns: None,
         }])
         .wait()
         .await

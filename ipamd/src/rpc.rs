@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use ipamd_api::v1::ipamd_server::{Ipamd, IpamdServer};
 use ipamd_api::v1::{
-    AddNetworkReply, AddNetworkRequest, DelNetworkReply, DelNetworkRequest, InterfaceInfo, SnatMode,
+    AddNetworkReply, AddNetworkRequest, DelNetworkReply, DelNetworkRequest, GarbageCollectReply,
+    GarbageCollectRequest, InterfaceInfo, SnatMode,
 };
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
@@ -58,7 +59,8 @@ impl Ipamd for IpamdService {
             container_id: r.container_id,
             ifname: r.ifname,
         };
-        let w = self.ipam.add(key.clone()).await.map_err(|e| {
+        let netns = (!r.netns.is_empty()).then_some(r.netns);
+        let w = self.ipam.add_in(key.clone(), netns).await.map_err(|e| {
             warn!(pod = %key, error = %e, "AddNetwork failed");
             to_status(e)
         })?;
@@ -96,14 +98,56 @@ impl Ipamd for IpamdService {
         let started = std::time::Instant::now();
         let found = self.ipam.del(key).await.map_err(to_status)?;
         self.ipam.del_latency.record(started.elapsed());
-        Ok(Response::new(match found {
+        Ok(Response::new(Self::found(found)))
+    }
+
+    async fn get_network(
+        &self,
+        request: Request<DelNetworkRequest>,
+    ) -> Result<Response<DelNetworkReply>, Status> {
+        let r = request.into_inner();
+        let key = PodKey {
+            network: r.network_name,
+            container_id: r.container_id,
+            ifname: r.ifname,
+        };
+        Ok(Response::new(Self::found(self.ipam.lookup(&key))))
+    }
+
+    async fn garbage_collect(
+        &self,
+        request: Request<GarbageCollectRequest>,
+    ) -> Result<Response<GarbageCollectReply>, Status> {
+        let r = request.into_inner();
+        if r.network_name.is_empty() {
+            return Err(Status::invalid_argument("network name is required"));
+        }
+        let valid = r
+            .valid
+            .into_iter()
+            .map(|a| (a.container_id, a.ifname))
+            .collect();
+        let released = self
+            .ipam
+            .gc(&r.network_name, &valid)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(GarbageCollectReply {
+            released: released.into_iter().map(|w| Self::found(Some(w))).collect(),
+        }))
+    }
+}
+
+impl IpamdService {
+    fn found(w: Option<Wiring>) -> DelNetworkReply {
+        match w {
             Some(w) => DelNetworkReply {
                 found: true,
                 ipv4_address: w.ip.to_string(),
                 interface: Some(Self::interface(&w)),
             },
             None => DelNetworkReply::default(),
-        }))
+        }
     }
 }
 

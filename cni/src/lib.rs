@@ -1,0 +1,8 @@
+//! vpc-cni: the CNI plugin. Asks ipamd for an address, wires the pod with
+//! rtnetlink, and answers in the CNI spec's terms.
+
+#![forbid(unsafe_code)]
+
+pub mod datapath;
+pub mod plugin;
+pub mod spec;

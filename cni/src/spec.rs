@@ -1,0 +1,390 @@
+//! The CNI specification's types: environment, network configuration,
+//! results in each supported version, and errors with the spec's codes.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub const SUPPORTED: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
+
+/// Error codes from the CNI spec.
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    pub const CONTAINER_UNKNOWN: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const DECODE_FAILURE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    /// STATUS: the plugin cannot serve ADDs now.
+    pub const NOT_AVAILABLE: u32 = 50;
+    /// Anything of the plugin's own.
+    pub const PLUGIN: u32 = 999;
+}
+
+/// An error as the spec prints it on stdout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{msg}{}", if details.is_empty() { String::new() } else { format!(": {details}") })]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    pub fn new(code: u32, msg: impl Into<String>, details: impl std::fmt::Display) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: details.to_string(),
+        }
+    }
+
+    pub fn to_json(&self, version: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "code": self.code,
+            "msg": self.msg,
+            "details": self.details,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Status,
+    Gc,
+    Version,
+}
+
+impl Command {
+    pub fn parse(s: &str) -> Result<Self, CniError> {
+        Ok(match s {
+            "ADD" => Self::Add,
+            "DEL" => Self::Del,
+            "CHECK" => Self::Check,
+            "STATUS" => Self::Status,
+            "GC" => Self::Gc,
+            "VERSION" => Self::Version,
+            other => {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    "unknown CNI_COMMAND",
+                    format!("{other:?}"),
+                ))
+            }
+        })
+    }
+}
+
+/// The runtime's CNI_* variables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Env {
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+    pub args: HashMap<String, String>,
+}
+
+impl Env {
+    /// Reads what `cmd` needs; every missing variable is named at once.
+    pub fn load(cmd: Command, get: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
+        let mut missing = vec![];
+        let mut need = |k: &str, required: bool| {
+            let v = get(k).unwrap_or_default();
+            if required && v.is_empty() {
+                missing.push(k.to_string());
+            }
+            v
+        };
+        let per_container = matches!(cmd, Command::Add | Command::Del | Command::Check);
+        let container_id = need("CNI_CONTAINERID", per_container);
+        let netns = need("CNI_NETNS", matches!(cmd, Command::Add | Command::Check));
+        let ifname = need("CNI_IFNAME", per_container);
+        if !missing.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                "required environment variables are missing",
+                missing.join(", "),
+            ));
+        }
+        if !ifname.is_empty() && (ifname.len() > 15 || ifname.contains('/') || ifname.contains(' '))
+        {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                "CNI_IFNAME is not a valid interface name",
+                ifname,
+            ));
+        }
+        let args = get("CNI_ARGS")
+            .unwrap_or_default()
+            .split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Ok(Self {
+            container_id,
+            netns,
+            ifname,
+            args,
+        })
+    }
+}
+
+/// The network configuration on stdin. Unknown keys are ignored, as the
+/// spec asks of plugins.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub plugin_type: String,
+    #[serde(default)]
+    pub ipamd_socket: Option<String>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub veth_prefix: Option<String>,
+    #[serde(default)]
+    pub log_file: Option<String>,
+    #[serde(default)]
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub prev_result: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments", default)]
+    pub valid_attachments: Option<Vec<ValidAttachment>>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct ValidAttachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+pub const DEFAULT_MTU: u32 = 9001;
+pub const DEFAULT_VETH_PREFIX: &str = "eni";
+pub const DEFAULT_LOG_FILE: &str = "/var/log/vpc-cni/plugin.log";
+
+impl NetConf {
+    /// Parses and checks the configuration, naming every bad field at once.
+    pub fn parse(bytes: &[u8]) -> Result<Self, CniError> {
+        let conf: NetConf = serde_json::from_slice(bytes).map_err(|e| {
+            CniError::new(
+                code::DECODE_FAILURE,
+                "cannot decode the network configuration",
+                e,
+            )
+        })?;
+        if !SUPPORTED.contains(&conf.cni_version.as_str()) {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                "incompatible CNI version",
+                format!(
+                    "config asks for {}; this plugin supports {}",
+                    conf.cni_version,
+                    SUPPORTED.join(", ")
+                ),
+            ));
+        }
+        let mut bad = vec![];
+        if conf.name.is_empty() {
+            bad.push("name is empty".to_string());
+        }
+        if let Some(m) = conf.mtu {
+            if !(576..=65535).contains(&m) {
+                bad.push(format!("mtu {m} is outside 576..65535"));
+            }
+        }
+        if let Some(p) = &conf.veth_prefix {
+            if p.is_empty() || p.len() > 4 || !p.chars().all(|c| c.is_ascii_alphanumeric()) {
+                bad.push(format!("vethPrefix {p:?} must be 1 to 4 letters or digits"));
+            }
+        }
+        if !bad.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "invalid network configuration",
+                bad.join("; "),
+            ));
+        }
+        Ok(conf)
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.mtu.unwrap_or(DEFAULT_MTU)
+    }
+
+    pub fn veth_prefix(&self) -> &str {
+        self.veth_prefix.as_deref().unwrap_or(DEFAULT_VETH_PREFIX)
+    }
+
+    /// The pod's address in `prevResult`, for DEL when ipamd is down and
+    /// for CHECK.
+    pub fn prev_ipv4(&self) -> Option<Ipv4Addr> {
+        let ips = self.prev_result.as_ref()?.get("ips")?.as_array()?;
+        ips.iter()
+            .filter_map(|i| i.get("address")?.as_str())
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .next()
+    }
+}
+
+/// What ADD produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AddResult {
+    pub host_ifname: String,
+    pub host_mac: String,
+    pub pod_ifname: String,
+    pub pod_mac: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+}
+
+impl AddResult {
+    /// The result in the version the configuration asked for.
+    pub fn to_json(&self, version: &str) -> Value {
+        let mut ip = json!({
+            "address": format!("{}/32", self.ip),
+            "gateway": self.gateway.to_string(),
+            "interface": 1,
+        });
+        if version == "0.4.0" {
+            ip["version"] = json!("4");
+        }
+        json!({
+            "cniVersion": version,
+            "interfaces": [
+                {"name": self.host_ifname, "mac": self.host_mac},
+                {"name": self.pod_ifname, "mac": self.pod_mac, "sandbox": self.netns},
+            ],
+            "ips": [ip],
+            "routes": [{"dst": "0.0.0.0/0", "gw": self.gateway.to_string()}],
+            "dns": {},
+        })
+    }
+}
+
+/// The name of the pod's veth peer in the host: prefix and a stable hash of
+/// the attachment (FNV-1a, fixed across builds so a DEL by a newer binary
+/// finds what an older ADD made).
+pub fn host_veth_name(prefix: &str, container_id: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container_id.bytes().chain([b'/']).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let hex = format!("{h:016x}");
+    format!("{prefix}{}", &hex[..15 - prefix.len()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn missing_environment_is_listed_with_code_4() {
+        let e = Env::load(Command::Add, env(&[("CNI_IFNAME", "eth0")])).unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV);
+        assert!(
+            e.details.contains("CNI_CONTAINERID") && e.details.contains("CNI_NETNS"),
+            "{e}"
+        );
+        // DEL does not need a netns: the runtime may have removed it already.
+        assert!(Env::load(
+            Command::Del,
+            env(&[("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")])
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn cni_args_are_split() {
+        let e = Env::load(
+            Command::Add,
+            env(&[
+                ("CNI_CONTAINERID", "c"),
+                ("CNI_NETNS", "/var/run/netns/x"),
+                ("CNI_IFNAME", "eth0"),
+                (
+                    "CNI_ARGS",
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(e.args["K8S_POD_NAME"], "web-0");
+    }
+
+    #[test]
+    fn config_errors() {
+        assert_eq!(
+            NetConf::parse(b"{not json").unwrap_err().code,
+            code::DECODE_FAILURE
+        );
+        let e = NetConf::parse(br#"{"cniVersion":"0.3.1","name":"n"}"#).unwrap_err();
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+        let e =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"","mtu":10,"vethPrefix":"toolong"}"#)
+                .unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert!(
+            e.details.contains("name")
+                && e.details.contains("mtu")
+                && e.details.contains("vethPrefix"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn results_in_each_version() {
+        let r = AddResult {
+            host_ifname: "eni0123".into(),
+            host_mac: "02:00:00:00:00:01".into(),
+            pod_ifname: "eth0".into(),
+            pod_mac: "02:00:00:00:00:02".into(),
+            netns: "/var/run/netns/p".into(),
+            ip: "10.0.0.5".parse().unwrap(),
+            gateway: "169.254.1.1".parse().unwrap(),
+        };
+        let v1 = r.to_json("1.1.0");
+        assert_eq!(v1["ips"][0]["address"], "10.0.0.5/32");
+        assert!(v1["ips"][0].get("version").is_none());
+        assert_eq!(v1["interfaces"][1]["sandbox"], "/var/run/netns/p");
+        let v04 = r.to_json("0.4.0");
+        assert_eq!(v04["ips"][0]["version"], "4");
+        assert_eq!(v04["cniVersion"], "0.4.0");
+        let conf = NetConf::parse(
+            serde_json::to_vec(&json!({"cniVersion": "1.0.0", "name": "n", "prevResult": v1}))
+                .unwrap()
+                .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(conf.prev_ipv4(), Some("10.0.0.5".parse().unwrap()));
+    }
+
+    #[test]
+    fn veth_names_are_stable_and_fit() {
+        let a = host_veth_name("eni", "abcdef", "eth0");
+        assert_eq!(a.len(), 15);
+        assert_eq!(a, host_veth_name("eni", "abcdef", "eth0"));
+        assert_ne!(a, host_veth_name("eni", "abcdef", "eth1"));
+        assert_eq!(host_veth_name("v", "x", "eth0").len(), 15);
+    }
+}
