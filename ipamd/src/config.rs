@@ -51,6 +51,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
     "CLUSTER_NAME",
     "IPAMD_RECLAIM_GONE_NETNS",
+    "AWS_VPC_K8S_CNI_VETHPREFIX",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -66,6 +67,8 @@ pub struct Settings {
     /// Release addresses of pods whose network namespace path no longer
     /// exists (ipamd must see the runtime's netns directory).
     pub reclaim_gone_netns: bool,
+    /// Prefix of the pods' host-side veths (the plugin's `vethPrefix`).
+    pub veth_prefix: String,
 }
 
 impl Default for Settings {
@@ -78,6 +81,7 @@ impl Default for Settings {
             exclude_snat_cidrs: vec![],
             cluster_name: "default".into(),
             reclaim_gone_netns: false,
+            veth_prefix: "eni".into(),
         }
     }
 }
@@ -147,6 +151,17 @@ impl Settings {
         let add_wait = r.uint("IPAMD_ADD_WAIT_SECONDS");
         let external_snat = r.boolean("AWS_VPC_K8S_CNI_EXTERNALSNAT").unwrap_or(false);
         let reclaim_gone_netns = r.boolean("IPAMD_RECLAIM_GONE_NETNS").unwrap_or(false);
+        let veth_prefix = r
+            .raw("AWS_VPC_K8S_CNI_VETHPREFIX")
+            .unwrap_or(d.veth_prefix.clone());
+        if veth_prefix.is_empty()
+            || veth_prefix.len() > 4
+            || !veth_prefix.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            r.problems.push(format!(
+                "AWS_VPC_K8S_CNI_VETHPREFIX={veth_prefix:?}: 1 to 4 letters or digits"
+            ));
+        }
         let mut exclude = vec![];
         if let Some(list) = r.raw("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS") {
             for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -224,6 +239,7 @@ impl Settings {
             exclude_snat_cidrs: exclude,
             cluster_name: r.raw("CLUSTER_NAME").unwrap_or(d.cluster_name),
             reclaim_gone_netns,
+            veth_prefix,
         })
     }
 }

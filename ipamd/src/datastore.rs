@@ -59,6 +59,9 @@ pub struct IfaceEntry {
     pub attached_at: Instant,
     /// Pending delete: takes no new assignments and is not part of the pool.
     pub draining: bool,
+    /// The node's side of the interface is set up; until then it takes no
+    /// new assignments.
+    pub ready: bool,
     pub addrs: BTreeMap<Ipv4Addr, Slot>,
     /// Delegated prefixes; their addresses are in `addrs`.
     pub prefixes: BTreeSet<Ipv4Net>,
@@ -152,6 +155,7 @@ impl Datastore {
             },
             attached_at,
             draining: false,
+            ready: true,
             addrs: BTreeMap::new(),
             prefixes: BTreeSet::new(),
         };
@@ -186,7 +190,7 @@ impl Datastore {
         let best = self
             .ifaces
             .values()
-            .filter(|e| !e.draining)
+            .filter(|e| !e.draining && e.ready)
             .filter_map(|e| {
                 let ip = e
                     .addrs
@@ -359,6 +363,12 @@ impl Datastore {
     pub fn set_draining(&mut self, interface_id: &str) {
         if let Some(e) = self.ifaces.get_mut(interface_id) {
             e.draining = true;
+        }
+    }
+
+    pub fn set_ready(&mut self, interface_id: &str, ready: bool) {
+        if let Some(e) = self.ifaces.get_mut(interface_id) {
+            e.ready = ready;
         }
     }
 

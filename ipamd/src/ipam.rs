@@ -74,6 +74,9 @@ pub struct Status {
 }
 
 struct State {
+    /// Interfaces whose node side is not set up yet.
+    host_pending: BTreeSet<String>,
+    snat_done: bool,
     ds: Datastore,
     /// Pod network namespace paths, for reclaiming addresses of pods that
     /// are gone without a DEL.
@@ -110,6 +113,8 @@ pub struct Ipam {
     /// Time spent answering AddNetwork / DelNetwork, transport excluded.
     pub add_latency: crate::latency::Recorder,
     pub del_latency: crate::latency::Recorder,
+    /// The node's side of the datapath, when ipamd configures it.
+    host: std::sync::OnceLock<crate::hostnet::HostNet>,
 }
 
 fn now_ms() -> u64 {
@@ -167,6 +172,8 @@ impl Ipam {
         }
         let restored = ds.assignments().count();
         let state = State {
+            host_pending: BTreeSet::new(),
+            snat_done: false,
             ds,
             netns: replayed
                 .netns
@@ -200,7 +207,87 @@ impl Ipam {
             waiting: AtomicU32::new(0),
             add_latency: Default::default(),
             del_latency: Default::default(),
+            host: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Makes ipamd keep the node's side of the datapath: every interface is
+    /// held back from assignments until its link, table and rule are set up.
+    pub fn configure_host(&self, host: crate::hostnet::HostNet) {
+        let mut st = self.lock();
+        let ids: Vec<String> = st.ds.interfaces().map(|e| e.info.id.clone()).collect();
+        for id in ids {
+            st.ds.set_ready(&id, false);
+            st.host_pending.insert(id);
+        }
+        st.snat_done = false;
+        drop(st);
+        self.host.set(host).ok();
+    }
+
+    fn snat_config(&self) -> crate::hostnet::SnatConfig {
+        let mut no_snat = self.instance.vpc_cidrs.clone();
+        no_snat.extend(self.settings.exclude_snat_cidrs.iter().copied());
+        crate::hostnet::SnatConfig {
+            external: self.settings.external_snat,
+            node_ip: self.instance.primary_ip,
+            no_snat,
+            veth_prefix: self.settings.veth_prefix.clone(),
+        }
+    }
+
+    /// Sets up what is pending on the node's side; what cannot be done yet
+    /// (the link has not appeared) is tried again on the next step.
+    async fn host_step(&self) {
+        let Some(host) = self.host.get() else { return };
+        let (pending, snat_done) = {
+            let st = self.lock();
+            let p: Vec<providers::Interface> = st
+                .host_pending
+                .iter()
+                .filter_map(|id| st.ds.interface(id).map(|e| e.info.clone()))
+                .collect();
+            (p, st.snat_done)
+        };
+        let mut changed = false;
+        for iface in pending {
+            match host.setup_interface(&iface).await {
+                Ok(()) => {
+                    let mut st = self.lock();
+                    st.ds.set_ready(&iface.id, true);
+                    st.host_pending.remove(&iface.id);
+                    changed = true;
+                }
+                Err(e @ crate::hostnet::HostError::NoLink { .. }) => {
+                    debug!(error = %e, "waiting for the link")
+                }
+                Err(e) => {
+                    warn!(interface = %iface.id, error = %e, "cannot set up the interface on the node");
+                    self.lock().status.last_error =
+                        Some(format!("node setup of {}: {e}", iface.id));
+                }
+            }
+        }
+        if !snat_done {
+            let primary = self
+                .lock()
+                .ds
+                .interfaces()
+                .find(|e| e.info.device_index == 0)
+                .map(|e| e.info.clone());
+            if let Some(primary) = primary {
+                match host.setup_snat(&self.snat_config(), &primary).await {
+                    Ok(()) => self.lock().snat_done = true,
+                    Err(e) => {
+                        warn!(error = %e, "cannot set up SNAT");
+                        self.lock().status.last_error = Some(format!("SNAT: {e}"));
+                    }
+                }
+            }
+        }
+        if changed {
+            self.publish();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -495,6 +582,7 @@ impl Ipam {
     /// One pass: finish pending deletes, resync now and then, plan, act.
     /// Returns how many actions were carried out.
     pub async fn step(&self) -> Result<usize, ProviderError> {
+        self.host_step().await;
         let pending: Vec<String> = self.lock().pending_deletes.iter().cloned().collect();
         for id in &pending {
             self.finish_delete(id).await?;
@@ -543,7 +631,19 @@ impl Ipam {
         let (lost, durable) = {
             let mut st = self.lock();
             st.last_resync = Instant::now();
+            let known: BTreeSet<String> = st.ds.interfaces().map(|e| e.info.id.clone()).collect();
             let lost = st.ds.resync(&cloud, Instant::now());
+            if self.host.get().is_some() {
+                // Interfaces found only now wait for their node side, and the
+                // SNAT table is re-applied in case something removed it.
+                for c in &cloud {
+                    if !known.contains(&c.id) {
+                        st.ds.set_ready(&c.id, false);
+                        st.host_pending.insert(c.id.clone());
+                    }
+                }
+                st.snat_done = false;
+            }
             let pending: Vec<String> = st.pending_deletes.iter().cloned().collect();
             for id in pending {
                 st.ds.set_draining(&id);
@@ -712,7 +812,16 @@ impl Ipam {
             match result {
                 Ok(iface) => {
                     info!(interface = %iface.id, device_index = iface.device_index, subnet = %subnet_id, "interface attached");
-                    self.lock().ds.add_interface(iface, Instant::now());
+                    {
+                        let mut st = self.lock();
+                        let id = iface.id.clone();
+                        st.ds.add_interface(iface, Instant::now());
+                        if self.host.get().is_some() {
+                            st.ds.set_ready(&id, false);
+                            st.host_pending.insert(id);
+                        }
+                    }
+                    self.host_step().await;
                     return Ok(());
                 }
                 Err(e @ ProviderError::SubnetExhausted { .. })
@@ -754,6 +863,16 @@ impl Ipam {
     }
 
     async fn finish_delete(&self, interface_id: &str) -> Result<(), ProviderError> {
+        let info = self
+            .lock()
+            .ds
+            .interface(interface_id)
+            .map(|e| e.info.clone());
+        if let (Some(host), Some(info)) = (self.host.get(), info) {
+            if let Err(e) = host.teardown_interface(&info).await {
+                warn!(interface = interface_id, error = %e, "could not remove the interface's rule");
+            }
+        }
         self.provider.detach_interface(interface_id).await?;
         self.provider.delete_interface(interface_id).await?;
         let durable = {

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod datastore;
+pub mod hostnet;
 pub mod introspect;
 pub mod ipam;
 pub mod journal;

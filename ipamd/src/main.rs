@@ -68,6 +68,12 @@ struct Cli {
     /// sim (embedded): file the simulated VPC is kept in; default under --state-dir.
     #[arg(long)]
     sim_state: Option<PathBuf>,
+    /// Configure the node's side of the datapath: secondary interfaces, their
+    /// route tables and rules, SNAT (nftables), rp_filter. On by default for
+    /// real clouds; for sim only when its VPC is wired into network
+    /// namespaces (vpc-sim --fabric).
+    #[arg(long, env = "IPAMD_CONFIGURE_HOST")]
+    configure_host: Option<bool>,
     /// Seconds in-flight calls get to finish after SIGTERM.
     #[arg(long, default_value_t = 5)]
     grace_seconds: u64,
@@ -173,6 +179,18 @@ async fn run(cli: Cli, settings: Settings, introspection: Option<SocketAddr>) ->
             };
         }
     };
+    let configure_host = cli
+        .configure_host
+        .unwrap_or(!matches!(cli.provider, ProviderKind::Sim));
+    if configure_host {
+        match ipamd::hostnet::HostNet::new() {
+            Ok(h) => ipam.configure_host(h),
+            Err(e) => {
+                eprintln!("ipamd: {e}");
+                return EXIT_UNAVAILABLE;
+            }
+        }
+    }
     let listener = match rpc::bind_socket(&cli.socket) {
         Ok(l) => l,
         Err(e) => {

@@ -31,6 +31,11 @@ enum Cmd {
         /// Turn off EC2's per-API token buckets.
         #[arg(long)]
         no_throttle: bool,
+        /// Wire the VPC into network namespaces: this existing namespace
+        /// routes every address to its interface's link; each node's
+        /// namespace is named after its instance.
+        #[arg(long)]
+        fabric_vpc_netns: Option<String>,
     },
     /// Launch (or find) an instance by name and print its id.
     Launch {
@@ -83,12 +88,26 @@ async fn run(cli: Cli) -> Result<(), String> {
             state,
             attach_latency_ms,
             no_throttle,
+            fabric_vpc_netns,
         } => {
             let addr: SimAddr = listen.parse()?;
+            let fabric = match fabric_vpc_netns {
+                Some(ns) => {
+                    let subnets: Vec<_> = providers::sim::VpcState::default()
+                        .subnets
+                        .values()
+                        .map(|s| s.cidr)
+                        .collect();
+                    let f = providers::sim::fabric::NetnsFabric::new(&ns, &subnets)?;
+                    Some(Arc::new(f) as Arc<dyn providers::sim::fabric::Fabric>)
+                }
+                None => None,
+            };
             let vpc = Vpc::open(VpcConfig {
                 attach_latency: Duration::from_millis(attach_latency_ms),
                 throttling: !no_throttle,
                 state_path: state,
+                fabric,
                 ..VpcConfig::default()
             })
             .map_err(|e| format!("cannot load state: {e}"))?;

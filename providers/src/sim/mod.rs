@@ -9,6 +9,7 @@
 
 pub mod bucket;
 pub mod client;
+pub mod fabric;
 pub mod model;
 pub mod provider;
 pub mod server;
@@ -153,6 +154,8 @@ pub struct VpcConfig {
     pub throttling: bool,
     /// Where the state is kept, so it survives a restart of the simulator.
     pub state_path: Option<PathBuf>,
+    /// The data plane in network namespaces, when there is one.
+    pub fabric: Option<std::sync::Arc<dyn fabric::Fabric>>,
 }
 
 impl Default for VpcConfig {
@@ -162,6 +165,7 @@ impl Default for VpcConfig {
             timeout_after: Duration::from_secs(5),
             throttling: true,
             state_path: None,
+            fabric: None,
         }
     }
 }
@@ -318,7 +322,86 @@ impl Vpc {
         Ok(reply)
     }
 
+    /// The fabric's view of an attached interface.
+    fn port(&self, interface_id: &str) -> Option<fabric::Port> {
+        let st = self.state.lock().expect("state lock");
+        let e = st.interfaces.get(interface_id)?;
+        let a = e.attachment.as_ref()?;
+        Some(fabric::Port {
+            interface_id: e.id.clone(),
+            mac: e.mac.clone(),
+            primary_ip: e.primary_ip,
+            subnet: st.subnets.get(&e.subnet_id)?.cidr,
+            device_index: a.device_index,
+            node: st.instances.get(&a.instance_id)?.name.clone(),
+            addresses: Assigned {
+                ips: e.secondary_ips.clone(),
+                prefixes: e.prefixes.clone(),
+            },
+        })
+    }
+
+    fn wire(
+        &self,
+        what: impl FnOnce(&dyn fabric::Fabric) -> std::result::Result<(), String>,
+    ) -> Result<()> {
+        match &self.config.fabric {
+            Some(f) => what(f.as_ref())
+                .map_err(|e| ProviderError::Server(format!("simulated VPC data plane: {e}"))),
+            None => Ok(()),
+        }
+    }
+
     async fn apply(&self, req: Request, partial: Option<u32>) -> Result<Reply> {
+        let reply = self.apply_state(req.clone(), partial).await?;
+        match (&req, &reply) {
+            (Request::LaunchInstance { .. }, Reply::InstanceId(id)) => {
+                let primary = self
+                    .state
+                    .lock()
+                    .expect("state lock")
+                    .instances
+                    .get(id)
+                    .map(|i| i.primary_interface_id.clone());
+                if let Some(port) = primary.and_then(|p| self.port(&p)) {
+                    self.wire(|f| f.attach(&port))?;
+                }
+            }
+            (Request::AttachInterface { interface_id, .. }, _) => {
+                if let Some(port) = self.port(interface_id) {
+                    self.wire(|f| f.attach(&port))?;
+                }
+            }
+            (Request::Assign { interface_id, .. }, Reply::Assigned(got)) => {
+                if let Some(port) = self.port(interface_id) {
+                    self.wire(|f| f.assign(&port, got))?;
+                }
+            }
+            (
+                Request::Unassign {
+                    interface_id,
+                    release,
+                },
+                _,
+            ) => {
+                if let Some(port) = self.port(interface_id) {
+                    self.wire(|f| f.unassign(&port, release))?;
+                }
+            }
+            (Request::DetachInterface { interface_id }, _) => {
+                self.wire(|f| f.detach(interface_id))?;
+            }
+            (Request::CreateSubnet { cidr, .. }, _) => {
+                if let Ok(c) = cidr.parse() {
+                    self.wire(|f| f.subnet(c))?;
+                }
+            }
+            _ => {}
+        }
+        Ok(reply)
+    }
+
+    async fn apply_state(&self, req: Request, partial: Option<u32>) -> Result<Reply> {
         Ok(match req {
             Request::DescribeInstance { instance_id } => Reply::Instance(Box::new(
                 self.state

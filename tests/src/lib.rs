@@ -1,0 +1,633 @@
+//! A simulated VPC in network namespaces, for end-to-end tests and the demo.
+//!
+//! * a "vpc" namespace is the VPC router: the simulated VPC (in this
+//!   process, served to every node on a unix socket) routes each address to
+//!   the link of the interface that owns it;
+//! * an "outside" namespace beyond it holds an internet host (198.51.100.10)
+//!   and a host of a network excluded from SNAT (192.168.50.10);
+//! * each node is a namespace running the real ipamd, its interfaces veth
+//!   links into the vpc namespace;
+//! * each pod is a namespace wired by the real vpc-cni binary, invoked as a
+//!   runtime invokes it (CNI_* environment, config on stdin), in the node's
+//!   namespace.
+//!
+//! Nothing is added to the machine's root namespace, and every namespace
+//! (with every link, route, rule and nft table in it) is deleted on drop,
+//! pass or fail.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use providers::sim::client::SimAddr;
+use providers::sim::fabric::{Fabric, NetnsFabric};
+use providers::sim::{server, Request, Vpc, VpcConfig, VpcState};
+use serde_json::{json, Value};
+
+pub const INTERNET_HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+pub const EXCLUDED_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+pub const EXCLUDED_CIDR: &str = "192.168.50.0/24";
+pub const NODE_SUBNET: &str = "subnet-0sim00000000node";
+
+/// The built binaries of this workspace, next to the test executable.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub dir: PathBuf,
+}
+
+impl Bins {
+    pub fn find() -> Self {
+        let exe = std::env::current_exe().expect("current exe");
+        for dir in exe.ancestors().skip(1) {
+            if dir.join("ipamd").is_file() && dir.join("vpc-cni").is_file() {
+                return Self {
+                    dir: dir.to_path_buf(),
+                };
+            }
+        }
+        panic!(
+            "ipamd and vpc-cni binaries not found near {}: run `cargo build --workspace --bins` first",
+            exe.display()
+        );
+    }
+    pub fn ipamd(&self) -> PathBuf {
+        self.dir.join("ipamd")
+    }
+    pub fn vpc_cni(&self) -> PathBuf {
+        self.dir.join("vpc-cni")
+    }
+}
+
+/// Fails loudly when the test cannot do what it must.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test builds network namespaces and must run as root"
+    );
+    for tool in ["ip", "nft", "nsenter"] {
+        let ok = Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+            || Command::new(tool)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok();
+        assert!(ok, "{tool} is not installed: run ./scripts/setup.sh");
+    }
+}
+
+/// Runs `ip` with these arguments; panics with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Output of `ip` in a namespace.
+pub fn ip_out(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns])
+        .args(args)
+        .output()
+        .expect("run ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        assert!(
+            !Path::new("/var/run/netns").join(name).exists(),
+            "namespace {name} already exists"
+        );
+        ip(&["netns", "add", name]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        Self {
+            name: name.to_string(),
+        }
+    }
+    pub fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Namespaces left behind with this prefix (for the cleanup assertions).
+pub fn leftover_namespaces(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(String::from)
+        .collect()
+}
+
+/// Runs `f` on a thread inside a network namespace.
+pub fn in_netns<T: Send + 'static>(
+    ns: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let file = std::fs::File::open(ns).unwrap_or_else(|e| panic!("open {}: {e}", ns.display()));
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// Sends a UDP probe from namespace `from` to `to` (an address inside
+/// namespace `to_ns`) and waits for the echo. Returns the source address
+/// the receiver saw: the test of "without NAT" and "SNATed".
+pub fn udp_probe(from: &Path, to_ns: &Path, to: Ipv4Addr) -> Result<Ipv4Addr, String> {
+    static PORT: AtomicU32 = AtomicU32::new(0);
+    let port = 20000
+        + (std::process::id() % 1000) as u16 * 20
+        + (PORT.fetch_add(1, Ordering::Relaxed) % 20) as u16;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = in_netns(to_ns, move || -> Result<Ipv4Addr, String> {
+        let sock = std::net::UdpSocket::bind(SocketAddrV4::new(to, port))
+            .map_err(|e| format!("bind {to}:{port}: {e}"))?;
+        sock.set_read_timeout(Some(Duration::from_secs(3))).ok();
+        ready_tx.send(()).ok();
+        let mut buf = [0u8; 64];
+        let (_, src) = sock
+            .recv_from(&mut buf)
+            .map_err(|e| format!("nothing arrived at {to}:{port}: {e}"))?;
+        sock.send_to(b"echo", src).map_err(|e| e.to_string())?;
+        match src {
+            std::net::SocketAddr::V4(a) => Ok(*a.ip()),
+            _ => Err("IPv6 source".into()),
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(3))
+        .map_err(|_| "receiver did not start".to_string())?;
+    let sender = in_netns(from, move || -> Result<(), String> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(3))).ok();
+        sock.send_to(b"probe", SocketAddrV4::new(to, port))
+            .map_err(|e| format!("send to {to}: {e}"))?;
+        let mut buf = [0u8; 16];
+        sock.recv_from(&mut buf)
+            .map_err(|e| format!("no echo from {to}: {e}"))?;
+        Ok(())
+    });
+    let seen = receiver.join().map_err(|_| "receiver panicked")??;
+    sender.join().map_err(|_| "sender panicked")??;
+    Ok(seen)
+}
+
+pub struct NodeSpec<'a> {
+    pub name: &'a str,
+    pub instance_type: &'a str,
+    pub env: Vec<(&'a str, String)>,
+}
+
+pub struct Node {
+    pub ns: Netns,
+    pub socket: PathBuf,
+    pub instance_id: String,
+    pub primary_ip: Ipv4Addr,
+    ipamd: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Node {
+    pub fn name(&self) -> &str {
+        &self.ns.name
+    }
+}
+
+/// A pod wired by vpc-cni.
+#[derive(Debug)]
+pub struct Pod {
+    pub ns: Netns,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+    pub result: Value,
+    pub node: usize,
+}
+
+/// What one plugin invocation printed and how it ended.
+#[derive(Debug)]
+pub struct Invocation {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Invocation {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or(Value::Null)
+    }
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub vpc: Arc<Vpc>,
+    pub bins: Bins,
+    sim_addr: String,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub nodes: Vec<Node>,
+    pub vpc_ns: Netns,
+    pub outside: Netns,
+}
+
+impl Lab {
+    /// A VPC with an outside network; no nodes yet.
+    pub async fn new() -> Lab {
+        require_root();
+        let bins = Bins::find();
+        let prefix = format!(
+            "vcni{}x{}",
+            std::process::id() % 100_000,
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vpc_ns = Netns::new(&format!("{prefix}-vpc"));
+        let outside = Netns::new(&format!("{prefix}-out"));
+        let subnets: Vec<_> = VpcState::default()
+            .subnets
+            .values()
+            .map(|s| s.cidr)
+            .collect();
+        let fabric = NetnsFabric::new(&vpc_ns.name, &subnets).expect("vpc fabric");
+        // The internet gateway and what lies beyond it.
+        ip(&[
+            "-n",
+            &vpc_ns.name,
+            "link",
+            "add",
+            "vout",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &outside.name,
+        ]);
+        ip(&[
+            "-n",
+            &vpc_ns.name,
+            "addr",
+            "add",
+            "100.64.0.1/30",
+            "dev",
+            "vout",
+        ]);
+        ip(&["-n", &vpc_ns.name, "link", "set", "vout", "up"]);
+        ip(&[
+            "-n",
+            &vpc_ns.name,
+            "route",
+            "add",
+            "198.51.100.0/24",
+            "via",
+            "100.64.0.2",
+        ]);
+        ip(&[
+            "-n",
+            &vpc_ns.name,
+            "route",
+            "add",
+            EXCLUDED_CIDR,
+            "via",
+            "100.64.0.2",
+        ]);
+        ip(&[
+            "-n",
+            &outside.name,
+            "addr",
+            "add",
+            "100.64.0.2/30",
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &outside.name, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            &outside.name,
+            "addr",
+            "add",
+            &format!("{INTERNET_HOST}/32"),
+            "dev",
+            "lo",
+        ]);
+        ip(&[
+            "-n",
+            &outside.name,
+            "addr",
+            "add",
+            &format!("{EXCLUDED_HOST}/32"),
+            "dev",
+            "lo",
+        ]);
+        ip(&[
+            "-n",
+            &outside.name,
+            "route",
+            "add",
+            "10.0.0.0/16",
+            "via",
+            "100.64.0.1",
+        ]);
+        let vpc = Arc::new(
+            Vpc::open(VpcConfig {
+                attach_latency: Duration::from_millis(20),
+                state_path: Some(dir.path().join("vpc.json")),
+                fabric: Some(Arc::new(fabric) as Arc<dyn Fabric>),
+                ..VpcConfig::default()
+            })
+            .expect("vpc"),
+        );
+        let sock = dir.path().join("vpc.sock");
+        let listener = server::Listener::bind(&SimAddr::Unix(sock.clone()))
+            .await
+            .expect("bind sim");
+        let server = tokio::spawn(server::serve(vpc.clone(), listener));
+        Lab {
+            prefix,
+            sim_addr: format!("unix:{}", sock.display()),
+            dir,
+            vpc,
+            bins,
+            server,
+            nodes: vec![],
+            vpc_ns,
+            outside,
+        }
+    }
+
+    /// Boots a node: its namespace, its instance in the VPC, its ipamd.
+    pub async fn add_node(&mut self, spec: NodeSpec<'_>) -> usize {
+        let ns = Netns::new(&format!("{}-{}", self.prefix, spec.name));
+        let id = match self
+            .vpc
+            .handle(Request::LaunchInstance {
+                name: ns.name.clone(),
+                instance_type: spec.instance_type.into(),
+                subnet_id: Some(NODE_SUBNET.into()),
+            })
+            .await
+            .expect("launch instance")
+        {
+            providers::sim::Reply::InstanceId(id) => id,
+            r => panic!("unexpected {r:?}"),
+        };
+        let primary_ip = self.vpc.snapshot().interfaces
+            [&self.vpc.snapshot().instances[&id].primary_interface_id]
+            .primary_ip;
+        let state = self.dir.path().join(&ns.name);
+        std::fs::create_dir_all(&state).unwrap();
+        let socket = state.join("ipamd.sock");
+        let log = state.join("ipamd.log");
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path().display()))
+            .arg(self.bins.ipamd())
+            .args(["--sim-server", &self.sim_addr, "--node-name", &ns.name])
+            .args(["--sim-instance-type", spec.instance_type])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--introspection", "off", "--configure-host", "true"])
+            .env("IPAMD_LOG", "info")
+            .env("IPAMD_RECLAIM_GONE_NETNS", "true")
+            .envs(spec.env.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf);
+        let ipamd = cmd.spawn().expect("spawn ipamd");
+        let mut node = Node {
+            ns,
+            socket,
+            instance_id: id,
+            primary_ip,
+            ipamd,
+            log,
+        };
+        for _ in 0..200 {
+            if let Some(s) = node.ipamd.try_wait().unwrap() {
+                panic!(
+                    "ipamd on {} exited with {s}:\n{}",
+                    node.name(),
+                    std::fs::read_to_string(&node.log).unwrap_or_default()
+                );
+            }
+            if ipamd_api::client(&node.socket).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            ipamd_api::client(&node.socket).await.is_ok(),
+            "ipamd on {} did not start",
+            node.name()
+        );
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// The state of the VPC router and of every node, for failure messages.
+    pub fn diagnose(&self) -> String {
+        let mut out = String::new();
+        let mut dump = |ns: &str, args: &[&str]| {
+            out.push_str(&format!(
+                "--- {ns}: ip {}\n{}",
+                args.join(" "),
+                ip_out(ns, args)
+            ));
+        };
+        dump(&self.vpc_ns.name, &["-br", "addr"]);
+        dump(&self.vpc_ns.name, &["route"]);
+        dump(&self.vpc_ns.name, &["neigh"]);
+        for n in &self.nodes {
+            dump(&n.ns.name, &["-br", "addr"]);
+            dump(&n.ns.name, &["route", "show", "table", "all"]);
+            dump(&n.ns.name, &["rule"]);
+            dump(&n.ns.name, &["neigh"]);
+        }
+        out
+    }
+
+    pub fn node_ipamd_log(&self, node: usize) -> String {
+        std::fs::read_to_string(&self.nodes[node].log).unwrap_or_default()
+    }
+
+    /// The network configuration every pod of this lab gets.
+    pub fn netconf(&self, node: usize, version: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "name": "vpc-cni",
+            "type": "vpc-cni",
+            "ipamdSocket": self.nodes[node].socket,
+            "mtu": 1500,
+            "logFile": self.dir.path().join("plugin.log"),
+        })
+    }
+
+    /// Runs a plugin binary in the node's namespace, as a runtime would.
+    pub fn invoke(
+        &self,
+        node: usize,
+        plugin: &Path,
+        command: &str,
+        container_id: &str,
+        netns: &str,
+        ifname: &str,
+        conf: &Value,
+        extra_env: &[(&str, &str)],
+    ) -> Invocation {
+        use std::io::Write;
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.nodes[node].ns.path().display()))
+            .arg(plugin)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", ifname)
+            .env(
+                "CNI_PATH",
+                format!("{}:/usr/lib/cni", self.bins.dir.display()),
+            )
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn plugin");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        Invocation {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Creates a pod namespace and wires it with vpc-cni ADD.
+    pub fn add_pod(&self, node: usize, name: &str) -> Pod {
+        let ns = Netns::new(&format!("{}-{}", self.prefix, name));
+        let container_id = format!("{}-{name}", self.prefix);
+        let conf = self.netconf(node, "1.0.0");
+        let r = self.invoke(
+            node,
+            &self.bins.vpc_cni(),
+            "ADD",
+            &container_id,
+            &ns.path().display().to_string(),
+            "eth0",
+            &conf,
+            &[],
+        );
+        assert!(
+            r.ok,
+            "ADD {name} failed: {}\n{}\nipamd:\n{}",
+            r.stdout,
+            r.stderr,
+            self.node_ipamd_log(node)
+        );
+        let result = r.json();
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        Pod {
+            ns,
+            container_id,
+            ip,
+            result,
+            node,
+        }
+    }
+
+    /// vpc-cni DEL with prevResult, then the namespace goes, as a runtime does.
+    pub fn del_pod(&self, pod: Pod) -> Invocation {
+        let mut conf = self.netconf(pod.node, "1.0.0");
+        conf["prevResult"] = pod.result.clone();
+        let r = self.invoke(
+            pod.node,
+            &self.bins.vpc_cni(),
+            "DEL",
+            &pod.container_id,
+            &pod.ns.path().display().to_string(),
+            "eth0",
+            &conf,
+            &[],
+        );
+        drop(pod);
+        r
+    }
+
+    /// Asks a node's ipamd directly (an attachment that is not a wired pod).
+    pub async fn reserve(&self, node: usize, id: &str) -> Ipv4Addr {
+        let mut c = ipamd_api::client(&self.nodes[node].socket).await.unwrap();
+        c.add_network(ipamd_api::v1::AddNetworkRequest {
+            network_name: "vpc-cni".into(),
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ipv4_address
+        .parse()
+        .unwrap()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.ipamd.kill();
+            let _ = n.ipamd.wait();
+        }
+        self.server.abort();
+        // Namespaces go when their fields drop: nodes, then vpc and outside.
+    }
+}

@@ -1,0 +1,300 @@
+//! End to end in network namespaces: a simulated VPC, two nodes running the
+//! real ipamd, pods wired by the real vpc-cni. Needs root (CI is root); it
+//! fails, never skips, when it cannot set up.
+
+use std::net::Ipv4Addr;
+
+use serde_json::Value;
+use vpc_cni_e2e::*;
+
+fn node_env() -> Vec<(&'static str, String)> {
+    vec![(
+        "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+        EXCLUDED_CIDR.to_string(),
+    )]
+}
+
+async fn route_table_of(lab: &Lab, pod: &Pod) -> u32 {
+    let mut c = ipamd_api::client(&lab.nodes[pod.node].socket)
+        .await
+        .unwrap();
+    let r = c
+        .get_network(ipamd_api::v1::DelNetworkRequest {
+            network_name: "vpc-cni".into(),
+            container_id: pod.container_id.clone(),
+            ifname: "eth0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.found);
+    r.interface.unwrap().route_table
+}
+
+fn host_veth(pod: &Pod) -> String {
+    pod.result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_three_pods_follow_the_kubernetes_networking_rules() {
+    let mut lab = Lab::new().await;
+    let prefix = lab.prefix.clone();
+    // t3.small: three addresses per interface. One attachment that is not
+    // a wired pod fills the primary interface's first address, so each
+    // node's third pod lands on a secondary interface.
+    let a = lab
+        .add_node(NodeSpec {
+            name: "a",
+            instance_type: "t3.small",
+            env: node_env(),
+        })
+        .await;
+    let b = lab
+        .add_node(NodeSpec {
+            name: "b",
+            instance_type: "t3.small",
+            env: node_env(),
+        })
+        .await;
+    lab.reserve(a, "held-a").await;
+    lab.reserve(b, "held-b").await;
+    let mut pods = vec![];
+    for (node, n) in [(a, "a"), (b, "b")] {
+        for i in 0..3 {
+            pods.push(lab.add_pod(node, &format!("{n}{i}")));
+        }
+    }
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    eprintln!("pods: {ips:?}");
+    for (i, p) in pods.iter().enumerate() {
+        let table = route_table_of(&lab, p).await;
+        if i % 3 == 2 {
+            assert_ne!(table, 254, "pod {i} should be on a secondary interface");
+        } else {
+            assert_eq!(table, 254, "pod {i} should be on the primary interface");
+        }
+    }
+
+    // Pod to pod on one node, without NAT.
+    assert_eq!(
+        udp_probe(&pods[0].ns.path(), &pods[1].ns.path(), pods[1].ip).unwrap(),
+        pods[0].ip
+    );
+    assert_eq!(
+        udp_probe(&pods[2].ns.path(), &pods[0].ns.path(), pods[0].ip).unwrap(),
+        pods[2].ip
+    );
+    // Pod to pod across nodes, without NAT: primary and secondary interfaces both ways.
+    for (x, y) in [(0, 3), (3, 0), (2, 5), (5, 2), (2, 4), (4, 1)] {
+        let seen = udp_probe(&pods[x].ns.path(), &pods[y].ns.path(), pods[y].ip)
+            .unwrap_or_else(|e| panic!("pod {x} -> pod {y}: {e}\n{}", lab.diagnose()));
+        assert_eq!(seen, pods[x].ip, "pod {x} -> pod {y} was NATed");
+    }
+    // The node reaches its pods.
+    for p in [&pods[0], &pods[2]] {
+        udp_probe(&lab.nodes[a].ns.path(), &p.ns.path(), p.ip).expect("node -> pod");
+    }
+    // Leaving the VPC: SNATed to the node's primary IP, from either interface.
+    for p in [&pods[0], &pods[2], &pods[4]] {
+        let seen = udp_probe(&p.ns.path(), &lab.outside.path(), INTERNET_HOST).unwrap();
+        assert_eq!(
+            seen, lab.nodes[p.node].primary_ip,
+            "pod {} -> internet not SNATed to its node",
+            p.ip
+        );
+    }
+    // An excluded CIDR sees the pod's own address.
+    for p in [&pods[1], &pods[2]] {
+        let seen = udp_probe(&p.ns.path(), &lab.outside.path(), EXCLUDED_HOST).unwrap();
+        assert_eq!(seen, p.ip, "traffic to an excluded CIDR was SNATed");
+    }
+    // A pod on a secondary interface leaves through that interface's table.
+    let route = ip_out(
+        &lab.nodes[a].ns.name,
+        &[
+            "route",
+            "get",
+            &pods[3].ip.to_string(),
+            "from",
+            &pods[2].ip.to_string(),
+            "iif",
+            &host_veth(&pods[2]),
+        ],
+    );
+    assert!(
+        route.contains("dev eth1"),
+        "secondary-interface pod does not use its table: {route}"
+    );
+    let route = ip_out(
+        &lab.nodes[a].ns.name,
+        &[
+            "route",
+            "get",
+            &pods[3].ip.to_string(),
+            "from",
+            &pods[0].ip.to_string(),
+            "iif",
+            &host_veth(&pods[0]),
+        ],
+    );
+    assert!(
+        route.contains("dev eth0"),
+        "primary-interface pod should use the main table: {route}"
+    );
+
+    // CHECK passes on a wired pod.
+    let mut conf = lab.netconf(a, "1.0.0");
+    conf["prevResult"] = pods[2].result.clone();
+    let r = lab.invoke(
+        a,
+        &lab.bins.vpc_cni(),
+        "CHECK",
+        &pods[2].container_id,
+        &pods[2].ns.path().display().to_string(),
+        "eth0",
+        &conf,
+        &[],
+    );
+    assert!(r.ok, "CHECK: {} {}", r.stdout, r.stderr);
+
+    // DEL every pod: no rule, route or veth of theirs remains.
+    for p in pods {
+        let (node, ip, veth) = (p.node, p.ip, host_veth(&p));
+        let r = lab.del_pod(p);
+        assert!(r.ok, "DEL: {} {}", r.stdout, r.stderr);
+        let ns = &lab.nodes[node].ns.name;
+        let rules = ip_out(ns, &["rule"]);
+        assert!(
+            !rules.contains(&format!("{ip} ")),
+            "rule for {ip} left behind:\n{rules}"
+        );
+        assert!(
+            !ip_out(ns, &["route"]).contains(&format!("{ip} ")),
+            "route to {ip} left behind"
+        );
+        // The kernel destroys a namespace (and the veth in it) asynchronously.
+        let mut tries = 0;
+        while ip_out(ns, &["link"]).contains(&veth) {
+            tries += 1;
+            assert!(tries < 300, "{veth} left behind");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    drop(lab);
+    assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_in_the_middle_of_add_leaves_nothing_behind() {
+    let mut lab = Lab::new().await;
+    let prefix = lab.prefix.clone();
+    let a = lab
+        .add_node(NodeSpec {
+            name: "a",
+            instance_type: "t3.small",
+            env: node_env(),
+        })
+        .await;
+    lab.reserve(a, "held").await;
+    lab.reserve(a, "held2").await;
+    lab.reserve(a, "held3").await;
+    // The pod's address now comes from a secondary interface: all of
+    // ADD's steps run, the from-rule included.
+    for step in ["veth", "pod", "host-route", "rule-to", "rule-from"] {
+        let ns = Netns::new(&format!("{prefix}-f{step}"));
+        let id = format!("{prefix}-fail-{step}");
+        let conf = lab.netconf(a, "1.0.0");
+        let r = lab.invoke(
+            a,
+            &lab.bins.vpc_cni(),
+            "ADD",
+            &id,
+            &ns.path().display().to_string(),
+            "eth0",
+            &conf,
+            &[("VPC_CNI_FAIL_AFTER", step)],
+        );
+        assert!(!r.ok, "ADD with a failure after {step} succeeded");
+        let err: Value = r.json();
+        assert_eq!(err["code"], 999, "{}", r.stdout);
+        assert!(
+            err["details"].as_str().unwrap().contains(step),
+            "{}",
+            r.stdout
+        );
+        let node = &lab.nodes[a].ns.name;
+        // The pool may attach interfaces meanwhile (with rules of their own);
+        // what must not remain is anything of the pod's.
+        let interface_ips: Vec<String> = lab
+            .vpc
+            .snapshot()
+            .interfaces
+            .values()
+            .filter(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|x| x.instance_id == lab.nodes[a].instance_id)
+            })
+            .map(|e| e.primary_ip.to_string())
+            .collect();
+        let rules = ip_out(node, &["rule"]);
+        for l in rules.lines() {
+            assert!(
+                !l.starts_with("512:"),
+                "pod rule left after failing at {step}: {l}"
+            );
+            if l.starts_with("1536:") {
+                assert!(
+                    interface_ips
+                        .iter()
+                        .any(|ip| l.contains(&format!("from {ip} "))),
+                    "pod rule left after failing at {step}: {l}"
+                );
+            }
+        }
+        let routes = ip_out(node, &["route"]);
+        assert!(
+            !routes.contains(" dev eni"),
+            "pod route left after failing at {step}:\n{routes}"
+        );
+        let veth = vpc_cni_host_veth(&id);
+        assert!(
+            !ip_out(node, &["link"]).contains(&veth),
+            "veth left after failing at {step}"
+        );
+        assert!(
+            !ip_out(&ns.name, &["link"]).contains("eth0"),
+            "pod interface left after failing at {step}"
+        );
+        // ipamd no longer holds an address for the attachment.
+        let mut c = ipamd_api::client(&lab.nodes[a].socket).await.unwrap();
+        let held = c
+            .get_network(ipamd_api::v1::DelNetworkRequest {
+                network_name: "vpc-cni".into(),
+                container_id: id,
+                ifname: "eth0".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            !held.found,
+            "address still assigned after failing at {step}"
+        );
+    }
+    drop(lab);
+    assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
+}
+
+fn vpc_cni_host_veth(container_id: &str) -> String {
+    // Mirrors the plugin's naming, which the plugin's unit tests pin down.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in container_id.bytes().chain([b'/']).chain("eth0".bytes()) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("eni{}", &format!("{h:016x}")[..12])
+}
