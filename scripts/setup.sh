@@ -6,6 +6,7 @@
 #   containernetworking-plugins ptp/host-local (the benchmark's peer), portmap
 #                               and bandwidth (chained after vpc-cni)
 #   podman, runc                a real container runtime calling the plugin
+#   iptables                    what Debian's portmap programs (in the node namespace)
 #   busybox-static              the container image's rootfs
 set -euo pipefail
 need=()
@@ -14,6 +15,7 @@ command -v nft >/dev/null || need+=(nftables)
 [ -x /usr/lib/cni/portmap ] || need+=(containernetworking-plugins)
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
+command -v iptables >/dev/null || need+=(iptables)
 [ -x /bin/busybox ] || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

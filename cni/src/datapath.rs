@@ -176,91 +176,145 @@ pub struct Wired {
     pub pod_mac: String,
 }
 
+/// The veth pair, made before the pod's address is known so that it
+/// overlaps with the call to ipamd.
+pub struct Veth {
+    pod: Handle,
+    host_index: u32,
+    host_mac: Vec<u8>,
+    pod_index: u32,
+    pod_mac: Vec<u8>,
+    _netns: File,
+}
+
+impl Veth {
+    /// Deletes the pair (both ends go together).
+    pub async fn remove(self, host: &Handle) {
+        if let Err(e) = host.link().del(self.host_index).execute().await {
+            if !gone(&e) {
+                warn!(error = %e, "removing the veth of a failed ADD");
+            }
+        }
+    }
+}
+
 enum Undo {
-    Veth(u32),
     Rule(RuleMessage),
 }
 
-/// Wires the pod; on any failure undoes every step already taken.
-pub async fn add(host: &Handle, w: &Wire<'_>) -> Result<Wired, DatapathError> {
+fn injected(w: &Wire<'_>, step: &'static str) -> Result<(), DatapathError> {
+    debug!(step, "ADD step done");
+    if w.fail_after == Some(step) {
+        return Err(DatapathError::Injected(step));
+    }
+    Ok(())
+}
+
+/// Creates the veth pair with its peer directly in the pod's namespace.
+pub async fn create_veth(
+    host: &Handle,
+    host_veth: &str,
+    pod_ifname: &str,
+    netns: &Path,
+    mtu: u32,
+) -> Result<Veth, DatapathError> {
+    let (pod, ns) = handle_in(netns)?;
+    let build = || {
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(pod_ifname.to_string())
+            .mtu(mtu)
+            .setns_by_fd(ns.as_raw_fd())
+            .build();
+        LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host_veth.to_string())
+            .mtu(mtu)
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build()
+    };
+    match host.link().add(build()).execute().await {
+        Ok(()) => {}
+        Err(e) if errno(&e) == Some(EEXIST) => {
+            // Left by an earlier, interrupted ADD of the same attachment.
+            debug!(veth = host_veth, "removing a veth left by an earlier ADD");
+            if let Some(old) = link_by_name(host, host_veth)
+                .await
+                .map_err(nl("look up stale veth"))?
+            {
+                host.link()
+                    .del(old.header.index)
+                    .execute()
+                    .await
+                    .map_err(nl("remove stale veth"))?;
+            }
+            host.link()
+                .add(build())
+                .execute()
+                .await
+                .map_err(nl("create veth pair"))?;
+        }
+        Err(e) => return Err(nl("create veth pair")(e)),
+    }
+    let host_link = link_by_name(host, host_veth)
+        .await
+        .map_err(nl("read host veth"))?
+        .ok_or_else(|| DatapathError::Other("host veth vanished after creation".into()))?;
+    let veth = Veth {
+        host_index: host_link.header.index,
+        host_mac: mac_of(&host_link),
+        pod_index: 0,
+        pod_mac: vec![],
+        pod,
+        _netns: ns,
+    };
+    match link_by_name(&veth.pod, pod_ifname).await {
+        Ok(Some(l)) => Ok(Veth {
+            pod_index: l.header.index,
+            pod_mac: mac_of(&l),
+            ..veth
+        }),
+        other => {
+            veth.remove(host).await;
+            Err(match other {
+                Err(e) => nl("read pod interface")(e),
+                _ => DatapathError::Other(format!("{pod_ifname} not found in the pod namespace")),
+            })
+        }
+    }
+}
+
+/// Configures the address, routes, neighbour and rules on a veth made by
+/// [`create_veth`]; on any failure undoes every step, the veth included.
+pub async fn wire(host: &Handle, veth: Veth, w: &Wire<'_>) -> Result<Wired, DatapathError> {
     let mut undo = Vec::new();
-    match add_steps(host, w, &mut undo).await {
-        Ok(r) => Ok(r),
+    match wire_steps(host, &veth, w, &mut undo).await {
+        Ok(()) => Ok(Wired {
+            host_mac: fmt_mac(&veth.host_mac),
+            pod_mac: fmt_mac(&veth.pod_mac),
+        }),
         Err(e) => {
-            for u in undo.into_iter().rev() {
-                let r = match u {
-                    Undo::Veth(i) => host.link().del(i).execute().await,
-                    Undo::Rule(m) => host.rule().del(m).execute().await,
-                };
-                if let Err(e) = r {
+            for Undo::Rule(m) in undo.into_iter().rev() {
+                if let Err(e) = host.rule().del(m).execute().await {
                     if !gone(&e) {
                         warn!(error = %e, "undoing a failed ADD step");
                     }
                 }
             }
+            // The host route goes with the veth.
+            veth.remove(host).await;
             Err(e)
         }
     }
 }
 
-async fn add_steps(
+async fn wire_steps(
     host: &Handle,
+    veth: &Veth,
     w: &Wire<'_>,
     undo: &mut Vec<Undo>,
-) -> Result<Wired, DatapathError> {
-    let check = |step: &'static str| -> Result<(), DatapathError> {
-        if w.fail_after == Some(step) {
-            return Err(DatapathError::Injected(step));
-        }
-        Ok(())
-    };
-    let (pod, ns) = handle_in(w.netns)?;
-
-    // A veth left by an earlier, interrupted ADD of the same attachment.
-    if let Some(old) = link_by_name(host, w.host_veth)
-        .await
-        .map_err(nl("look up host veth"))?
-    {
-        debug!(veth = w.host_veth, "removing a veth left by an earlier ADD");
-        host.link()
-            .del(old.header.index)
-            .execute()
-            .await
-            .map_err(nl("remove stale veth"))?;
-    }
-    let peer = LinkMessageBuilder::<LinkUnspec>::new()
-        .name(w.pod_ifname.to_string())
-        .mtu(w.mtu)
-        .setns_by_fd(ns.as_raw_fd())
-        .build();
-    let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-        .name(w.host_veth.to_string())
-        .mtu(w.mtu)
-        .up()
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .build();
-    host.link()
-        .add(veth)
-        .execute()
-        .await
-        .map_err(nl("create veth pair"))?;
-    let host_link = link_by_name(host, w.host_veth)
-        .await
-        .map_err(nl("read host veth"))?
-        .ok_or_else(|| DatapathError::Other("host veth vanished after creation".into()))?;
-    let host_index = host_link.header.index;
-    undo.push(Undo::Veth(host_index));
-    let host_mac = mac_of(&host_link);
-    check("veth")?;
-
-    // Pod side.
-    let pod_link = link_by_name(&pod, w.pod_ifname)
-        .await
-        .map_err(nl("read pod interface"))?
-        .ok_or_else(|| {
-            DatapathError::Other(format!("{} not found in the pod namespace", w.pod_ifname))
-        })?;
-    let pi = pod_link.header.index;
+) -> Result<(), DatapathError> {
+    injected(w, "veth")?;
+    let (pod, pi) = (&veth.pod, veth.pod_index);
     pod.link()
         .set(LinkUnspec::new_with_index(pi).up().build())
         .execute()
@@ -289,22 +343,22 @@ async fn add_steps(
         .map_err(nl("pod default route"))?;
     pod.neighbours()
         .add(pi, IpAddr::V4(GATEWAY))
-        .link_layer_address(&host_mac)
+        .link_layer_address(&veth.host_mac)
         .state(NeighbourState::Permanent)
         .replace()
         .execute()
         .await
         .map_err(nl("pod gateway neighbour"))?;
-    check("pod")?;
+    injected(w, "pod")?;
 
     // Host side: the route to the pod goes with the veth when it is deleted.
     host.route()
-        .add(host_route(w.ip, host_index))
+        .add(host_route(w.ip, veth.host_index))
         .replace()
         .execute()
         .await
         .map_err(nl("host route to pod"))?;
-    check("host-route")?;
+    injected(w, "host-route")?;
     for (to, table, step) in [
         (true, MAIN_TABLE, "rule-to"),
         (false, w.route_table, "rule-from"),
@@ -312,19 +366,15 @@ async fn add_steps(
         if !to && table == MAIN_TABLE {
             continue;
         }
-        let msg = rule_msg(host, w.ip, to, table);
         match rule_add(host, w.ip, to, table).execute().await {
             Ok(()) => {}
             Err(e) if errno(&e) == Some(EEXIST) => {}
             Err(e) => return Err(nl(if to { "rule to pod" } else { "rule from pod" })(e)),
         }
-        undo.push(Undo::Rule(msg));
-        check(step)?;
+        undo.push(Undo::Rule(rule_msg(host, w.ip, to, table)));
+        injected(w, step)?;
     }
-    Ok(Wired {
-        host_mac: fmt_mac(&host_mac),
-        pod_mac: fmt_mac(&mac_of(&pod_link)),
-    })
+    Ok(())
 }
 
 /// Tears down what ADD made, collecting every error and carrying on.

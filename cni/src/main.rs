@@ -43,13 +43,16 @@ fn init_logging(conf: Option<&NetConf>) {
         })
         .flatten()
         .map(Mutex::new);
+    // A plain level, not an env-filter: the plugin starts once per pod and
+    // compiling filter directives would be on every ADD's path.
     let level = conf
         .and_then(|c| c.log_level.clone())
         .or_else(|| std::env::var("VPC_CNI_LOG").ok())
-        .unwrap_or_else(|| "info".into());
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
     let tee: &'static Tee = Box::leak(Box::new(Tee(file)));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_max_level(level)
         .with_ansi(false)
         .with_writer(move || tee)
         .init();

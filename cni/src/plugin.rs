@@ -79,32 +79,68 @@ fn needs_1_1(cmd: &str, conf: &NetConf) -> Result<(), CniError> {
 }
 
 async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
-    let mut client = ipamd(conf).await?;
-    let reply = client
-        .add_network(AddNetworkRequest {
-            network_name: conf.name.clone(),
-            container_id: env.container_id.clone(),
-            ifname: env.ifname.clone(),
-            netns: env.netns.clone(),
-            pod_namespace: env
-                .args
-                .get("K8S_POD_NAMESPACE")
-                .cloned()
-                .unwrap_or_default(),
-            pod_name: env.args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
-        })
-        .await
-        .map_err(|s| from_status("AddNetwork", s))?
-        .into_inner();
-    let ip: Ipv4Addr = reply
-        .ipv4_address
-        .parse()
-        .map_err(|e| CniError::new(code::PLUGIN, "ipamd answered a bad address", e))?;
+    let host_veth = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
+    let host = datapath::handle_here().map_err(dp_err("netlink"))?;
+    let request = AddNetworkRequest {
+        network_name: conf.name.clone(),
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+        netns: env.netns.clone(),
+        pod_namespace: env
+            .args
+            .get("K8S_POD_NAMESPACE")
+            .cloned()
+            .unwrap_or_default(),
+        pod_name: env.args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
+    };
+    // The veth does not need the address: make it while ipamd answers.
+    let ask = async {
+        let mut client = ipamd(conf).await?;
+        let reply = client
+            .add_network(request)
+            .await
+            .map_err(|s| from_status("AddNetwork", s))?
+            .into_inner();
+        Ok::<_, CniError>((client, reply))
+    };
+    let (asked, veth) = tokio::join!(
+        ask,
+        datapath::create_veth(
+            &host,
+            &host_veth,
+            &env.ifname,
+            Path::new(&env.netns),
+            conf.mtu()
+        )
+    );
+    let (mut client, reply, veth) = match (asked, veth) {
+        (Ok((c, r)), Ok(v)) => (c, r, v),
+        (Err(e), veth) => {
+            if let Ok(v) = veth {
+                v.remove(&host).await;
+            }
+            return Err(e);
+        }
+        (Ok((mut c, _)), Err(e)) => {
+            release(&mut c, env, conf).await;
+            return Err(dp_err("wiring the pod failed")(e));
+        }
+    };
+    let ip: Ipv4Addr = match reply.ipv4_address.parse() {
+        Ok(ip) => ip,
+        Err(e) => {
+            veth.remove(&host).await;
+            return Err(CniError::new(
+                code::PLUGIN,
+                "ipamd answered a bad address",
+                e,
+            ));
+        }
+    };
     let table = reply
         .interface
         .as_ref()
         .map_or(datapath::MAIN_TABLE, |i| i.route_table);
-    let host_veth = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
     let fail_after = std::env::var("VPC_CNI_FAIL_AFTER").ok();
     let wire = Wire {
         host_veth: &host_veth,
@@ -115,15 +151,11 @@ async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
         mtu: conf.mtu(),
         fail_after: fail_after.as_deref(),
     };
-    let host = datapath::handle_here().map_err(dp_err("netlink"))?;
-    let wired = match datapath::add(&host, &wire).await {
+    let wired = match datapath::wire(&host, veth, &wire).await {
         Ok(w) => w,
         Err(e) => {
             // Nothing of the pod is left in the host; give the address back.
-            let released = client.del_network(del_request(env, conf)).await;
-            if let Err(s) = released {
-                warn!(error = %s.message(), "could not release the address after a failed ADD");
-            }
+            release(&mut client, env, conf).await;
             return Err(dp_err("wiring the pod failed")(e));
         }
     };
@@ -138,6 +170,12 @@ async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
         gateway: datapath::GATEWAY,
     }
     .to_json(&conf.cni_version))
+}
+
+async fn release(client: &mut IpamdClient<Channel>, env: &Env, conf: &NetConf) {
+    if let Err(s) = client.del_network(del_request(env, conf)).await {
+        warn!(error = %s.message(), "could not release the address after a failed ADD");
+    }
 }
 
 fn del_request(env: &Env, conf: &NetConf) -> DelNetworkRequest {

@@ -47,16 +47,10 @@ impl std::error::Error for ConnectError {
     }
 }
 
-/// Opens a gRPC channel to ipamd over its unix socket.
-///
-/// The socket is connected eagerly so that a missing daemon is reported as
-/// such, not as an opaque transport error on the first call.
+/// Opens a gRPC channel to ipamd over its unix socket, eagerly, so that a
+/// missing daemon is reported as such, not on the first call.
 pub async fn connect(socket: impl AsRef<Path>) -> Result<Channel, ConnectError> {
     let socket = socket.as_ref().to_path_buf();
-    // Probe first: tonic would otherwise wrap "connection refused" in layers.
-    if let Err(source) = tokio::net::UnixStream::connect(&socket).await {
-        return Err(ConnectError { socket, source });
-    }
     let path = socket.clone();
     // The URI is required by the builder but unused: the connector dials the socket.
     Endpoint::from_static("http://ipamd.invalid")
@@ -70,8 +64,21 @@ pub async fn connect(socket: impl AsRef<Path>) -> Result<Channel, ConnectError> 
         .await
         .map_err(|e| ConnectError {
             socket,
-            source: std::io::Error::other(e.to_string()),
+            source: io_cause(&e),
         })
+}
+
+/// The operating system's reason under tonic's transport error, so that
+/// "connection refused" reads as such (and gets its hint).
+fn io_cause(e: &(dyn std::error::Error + 'static)) -> std::io::Error {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return std::io::Error::new(io.kind(), io.to_string());
+        }
+        cur = err.source();
+    }
+    std::io::Error::other(e.to_string())
 }
 
 /// A client for the ipamd service over its unix socket.
