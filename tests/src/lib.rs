@@ -205,6 +205,57 @@ pub fn udp_probe(from: &Path, to_ns: &Path, to: Ipv4Addr) -> Result<Ipv4Addr, St
     Ok(seen)
 }
 
+/// Connects over TCP from namespace `from` to `to:port`, sends a line and
+/// waits for it to come back from a listener on `listen_port` in `server_ns`
+/// (which may differ from `port` when a port mapping sits in between).
+pub fn tcp_probe(
+    from: &Path,
+    server_ns: &Path,
+    listen_port: u16,
+    to: Ipv4Addr,
+    port: u16,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = in_netns(server_ns, move || -> Result<(), String> {
+        let l = std::net::TcpListener::bind(("0.0.0.0", listen_port))
+            .map_err(|e| format!("listen :{listen_port}: {e}"))?;
+        l.set_nonblocking(false).ok();
+        ready_tx.send(()).ok();
+        let (mut c, _) = l.accept().map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(3))).ok();
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        c.write_all(&buf).map_err(|e| e.to_string())
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(3))
+        .map_err(|_| "listener did not start".to_string())?;
+    let client = in_netns(from, move || -> Result<(), String> {
+        let addr = std::net::SocketAddr::from((to, port));
+        let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        c.set_read_timeout(Some(Duration::from_secs(3))).ok();
+        c.write_all(b"hello").map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf)
+            .map_err(|e| format!("no answer through {addr}: {e}"))?;
+        (&buf == b"hello")
+            .then_some(())
+            .ok_or_else(|| "garbled answer".to_string())
+    });
+    let c = client.join().map_err(|_| "client panicked")?;
+    if c.is_err() {
+        // Unblock the listener so its thread ends.
+        let _ = in_netns(server_ns, move || {
+            std::net::TcpStream::connect(("127.0.0.1", listen_port))
+        })
+        .join();
+    }
+    let s = server.join().map_err(|_| "server panicked")?;
+    c.and(s)
+}
+
 pub struct NodeSpec<'a> {
     pub name: &'a str,
     pub instance_type: &'a str,

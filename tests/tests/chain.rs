@@ -1,0 +1,204 @@
+//! vpc-cni first in a chain with Debian's portmap and bandwidth, run as a
+//! runtime runs a conflist: ADD in order with each plugin's prevResult,
+//! CHECK in order and DEL in reverse with the final result.
+
+use serde_json::{json, Value};
+use vpc_cni_e2e::*;
+
+fn plugin_conf(
+    lab: &Lab,
+    node: usize,
+    plugin: &Value,
+    runtime: &Value,
+    prev: Option<&Value>,
+) -> Value {
+    let mut c = plugin.clone();
+    c["cniVersion"] = json!("1.0.0");
+    c["name"] = json!("vpc-cni");
+    // A plugin gets the runtimeConfig keys of the capabilities it declares.
+    if let Some(caps) = plugin.get("capabilities").and_then(Value::as_object) {
+        let mut rc = serde_json::Map::new();
+        for (k, on) in caps {
+            if on.as_bool() == Some(true) {
+                if let Some(v) = runtime.get(k) {
+                    rc.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        c["runtimeConfig"] = Value::Object(rc);
+    }
+    if let Some(p) = prev {
+        c["prevResult"] = p.clone();
+    }
+    if c["type"] == "vpc-cni" {
+        c["ipamdSocket"] = json!(lab.nodes[node].socket);
+        c["logFile"] = json!(lab.dir.path().join("plugin.log"));
+    }
+    c
+}
+
+fn binary(lab: &Lab, t: &str) -> std::path::PathBuf {
+    if t == "vpc-cni" {
+        lab.bins.vpc_cni()
+    } else {
+        std::path::Path::new("/usr/lib/cni").join(t)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portmap_and_bandwidth_chained_after_vpc_cni() {
+    require_root();
+    assert!(
+        std::path::Path::new("/usr/lib/cni/portmap").is_file(),
+        "portmap missing: run ./scripts/setup.sh"
+    );
+    let mut lab = Lab::new().await;
+    let prefix = lab.prefix.clone();
+    let a = lab
+        .add_node(NodeSpec {
+            name: "a",
+            instance_type: "m5.large",
+            env: vec![],
+        })
+        .await;
+    let b = lab
+        .add_node(NodeSpec {
+            name: "b",
+            instance_type: "m5.large",
+            env: vec![],
+        })
+        .await;
+    let client = lab.add_pod(b, "client");
+    let plugins = [
+        json!({"type": "vpc-cni", "mtu": 1500}),
+        json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
+        json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
+    ];
+    let runtime = json!({
+        "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}],
+        "bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 1_000_000, "egressRate": 100_000_000, "egressBurst": 1_000_000},
+    });
+    let pod_ns = Netns::new(&format!("{prefix}-web"));
+    let id = format!("{prefix}-web");
+    let netns = pod_ns.path().display().to_string();
+
+    let mut prev: Option<Value> = None;
+    for p in &plugins {
+        let conf = plugin_conf(&lab, a, p, &runtime, prev.as_ref());
+        let r = lab.invoke(
+            a,
+            &binary(&lab, p["type"].as_str().unwrap()),
+            "ADD",
+            &id,
+            &netns,
+            "eth0",
+            &conf,
+            &[],
+        );
+        assert!(r.ok, "ADD {}: {} {}", p["type"], r.stdout, r.stderr);
+        prev = Some(r.json());
+    }
+    let result = prev.unwrap();
+    let pod_ip: std::net::Ipv4Addr = result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let host_veth = result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let node = lab.nodes[a].ns.name.clone();
+
+    // The chain did its work: a shaping qdisc on the pod's veth, and the
+    // host port reaches the pod from a pod on the other node.
+    let qdisc = ip_out_cmd(&node, &["tc", "qdisc", "show", "dev", &host_veth]);
+    assert!(
+        qdisc.contains("tbf"),
+        "bandwidth left no tbf qdisc on {host_veth}: {qdisc}"
+    );
+    let node_ip = lab.nodes[a].primary_ip;
+    tcp_probe(&client.ns.path(), &pod_ns.path(), 80, node_ip, 8080)
+        .unwrap_or_else(|e| panic!("hostPort 8080 -> {pod_ip}:80: {e}"));
+
+    for p in &plugins {
+        let conf = plugin_conf(&lab, a, p, &runtime, Some(&result));
+        let r = lab.invoke(
+            a,
+            &binary(&lab, p["type"].as_str().unwrap()),
+            "CHECK",
+            &id,
+            &netns,
+            "eth0",
+            &conf,
+            &[],
+        );
+        if p["type"] == "portmap" && !r.ok {
+            // Debian bookworm's portmap (1.1.1) checks for IPv6 chains its
+            // ADD never made when the result is IPv4 only: upstream
+            // containernetworking/plugins#819, fixed after 1.1.1. Accept
+            // exactly that failure, and check its IPv4 rules ourselves.
+            assert!(
+                r.stdout.contains("could not check ipv6 dnat"),
+                "CHECK portmap: {} {}",
+                r.stdout,
+                r.stderr
+            );
+            let nat = ip_out_cmd(&lab.nodes[a].ns.name, &["iptables", "-t", "nat", "-S"]);
+            assert!(
+                nat.contains(&format!("--to-destination {pod_ip}:80")),
+                "portmap's DNAT to {pod_ip}:80 is missing:\n{nat}"
+            );
+            eprintln!(
+                "portmap CHECK: known IPv6 bug of portmap 1.1.1 (plugins#819); IPv4 DNAT verified"
+            );
+            continue;
+        }
+        assert!(r.ok, "CHECK {}: {} {}", p["type"], r.stdout, r.stderr);
+    }
+    for p in plugins.iter().rev() {
+        let conf = plugin_conf(&lab, a, p, &runtime, Some(&result));
+        let r = lab.invoke(
+            a,
+            &binary(&lab, p["type"].as_str().unwrap()),
+            "DEL",
+            &id,
+            &netns,
+            "eth0",
+            &conf,
+            &[],
+        );
+        assert!(r.ok, "DEL {}: {} {}", p["type"], r.stdout, r.stderr);
+    }
+    drop(pod_ns);
+    let nat = ip_out_cmd(&node, &["iptables", "-t", "nat", "-S"]);
+    assert!(
+        !nat.contains(&pod_ip.to_string()),
+        "portmap rules for {pod_ip} left behind:\n{nat}"
+    );
+    assert!(
+        !ip_out(&node, &["rule"]).contains(&format!("{pod_ip} ")),
+        "vpc-cni rule left behind"
+    );
+    let links = ip_out(&node, &["link"]);
+    assert!(
+        !links.contains("bwp"),
+        "bandwidth's ifb left behind:\n{links}"
+    );
+    drop(client);
+    drop(lab);
+    assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
+}
+
+/// Runs a command in a namespace (nsenter) and returns its stdout.
+fn ip_out_cmd(ns: &str, cmd: &[&str]) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{ns}"))
+        .args(cmd)
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
