@@ -180,7 +180,9 @@ impl Ipam {
                 .iter()
                 .map(|(k, n)| (k.clone(), n.clone()))
                 .collect(),
-            last_reclaim: now,
+            // The first pass looks at once: pods may have gone while ipamd
+            // was down, their DEL never reaching it.
+            last_reclaim: now.checked_sub(RECLAIM_EVERY).unwrap_or(now),
             status,
             pending_deletes: replayed.pending_deletes.clone(),
             appends_since_compact: 0,

@@ -256,6 +256,50 @@ pub fn tcp_probe(
     c.and(s)
 }
 
+/// Accepts one TCP connection on `ip:port` inside `ns`, echoes what it
+/// reads; the handle returns the peer's address.
+pub fn tcp_listen(
+    ns: &Path,
+    ip: Ipv4Addr,
+    port: u16,
+    wait: Duration,
+) -> std::thread::JoinHandle<Result<Ipv4Addr, String>> {
+    use std::io::{Read, Write};
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let h = in_netns(ns, move || -> Result<Ipv4Addr, String> {
+        let l = std::net::TcpListener::bind(SocketAddrV4::new(ip, port))
+            .map_err(|e| format!("listen {ip}:{port}: {e}"))?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        ready_tx.send(()).ok();
+        let deadline = std::time::Instant::now() + wait;
+        let (mut c, peer) = loop {
+            match l.accept() {
+                Ok(x) => break x,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(format!("nothing connected to {ip}:{port}: {e}")),
+            }
+        };
+        c.set_nonblocking(false).ok();
+        c.set_read_timeout(Some(Duration::from_secs(3))).ok();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap_or(0);
+        c.write_all(&buf[..n]).ok();
+        match peer {
+            std::net::SocketAddr::V4(a) => Ok(*a.ip()),
+            _ => Err("IPv6 peer".into()),
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("listener started");
+    h
+}
+
 pub struct NodeSpec<'a> {
     pub name: &'a str,
     pub instance_type: &'a str,
@@ -263,11 +307,14 @@ pub struct NodeSpec<'a> {
 }
 
 pub struct Node {
+    instance_type: String,
+    env: Vec<(String, String)>,
+    state: PathBuf,
     pub ns: Netns,
     pub socket: PathBuf,
     pub instance_id: String,
     pub primary_ip: Ipv4Addr,
-    ipamd: std::process::Child,
+    ipamd: Option<std::process::Child>,
     pub log: PathBuf,
 }
 
@@ -462,52 +509,22 @@ impl Lab {
             .primary_ip;
         let state = self.dir.path().join(&ns.name);
         std::fs::create_dir_all(&state).unwrap();
-        let socket = state.join("ipamd.sock");
-        let log = state.join("ipamd.log");
-        let logf = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", ns.path().display()))
-            .arg(self.bins.ipamd())
-            .args(["--sim-server", &self.sim_addr, "--node-name", &ns.name])
-            .args(["--sim-instance-type", spec.instance_type])
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--introspection", "off", "--configure-host", "true"])
-            .env("IPAMD_LOG", "info")
-            .env("IPAMD_RECLAIM_GONE_NETNS", "true")
-            .envs(spec.env.iter().map(|(k, v)| (k.to_string(), v.clone())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf);
-        let ipamd = cmd.spawn().expect("spawn ipamd");
         let mut node = Node {
+            instance_type: spec.instance_type.to_string(),
+            env: spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            socket: state.join("ipamd.sock"),
+            log: state.join("ipamd.log"),
+            state,
             ns,
-            socket,
             instance_id: id,
             primary_ip,
-            ipamd,
-            log,
+            ipamd: None,
         };
-        for _ in 0..200 {
-            if let Some(s) = node.ipamd.try_wait().unwrap() {
-                panic!(
-                    "ipamd on {} exited with {s}:\n{}",
-                    node.name(),
-                    std::fs::read_to_string(&node.log).unwrap_or_default()
-                );
-            }
-            if ipamd_api::client(&node.socket).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(
-            ipamd_api::client(&node.socket).await.is_ok(),
-            "ipamd on {} did not start",
-            node.name()
-        );
+        self.start_ipamd(&mut node).await;
         self.nodes.push(node);
         self.nodes.len() - 1
     }
@@ -532,6 +549,62 @@ impl Lab {
             dump(&n.ns.name, &["neigh"]);
         }
         out
+    }
+
+    async fn start_ipamd(&self, node: &mut Node) {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", node.ns.path().display()))
+            .arg(self.bins.ipamd())
+            .args(["--sim-server", &self.sim_addr, "--node-name", &node.ns.name])
+            .args(["--sim-instance-type", &node.instance_type])
+            .arg("--socket")
+            .arg(&node.socket)
+            .arg("--state-dir")
+            .arg(&node.state)
+            .args(["--introspection", "off", "--configure-host", "true"])
+            .env("IPAMD_LOG", "info")
+            .env("IPAMD_RECLAIM_GONE_NETNS", "true")
+            .envs(node.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf);
+        let mut child = cmd.spawn().expect("spawn ipamd");
+        for _ in 0..200 {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!(
+                    "ipamd on {} exited with {s}:\n{}",
+                    node.ns.name,
+                    std::fs::read_to_string(&node.log).unwrap_or_default()
+                );
+            }
+            if ipamd_api::client(&node.socket).await.is_ok() {
+                node.ipamd = Some(child);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("ipamd on {} did not start", node.ns.name);
+    }
+
+    /// Kills a node's ipamd (SIGKILL), as a crash would.
+    pub fn stop_ipamd(&mut self, node: usize) {
+        if let Some(mut c) = self.nodes[node].ipamd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a node's ipamd again with the same state.
+    pub async fn restart_ipamd(&mut self, node: usize) {
+        self.stop_ipamd(node);
+        let mut n = self.nodes.remove(node);
+        self.start_ipamd(&mut n).await;
+        self.nodes.insert(node, n);
     }
 
     pub fn node_ipamd_log(&self, node: usize) -> String {
@@ -675,8 +748,10 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for n in &mut self.nodes {
-            let _ = n.ipamd.kill();
-            let _ = n.ipamd.wait();
+            if let Some(mut c) = n.ipamd.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
         self.server.abort();
         // Namespaces go when their fields drop: nodes, then vpc and outside.

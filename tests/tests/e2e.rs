@@ -260,7 +260,7 @@ async fn a_failure_in_the_middle_of_add_leaves_nothing_behind() {
             !routes.contains(" dev eni"),
             "pod route left after failing at {step}:\n{routes}"
         );
-        let veth = vpc_cni_host_veth(&id);
+        let veth = vpc_cni::spec::host_veth_name("eni", &id, "eth0");
         assert!(
             !ip_out(node, &["link"]).contains(&veth),
             "veth left after failing at {step}"
@@ -287,14 +287,4 @@ async fn a_failure_in_the_middle_of_add_leaves_nothing_behind() {
     }
     drop(lab);
     assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
-}
-
-fn vpc_cni_host_veth(container_id: &str) -> String {
-    // Mirrors the plugin's naming, which the plugin's unit tests pin down.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in container_id.bytes().chain([b'/']).chain("eth0".bytes()) {
-        h ^= u64::from(byte);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("eni{}", &format!("{h:016x}")[..12])
 }
