@@ -34,12 +34,10 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(10);
 /// How long the reconciler lets wake-ups gather when no ADD is waiting.
 const WAKE_DEBOUNCE: Duration = Duration::from_millis(20);
 
-/// Tags put on every interface ipamd creates.
-pub const TAG_OWNER: &str = "vpc-cni.io/owner";
-pub const TAG_INSTANCE: &str = "vpc-cni.io/instance-id";
-pub const TAG_CLUSTER: &str = "vpc-cni.io/cluster-name";
-pub const TAG_CREATED: &str = "vpc-cni.io/created-at";
-pub const TAG_SUBNET_ROLE: &str = "kubernetes.io/role/cni";
+use providers::tags::{
+    CLUSTER as TAG_CLUSTER, CREATED as TAG_CREATED, INSTANCE as TAG_INSTANCE, OWNER as TAG_OWNER,
+    OWNER_VALUE, SUBNET_ROLE as TAG_SUBNET_ROLE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -789,7 +787,7 @@ impl Ipam {
 
     async fn create_interface(&self, initial: AssignRequest) -> Result<(), ProviderError> {
         let mut tags = BTreeMap::new();
-        tags.insert(TAG_OWNER.to_string(), "vpc-cni".to_string());
+        tags.insert(TAG_OWNER.to_string(), OWNER_VALUE.to_string());
         tags.insert(TAG_INSTANCE.to_string(), self.instance.id.clone());
         tags.insert(TAG_CLUSTER.to_string(), self.settings.cluster_name.clone());
         tags.insert(TAG_CREATED.to_string(), (now_ms() / 1000).to_string());

@@ -38,6 +38,14 @@ impl IpamdService {
     }
 }
 
+fn key(network: String, container_id: String, ifname: String) -> PodKey {
+    PodKey {
+        network,
+        container_id,
+        ifname,
+    }
+}
+
 fn to_status(e: IpamError) -> Status {
     match e {
         IpamError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
@@ -54,11 +62,7 @@ impl Ipamd for IpamdService {
     ) -> Result<Response<AddNetworkReply>, Status> {
         let started = std::time::Instant::now();
         let r = request.into_inner();
-        let key = PodKey {
-            network: r.network_name,
-            container_id: r.container_id,
-            ifname: r.ifname,
-        };
+        let key = key(r.network_name, r.container_id, r.ifname);
         let netns = (!r.netns.is_empty()).then_some(r.netns);
         let w = self.ipam.add_in(key.clone(), netns).await.map_err(|e| {
             warn!(pod = %key, error = %e, "AddNetwork failed");
@@ -90,11 +94,7 @@ impl Ipamd for IpamdService {
         request: Request<DelNetworkRequest>,
     ) -> Result<Response<DelNetworkReply>, Status> {
         let r = request.into_inner();
-        let key = PodKey {
-            network: r.network_name,
-            container_id: r.container_id,
-            ifname: r.ifname,
-        };
+        let key = key(r.network_name, r.container_id, r.ifname);
         let started = std::time::Instant::now();
         let found = self.ipam.del(key).await.map_err(to_status)?;
         self.ipam.del_latency.record(started.elapsed());
@@ -106,11 +106,7 @@ impl Ipamd for IpamdService {
         request: Request<DelNetworkRequest>,
     ) -> Result<Response<DelNetworkReply>, Status> {
         let r = request.into_inner();
-        let key = PodKey {
-            network: r.network_name,
-            container_id: r.container_id,
-            ifname: r.ifname,
-        };
+        let key = key(r.network_name, r.container_id, r.ifname);
         Ok(Response::new(Self::found(self.ipam.lookup(&key))))
     }
 

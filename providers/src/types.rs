@@ -118,3 +118,16 @@ pub struct CreateInterface {
     /// Addresses to assign in the same call as the create.
     pub initial: AssignRequest,
 }
+
+/// Tags put on every interface ipamd creates, and by which leaked ones are
+/// recognised.
+pub mod tags {
+    pub const OWNER: &str = "vpc-cni.io/owner";
+    pub const OWNER_VALUE: &str = "vpc-cni";
+    pub const INSTANCE: &str = "vpc-cni.io/instance-id";
+    pub const CLUSTER: &str = "vpc-cni.io/cluster-name";
+    /// Seconds since the Unix epoch.
+    pub const CREATED: &str = "vpc-cni.io/created-at";
+    /// On a subnet: "1" offers it for new interfaces, "0" excludes it.
+    pub const SUBNET_ROLE: &str = "kubernetes.io/role/cni";
+}

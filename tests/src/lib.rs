@@ -137,6 +137,16 @@ impl Drop for Netns {
     }
 }
 
+/// Runs a command inside a namespace (nsenter) and returns its stdout and stderr.
+pub fn ns_out(ns: &str, cmd: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{ns}"))
+        .args(cmd)
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
 /// Namespaces left behind with this prefix (for the cleanup assertions).
 pub fn leftover_namespaces(prefix: &str) -> Vec<String> {
     let out = Command::new("ip")
@@ -728,6 +738,19 @@ impl Lab {
         );
         drop(pod);
         r
+    }
+
+    /// What a node's ipamd holds for an attachment (GetNetwork).
+    pub async fn lookup(&self, node: usize, container_id: &str) -> ipamd_api::v1::DelNetworkReply {
+        let mut c = ipamd_api::client(&self.nodes[node].socket).await.unwrap();
+        c.get_network(ipamd_api::v1::DelNetworkRequest {
+            network_name: "vpc-cni".into(),
+            container_id: container_id.into(),
+            ifname: "eth0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
     }
 
     /// Asks a node's ipamd directly (an attachment that is not a wired pod).

@@ -115,7 +115,7 @@ async fn portmap_and_bandwidth_chained_after_vpc_cni() {
 
     // The chain did its work: a shaping qdisc on the pod's veth, and the
     // host port reaches the pod from a pod on the other node.
-    let qdisc = ip_out_cmd(&node, &["tc", "qdisc", "show", "dev", &host_veth]);
+    let qdisc = ns_out(&node, &["tc", "qdisc", "show", "dev", &host_veth]);
     assert!(
         qdisc.contains("tbf"),
         "bandwidth left no tbf qdisc on {host_veth}: {qdisc}"
@@ -147,7 +147,7 @@ async fn portmap_and_bandwidth_chained_after_vpc_cni() {
                 r.stdout,
                 r.stderr
             );
-            let nat = ip_out_cmd(&lab.nodes[a].ns.name, &["iptables", "-t", "nat", "-S"]);
+            let nat = ns_out(&lab.nodes[a].ns.name, &["iptables", "-t", "nat", "-S"]);
             assert!(
                 nat.contains(&format!("--to-destination {pod_ip}:80")),
                 "portmap's DNAT to {pod_ip}:80 is missing:\n{nat}"
@@ -174,7 +174,7 @@ async fn portmap_and_bandwidth_chained_after_vpc_cni() {
         assert!(r.ok, "DEL {}: {} {}", p["type"], r.stdout, r.stderr);
     }
     drop(pod_ns);
-    let nat = ip_out_cmd(&node, &["iptables", "-t", "nat", "-S"]);
+    let nat = ns_out(&node, &["iptables", "-t", "nat", "-S"]);
     assert!(
         !nat.contains(&pod_ip.to_string()),
         "portmap rules for {pod_ip} left behind:\n{nat}"
@@ -191,14 +191,4 @@ async fn portmap_and_bandwidth_chained_after_vpc_cni() {
     drop(client);
     drop(lab);
     assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
-}
-
-/// Runs a command in a namespace (nsenter) and returns its stdout.
-fn ip_out_cmd(ns: &str, cmd: &[&str]) -> String {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{ns}"))
-        .args(cmd)
-        .output()
-        .expect("nsenter");
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }

@@ -5,16 +5,7 @@ use serde_json::{json, Value};
 use vpc_cni_e2e::*;
 
 async fn holds(lab: &Lab, node: usize, container_id: &str) -> bool {
-    let mut c = ipamd_api::client(&lab.nodes[node].socket).await.unwrap();
-    c.get_network(ipamd_api::v1::DelNetworkRequest {
-        network_name: "vpc-cni".into(),
-        container_id: container_id.into(),
-        ifname: "eth0".into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .found
+    lab.lookup(node, container_id).await.found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,18 +15,7 @@ fn node_env() -> Vec<(&'static str, String)> {
 }
 
 async fn route_table_of(lab: &Lab, pod: &Pod) -> u32 {
-    let mut c = ipamd_api::client(&lab.nodes[pod.node].socket)
-        .await
-        .unwrap();
-    let r = c
-        .get_network(ipamd_api::v1::DelNetworkRequest {
-            network_name: "vpc-cni".into(),
-            container_id: pod.container_id.clone(),
-            ifname: "eth0".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = lab.lookup(pod.node, &pod.container_id).await;
     assert!(r.found);
     r.interface.unwrap().route_table
 }
@@ -270,16 +259,7 @@ async fn a_failure_in_the_middle_of_add_leaves_nothing_behind() {
             "pod interface left after failing at {step}"
         );
         // ipamd no longer holds an address for the attachment.
-        let mut c = ipamd_api::client(&lab.nodes[a].socket).await.unwrap();
-        let held = c
-            .get_network(ipamd_api::v1::DelNetworkRequest {
-                network_name: "vpc-cni".into(),
-                container_id: id,
-                ifname: "eth0".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let held = lab.lookup(a, &id).await;
         assert!(
             !held.found,
             "address still assigned after failing at {step}"

@@ -47,6 +47,20 @@ pub struct Buckets {
 }
 
 impl Buckets {
+    /// Takes a token for `api` if there is one; otherwise says how long
+    /// until there will be (a client waits that long instead of being
+    /// throttled by the cloud).
+    pub fn take_or_wait(&mut self, api: &str, now: Instant) -> Option<std::time::Duration> {
+        if self.try_take(api, now) {
+            return None;
+        }
+        let b = &self.buckets[api];
+        let missing = 1.0 - b.tokens;
+        Some(std::time::Duration::from_secs_f64(
+            missing / b.spec.refill_per_sec,
+        ))
+    }
+
     /// Takes a token for `api`; false means the call is throttled.
     pub fn try_take(&mut self, api: &str, now: Instant) -> bool {
         let b = self.buckets.entry(api.to_string()).or_insert_with(|| {
