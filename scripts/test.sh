@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (as root: the network tests build
-# namespaces): install what is missing, formatting, lints, every test.
+# namespaces): install what is missing, start LocalStack (EC2, on the host,
+# no Docker), formatting, lints, every test; LocalStack is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+./localstack/start.sh
+trap './localstack/stop.sh' EXIT
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo build --locked --workspace --bins

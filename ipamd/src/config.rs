@@ -52,6 +52,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "CLUSTER_NAME",
     "IPAMD_RECLAIM_GONE_NETNS",
     "AWS_VPC_K8S_CNI_VETHPREFIX",
+    "IPAMD_LEAKED_INTERFACE_GC_SECONDS",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -69,6 +70,8 @@ pub struct Settings {
     pub reclaim_gone_netns: bool,
     /// Prefix of the pods' host-side veths (the plugin's `vethPrefix`).
     pub veth_prefix: String,
+    /// How often (jittered) leaked interfaces of ours are looked for.
+    pub leaked_gc_interval: Duration,
 }
 
 impl Default for Settings {
@@ -82,6 +85,7 @@ impl Default for Settings {
             cluster_name: "default".into(),
             reclaim_gone_netns: false,
             veth_prefix: "eni".into(),
+            leaked_gc_interval: Duration::from_secs(600),
         }
     }
 }
@@ -151,6 +155,11 @@ impl Settings {
         let add_wait = r.uint("IPAMD_ADD_WAIT_SECONDS");
         let external_snat = r.boolean("AWS_VPC_K8S_CNI_EXTERNALSNAT").unwrap_or(false);
         let reclaim_gone_netns = r.boolean("IPAMD_RECLAIM_GONE_NETNS").unwrap_or(false);
+        let leaked_gc = r.uint("IPAMD_LEAKED_INTERFACE_GC_SECONDS");
+        if leaked_gc == Some(0) {
+            r.problems
+                .push("IPAMD_LEAKED_INTERFACE_GC_SECONDS=0: must be at least 1".into());
+        }
         let veth_prefix = r
             .raw("AWS_VPC_K8S_CNI_VETHPREFIX")
             .unwrap_or(d.veth_prefix.clone());
@@ -240,6 +249,8 @@ impl Settings {
             cluster_name: r.raw("CLUSTER_NAME").unwrap_or(d.cluster_name),
             reclaim_gone_netns,
             veth_prefix,
+            leaked_gc_interval: leaked_gc
+                .map_or(d.leaked_gc_interval, |s| Duration::from_secs(s.into())),
         })
     }
 }

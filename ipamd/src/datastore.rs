@@ -549,7 +549,9 @@ impl Datastore {
 }
 
 fn add_addrs(e: &mut IfaceEntry, got: &Assigned) {
-    for ip in &got.ips {
+    // An interface's own primary address is never a pod's, whatever a
+    // provider (or an emulator) reports.
+    for ip in got.ips.iter().filter(|ip| **ip != e.info.primary_ip) {
         e.addrs.entry(*ip).or_insert(Slot::Free);
     }
     for p in &got.prefixes {
@@ -659,6 +661,25 @@ mod tests {
         );
         ds.unclaim("eni-a", &got);
         assert!(ds.assign(&key("c2"), now).is_some());
+    }
+
+    #[test]
+    fn an_interface_primary_address_never_enters_the_pool() {
+        let now = Instant::now();
+        let mut ds = Datastore::new(Duration::from_secs(30));
+        // 10.0.0.4 is the interface's primary address (see `iface`).
+        ds.add_interface(iface("eni-a", 0, &["10.0.0.4", "10.0.0.10"]), now);
+        ds.add_addresses(
+            "eni-a",
+            &Assigned {
+                ips: vec!["10.0.0.4".parse().unwrap()],
+                prefixes: vec![],
+            },
+        );
+        assert_eq!(ds.counts(now).total, 1);
+        let (p, _) = ds.assign(&key("c"), now).unwrap();
+        assert_eq!(p.ip, "10.0.0.10".parse::<Ipv4Addr>().unwrap());
+        assert!(ds.assign(&key("d"), now).is_none());
     }
 
     #[test]

@@ -29,6 +29,16 @@ const COMPACT_AFTER: u64 = 20_000;
 const RESYNC_EVERY: Duration = Duration::from_secs(60);
 /// How often the reconciler looks at the pool when nothing wakes it.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// An unattached interface of ours younger than this may still be on its
+/// way to being attached; older ones are leaked.
+const LEAKED_MIN_AGE: Duration = Duration::from_secs(300);
+
+/// `d` give or take a fifth, so nodes of one account do not call together.
+fn jittered(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(ms * 4 / 5..=ms * 6 / 5 + 1))
+}
+
 /// How often pods' network namespaces are checked (when enabled).
 const RECLAIM_EVERY: Duration = Duration::from_secs(10);
 /// How long the reconciler lets wake-ups gather when no ADD is waiting.
@@ -80,6 +90,7 @@ struct State {
     /// are gone without a DEL.
     netns: std::collections::HashMap<PodKey, String>,
     last_reclaim: Instant,
+    next_leak_gc: Instant,
     status: Status,
     pending_deletes: BTreeSet<String>,
     appends_since_compact: u64,
@@ -181,6 +192,7 @@ impl Ipam {
             // The first pass looks at once: pods may have gone while ipamd
             // was down, their DEL never reaching it.
             last_reclaim: now.checked_sub(RECLAIM_EVERY).unwrap_or(now),
+            next_leak_gc: now + jittered(settings.leaked_gc_interval),
             status,
             pending_deletes: replayed.pending_deletes.clone(),
             appends_since_compact: 0,
@@ -591,6 +603,17 @@ impl Ipam {
         if resync_due {
             self.resync().await?;
         }
+        let gc_due = Instant::now() >= self.lock().next_leak_gc;
+        if gc_due {
+            self.lock().next_leak_gc = Instant::now() + jittered(self.settings.leaked_gc_interval);
+            match self.provider.collect_leaked(LEAKED_MIN_AGE).await {
+                Ok(gone) if !gone.is_empty() => {
+                    info!(interfaces = ?gone, "leaked interfaces deleted")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "leaked-interface collection failed"),
+            }
+        }
         let reclaim_due =
             self.settings.reclaim_gone_netns && self.lock().last_reclaim.elapsed() >= RECLAIM_EVERY;
         if reclaim_due {
@@ -909,6 +932,7 @@ impl Ipam {
                 "ipv4_per_interface": self.instance.limits.ipv4_per_interface,
             },
             "provider": self.provider.name(),
+            "provider_api": self.provider.api_stats(),
             "counts": st.ds.counts(now),
             "waiting": self.waiting.load(Ordering::SeqCst),
             "pending_deletes": st.pending_deletes,

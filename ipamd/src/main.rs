@@ -150,7 +150,21 @@ async fn provider(cli: &Cli) -> Result<Arc<dyn CloudProvider>, (i32, String)> {
             info!(instance = p.instance_id(), node = %cli.node_name, "joined the simulated VPC");
             Ok(Arc::new(p))
         }
-        ProviderKind::Aws | ProviderKind::Azure => Err((
+        ProviderKind::Aws => {
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let settings = providers::aws::AwsSettings {
+                region: env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")),
+                endpoint_url: env("AWS_ENDPOINT_URL_EC2").or_else(|| env("AWS_ENDPOINT_URL")),
+                imds_endpoint: env("AWS_EC2_METADATA_SERVICE_ENDPOINT"),
+                max_attempts: 6,
+                static_credentials: None,
+            };
+            let p = providers::aws::AwsProvider::connect(&settings)
+                .await
+                .map_err(|e| (EXIT_UNAVAILABLE, format!("AWS: {e}")))?;
+            Ok(Arc::new(p))
+        }
+        ProviderKind::Azure => Err((
             EXIT_CONFIG,
             format!(
                 "provider {:?} is not built into this ipamd; only sim is available",

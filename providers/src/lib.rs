@@ -4,6 +4,8 @@
 //! them into SDK calls (aws, azure) or into operations on the simulated VPC
 //! (`sim`), and owns retries and throttling at this boundary.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod error;
 pub mod limits;
 pub mod sim;
@@ -52,4 +54,17 @@ pub trait CloudProvider: Send + Sync + 'static {
     /// Subnets of this instance's VPC usable for new interfaces, in the
     /// instance's zone.
     async fn list_subnets(&self) -> Result<Vec<Subnet>>;
+
+    /// Deletes interfaces of ours that are attached to nothing and older
+    /// than `min_age` (a create whose attach never happened, an ipamd that
+    /// died between detach and delete on a node that is gone). Returns the
+    /// ones deleted.
+    async fn collect_leaked(&self, _min_age: std::time::Duration) -> Result<Vec<String>> {
+        Ok(vec![])
+    }
+
+    /// Per-API call figures (calls, errors, throttles, latency), as JSON.
+    fn api_stats(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
