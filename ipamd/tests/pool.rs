@@ -377,3 +377,115 @@ async fn azure_node_grows_its_existing_nic_and_never_attaches() {
     assert_eq!(vpc.snapshot().interfaces.len(), 1);
     node.stop().await;
 }
+
+/// Answers "no free addresses" for creates in one subnet (as EC2 does when
+/// its free count was stale), and is the simulated VPC otherwise.
+struct FullSubnet {
+    inner: SimProvider,
+    full: String,
+    tried: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl providers::CloudProvider for FullSubnet {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+    fn capabilities(&self) -> providers::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn describe_instance(&self) -> providers::Result<providers::Instance> {
+        self.inner.describe_instance().await
+    }
+    async fn describe_interfaces(&self) -> providers::Result<Vec<providers::Interface>> {
+        self.inner.describe_interfaces().await
+    }
+    async fn assign(
+        &self,
+        id: &str,
+        r: providers::AssignRequest,
+    ) -> providers::Result<providers::Assigned> {
+        self.inner.assign(id, r).await
+    }
+    async fn release(&self, id: &str, r: &providers::Assigned) -> providers::Result<()> {
+        self.inner.release(id, r).await
+    }
+    async fn create_interface(
+        &self,
+        spec: &providers::CreateInterface,
+    ) -> providers::Result<providers::Interface> {
+        self.tried.lock().unwrap().push(spec.subnet_id.clone());
+        if spec.subnet_id == self.full {
+            return Err(providers::ProviderError::SubnetExhausted {
+                subnet: self.full.clone(),
+            });
+        }
+        self.inner.create_interface(spec).await
+    }
+    async fn detach_interface(&self, id: &str) -> providers::Result<()> {
+        self.inner.detach_interface(id).await
+    }
+    async fn delete_interface(&self, id: &str) -> providers::Result<()> {
+        self.inner.delete_interface(id).await
+    }
+    async fn list_subnets(&self) -> providers::Result<Vec<providers::Subnet>> {
+        self.inner.list_subnets().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_subnet_moves_interface_creation_to_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    // The pods subnet (tagged, most free) says it is full; the node's
+    // subnet is next in line.
+    let inner = SimProvider::join(Backend::Local(vpc.clone()), "node-a", "t3.small")
+        .await
+        .unwrap();
+    let provider = Arc::new(FullSubnet {
+        inner,
+        full: "subnet-0sim00000000pods".into(),
+        tried: Default::default(),
+    });
+    let m: HashMap<&str, &str> = [("IPAMD_ADD_WAIT_SECONDS", "5")].into_iter().collect();
+    let ipam = Ipam::start(
+        provider.clone(),
+        Settings::from_source(&m).unwrap(),
+        &dir.path().join("j"),
+    )
+    .await
+    .unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(ipam.clone().run(rx));
+    // Three addresses on the primary; the fourth pod needs a new interface.
+    for i in 0..4 {
+        ipam.add(key(&format!("p{i}")))
+            .await
+            .expect("a subnet with room is found");
+    }
+    let tried = provider.tried.lock().unwrap().clone();
+    assert_eq!(
+        tried.first().map(String::as_str),
+        Some("subnet-0sim00000000pods"),
+        "{tried:?}"
+    );
+    assert!(
+        tried.iter().any(|s| s == "subnet-0sim00000000node"),
+        "{tried:?}"
+    );
+    let snap = vpc.snapshot();
+    let secondary: Vec<_> = snap
+        .interfaces
+        .values()
+        .filter(|e| e.attachment.as_ref().is_some_and(|a| a.device_index > 0))
+        .collect();
+    assert!(
+        !secondary.is_empty()
+            && secondary
+                .iter()
+                .all(|e| e.subnet_id == "subnet-0sim00000000node"),
+        "{secondary:?}"
+    );
+    stop.send(true).ok();
+    task.await.ok();
+}
