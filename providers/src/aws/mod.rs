@@ -48,7 +48,6 @@ struct Identity {
     instance_id: String,
     instance_type: String,
     zone: String,
-    primary_mac: String,
     primary_interface_id: String,
     primary_ip: Ipv4Addr,
     subnet_id: String,
@@ -256,7 +255,6 @@ impl AwsProvider {
                 instance_id,
                 instance_type: instance_type.clone(),
                 zone,
-                primary_mac,
                 primary_interface_id,
                 primary_ip,
                 subnet_id,
@@ -824,10 +822,5 @@ impl AwsProvider {
             }
         }
         Ok(index)
-    }
-
-    /// The MAC of the instance's primary interface (from IMDS).
-    pub fn primary_mac(&self) -> &str {
-        &self.id.primary_mac
     }
 }
