@@ -1,23 +1,36 @@
-//! Wiring a pod with rtnetlink: a veth pair created with its peer directly
-//! in the pod's namespace (no move), the address as /32 on the pod side,
-//! 169.254.1.1 as the pod's gateway with a permanent neighbour entry to the
-//! host veth's MAC, a host route to the pod, and policy routing: `to <pod>
-//! lookup main` (512) and, for addresses on a secondary interface,
-//! `from <pod> lookup <interface table>` (1536).
+//! Wiring a pod with rtnetlink: a veth pair whose pod end is created
+//! directly in the pod's namespace (no move between namespaces, which costs
+//! an RCU grace period), the address as /32 on the pod side, 169.254.1.1 as
+//! the pod's gateway with a permanent neighbour entry to the host veth's MAC,
+//! a host route to the pod, and policy routing: `to <pod> lookup main` (512)
+//! and, for addresses on a secondary interface, `from <pod> lookup
+//! <interface table>` (1536).
+//!
+//! ADD's steps go through [`crate::nlsync`] in a few batches; DEL, CHECK and
+//! GC, which are not on a pod's start-up path, use rtnetlink's async client.
 
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures_util::TryStreamExt;
+use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REPLACE};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
-use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{
+    AddressMessageBuilder, Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
+};
 use tracing::{debug, warn};
+
+use crate::netns::Pod;
+use crate::nlsync::{Answer, Netlink};
 
 /// The pod's gateway: link-local, answered by the host veth's MAC.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -34,19 +47,15 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error("{step}: {source}")]
-    Netlink {
+    Io {
         step: &'static str,
         #[source]
-        source: rtnetlink::Error,
+        source: std::io::Error,
     },
     #[error("{0}")]
     Other(String),
     #[error("injected failure after step {0}")]
     Injected(&'static str),
-}
-
-fn nl(step: &'static str) -> impl FnOnce(rtnetlink::Error) -> DatapathError {
-    move |source| DatapathError::Netlink { step, source }
 }
 
 /// The errno of a netlink error answer, if it is one.
@@ -64,31 +73,6 @@ const ENODEV: i32 = 19;
 
 fn gone(e: &rtnetlink::Error) -> bool {
     matches!(errno(e), Some(ENOENT | ESRCH | ENODEV))
-}
-
-/// A netlink socket inside another network namespace. `setns` changes only
-/// the calling thread, so the socket is opened on a short-lived thread of
-/// its own; the socket stays in the namespace it was opened in.
-pub fn handle_in(netns: &Path) -> Result<(Handle, File), DatapathError> {
-    let err = |source| DatapathError::Netns {
-        path: netns.display().to_string(),
-        source,
-    };
-    let file = File::open(netns).map_err(err)?;
-    let thread_fd = file.try_clone().map_err(err)?;
-    let rt = tokio::runtime::Handle::current();
-    let opened = std::thread::spawn(move || -> std::io::Result<_> {
-        nix::sched::setns(&thread_fd, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        let _runtime = rt.enter();
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        Ok((conn, handle))
-    })
-    .join()
-    .map_err(|_| err(std::io::Error::other("namespace thread panicked")))?;
-    let (conn, handle) = opened.map_err(err)?;
-    tokio::spawn(conn);
-    Ok((handle, file))
 }
 
 /// A netlink socket in this process's own namespace.
@@ -131,22 +115,29 @@ pub fn fmt_mac(m: &[u8]) -> String {
         .join(":")
 }
 
-fn rule_add(h: &Handle, ip: Ipv4Addr, to: bool, table: u32) -> rtnetlink::RuleAddRequest<Ipv4Addr> {
-    let req = h
-        .rule()
-        .add()
-        .v4()
-        .action(RuleAction::ToTable)
-        .table_id(table);
-    if to {
-        req.destination_prefix(ip, 32).priority(PRIO_TO_POD)
+/// The pod's rule: `to <pod> lookup main` (512) or `from <pod> lookup
+/// <table>` (1536).
+fn rule_message(ip: Ipv4Addr, to: bool, table: u32) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.action = RuleAction::ToTable;
+    if table > 255 {
+        m.header.table = 0;
+        m.attributes.push(RuleAttribute::Table(table));
     } else {
-        req.source_prefix(ip, 32).priority(PRIO_FROM_POD)
+        m.header.table = table as u8;
     }
-}
-
-fn rule_msg(h: &Handle, ip: Ipv4Addr, to: bool, table: u32) -> RuleMessage {
-    rule_add(h, ip, to, table).message_mut().clone()
+    if to {
+        m.header.dst_len = 32;
+        m.attributes
+            .push(RuleAttribute::Destination(IpAddr::V4(ip)));
+        m.attributes.push(RuleAttribute::Priority(PRIO_TO_POD));
+    } else {
+        m.header.src_len = 32;
+        m.attributes.push(RuleAttribute::Source(IpAddr::V4(ip)));
+        m.attributes.push(RuleAttribute::Priority(PRIO_FROM_POD));
+    }
+    m
 }
 
 fn host_route(ip: Ipv4Addr, index: u32) -> RouteMessage {
@@ -162,10 +153,8 @@ fn host_route(ip: Ipv4Addr, index: u32) -> RouteMessage {
 pub struct Wire<'a> {
     pub host_veth: &'a str,
     pub pod_ifname: &'a str,
-    pub netns: &'a Path,
     pub ip: Ipv4Addr,
     pub route_table: u32,
-    pub mtu: u32,
     /// Test hook: fail right after the named step (VPC_CNI_FAIL_AFTER).
     pub fail_after: Option<&'a str>,
 }
@@ -176,30 +165,82 @@ pub struct Wired {
     pub pod_mac: String,
 }
 
-/// The veth pair, made before the pod's address is known so that it
-/// overlaps with the call to ipamd.
+/// The veth pair ADD makes.
+#[derive(Debug, Clone)]
+pub struct PairSpec<'a> {
+    pub host_veth: &'a str,
+    pub pod_ifname: &'a str,
+    pub mtu: u32,
+    /// TX and RX queues of each end.
+    pub queues: u32,
+}
+
+/// A random locally administered unicast MAC, as the kernel would pick:
+/// chosen here so that the pod's neighbour entry for its gateway can be
+/// written without reading the host veth back.
+fn random_mac() -> [u8; 6] {
+    let mut m: [u8; 6] = rand::random();
+    m[0] = (m[0] & 0xfe) | 0x02;
+    m
+}
+
+/// The veth pair with the pod's side configured as far as it can be before
+/// the pod's address is known.
+#[derive(Debug)]
 pub struct Veth {
-    pod: Handle,
     host_index: u32,
-    host_mac: Vec<u8>,
+    host_mac: [u8; 6],
     pod_index: u32,
-    pod_mac: Vec<u8>,
-    _netns: File,
+    pod_mac: [u8; 6],
+}
+
+const CREATE: u16 = NLM_F_CREATE | NLM_F_EXCL;
+const REPLACE: u16 = NLM_F_CREATE | NLM_F_REPLACE;
+
+fn link_named(name: &str) -> RouteNetlinkMessage {
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    RouteNetlinkMessage::GetLink(m)
+}
+
+fn del_link(index: u32) -> RouteNetlinkMessage {
+    let mut m = LinkMessage::default();
+    m.header.index = index;
+    RouteNetlinkMessage::DelLink(m)
+}
+
+/// The one answer of a one-message batch.
+fn only(answers: std::io::Result<Vec<Answer>>) -> Answer {
+    answers.and_then(|mut a| a.pop().unwrap_or_else(|| Ok(vec![])))
+}
+
+fn nl(step: &'static str) -> impl FnOnce(std::io::Error) -> DatapathError {
+    move |source| DatapathError::Io { step, source }
+}
+
+/// The index and peer index of the link in a GetLink/NewLink answer.
+fn indexes(msgs: &[RouteNetlinkMessage]) -> Option<(u32, Option<u32>)> {
+    msgs.iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewLink(l) => Some((
+            l.header.index,
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Link(i) => Some(*i),
+                _ => None,
+            }),
+        )),
+        _ => None,
+    })
 }
 
 impl Veth {
-    /// Deletes the pair (both ends go together).
-    pub async fn remove(self, host: &Handle) {
-        if let Err(e) = host.link().del(self.host_index).execute().await {
-            if !gone(&e) {
+    /// Deletes the pair (both ends go together, and the routes with them).
+    pub fn remove(self, host: &mut Netlink) {
+        if let Err(e) = only(host.batch(vec![(del_link(self.host_index), 0)])) {
+            if !matches!(e.raw_os_error(), Some(ENOENT | ENODEV)) {
                 warn!(error = %e, "removing the veth of a failed ADD");
             }
         }
     }
-}
-
-enum Undo {
-    Rule(RuleMessage),
 }
 
 fn injected(w: &Wire<'_>, step: &'static str) -> Result<(), DatapathError> {
@@ -210,171 +251,245 @@ fn injected(w: &Wire<'_>, step: &'static str) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Creates the veth pair with its peer directly in the pod's namespace.
-pub async fn create_veth(
-    host: &Handle,
-    host_veth: &str,
-    pod_ifname: &str,
-    netns: &Path,
-    mtu: u32,
-) -> Result<Veth, DatapathError> {
-    let (pod, ns) = handle_in(netns)?;
+/// Creates the veth pair: the host end up, its peer made directly in the
+/// pod's namespace (no move between namespaces), both with MACs chosen here.
+/// A host veth of the same name left by an earlier, interrupted ADD of the
+/// same attachment is removed and the pair made again. Returns the host's
+/// and the pod's index.
+fn make_pair(
+    host: &mut Netlink,
+    pod: &mut Pod,
+    p: &PairSpec<'_>,
+    macs: ([u8; 6], [u8; 6]),
+) -> Result<(u32, u32), DatapathError> {
+    let (host_veth, pod_ifname) = (p.host_veth, p.pod_ifname);
     let build = || {
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(pod_ifname.to_string())
-            .mtu(mtu)
-            .setns_by_fd(ns.as_raw_fd())
+            .mtu(p.mtu)
+            .address(macs.1.to_vec())
+            .append_extra_attribute(LinkAttribute::NumTxQueues(p.queues))
+            .append_extra_attribute(LinkAttribute::NumRxQueues(p.queues))
+            .setns_by_fd(pod.netns.as_raw_fd())
             .build();
-        LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(host_veth.to_string())
-            .mtu(mtu)
+            .mtu(p.mtu)
+            .address(macs.0.to_vec())
+            .append_extra_attribute(LinkAttribute::NumTxQueues(p.queues))
+            .append_extra_attribute(LinkAttribute::NumRxQueues(p.queues))
             .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build()
+            .build();
+        // Kernels that honour NLM_F_ECHO here (6.1 and later) answer with
+        // the new link, which names its peer: no read-back needed.
+        vec![(RouteNetlinkMessage::NewLink(pair), CREATE | NLM_F_ECHO)]
     };
-    match host.link().add(build()).execute().await {
-        Ok(()) => {}
-        Err(e) if errno(&e) == Some(EEXIST) => {
-            // Left by an earlier, interrupted ADD of the same attachment.
-            debug!(veth = host_veth, "removing a veth left by an earlier ADD");
-            if let Some(old) = link_by_name(host, host_veth)
-                .await
-                .map_err(nl("look up stale veth"))?
-            {
-                host.link()
-                    .del(old.header.index)
-                    .execute()
-                    .await
-                    .map_err(nl("remove stale veth"))?;
+    let created = match only(host.batch(build())) {
+        Err(e) if e.raw_os_error() == Some(EEXIST) => {
+            let stale = only(host.batch(vec![(link_named(host_veth), 0)]));
+            if let Some((index, _)) = stale.ok().as_deref().and_then(indexes) {
+                debug!(veth = host_veth, "removing a veth left by an earlier ADD");
+                only(host.batch(vec![(del_link(index), 0)])).map_err(nl("remove stale veth"))?;
             }
-            host.link()
-                .add(build())
-                .execute()
-                .await
-                .map_err(nl("create veth pair"))?;
+            only(host.batch(build()))
         }
-        Err(e) => return Err(nl("create veth pair")(e)),
+        other => other,
     }
-    let host_link = link_by_name(host, host_veth)
-        .await
-        .map_err(nl("read host veth"))?
-        .ok_or_else(|| DatapathError::Other("host veth vanished after creation".into()))?;
-    let veth = Veth {
-        host_index: host_link.header.index,
-        host_mac: mac_of(&host_link),
-        pod_index: 0,
-        pod_mac: vec![],
-        pod,
-        _netns: ns,
-    };
-    match link_by_name(&veth.pod, pod_ifname).await {
-        Ok(Some(l)) => Ok(Veth {
-            pod_index: l.header.index,
-            pod_mac: mac_of(&l),
-            ..veth
-        }),
-        other => {
-            veth.remove(host).await;
-            Err(match other {
+    .map_err(nl("create veth pair"))?;
+    if let Some((host_index, Some(pod_index))) = indexes(&created) {
+        return Ok((host_index, pod_index));
+    }
+    // No echo: the pod's end names its peer too.
+    let read = only(pod.nl.batch(vec![(link_named(pod_ifname), 0)]));
+    match read.as_deref().ok().and_then(indexes) {
+        Some((pod_index, Some(host_index))) => Ok((host_index, pod_index)),
+        _ => {
+            if let Ok(Some((host_index, _))) = only(host.batch(vec![(link_named(host_veth), 0)]))
+                .as_deref()
+                .map(indexes)
+            {
+                only(host.batch(vec![(del_link(host_index), 0)])).ok();
+            }
+            Err(match read {
                 Err(e) => nl("read pod interface")(e),
-                _ => DatapathError::Other(format!("{pod_ifname} not found in the pod namespace")),
+                Ok(_) => DatapathError::Other(format!(
+                    "{pod_ifname} is not in the pod after creating it"
+                )),
             })
         }
     }
 }
 
-/// Configures the address, routes, neighbour and rules on a veth made by
-/// [`create_veth`]; on any failure undoes every step, the veth included.
-pub async fn wire(host: &Handle, veth: Veth, w: &Wire<'_>) -> Result<Wired, DatapathError> {
-    let mut undo = Vec::new();
-    match wire_steps(host, &veth, w, &mut undo).await {
-        Ok(()) => Ok(Wired {
-            host_mac: fmt_mac(&veth.host_mac),
-            pod_mac: fmt_mac(&veth.pod_mac),
-        }),
+/// Creates the veth pair and configures the pod's side as far as it can be
+/// before the address is known: its end up, the route to the gateway, the
+/// default route and the gateway's permanent neighbour entry, in one batch.
+/// On failure nothing of it is left.
+///
+/// This blocks the calling thread while the kernel makes the pair (a few
+/// hundred microseconds): ADD calls it once its request to ipamd is on the
+/// wire, so that ipamd answers meanwhile.
+pub fn create_veth(
+    host: &mut Netlink,
+    pod: &mut Pod,
+    p: &PairSpec<'_>,
+) -> Result<Veth, DatapathError> {
+    let (host_mac, pod_mac) = (random_mac(), random_mac());
+    let (host_index, pod_index) = make_pair(host, pod, p, (host_mac, pod_mac))?;
+    let veth = Veth {
+        host_index,
+        host_mac,
+        pod_index,
+        pod_mac,
+    };
+    let mut neighbour = NeighbourMessage::default();
+    neighbour.header.family = AddressFamily::Inet;
+    neighbour.header.ifindex = pod_index;
+    neighbour.header.state = NeighbourState::Permanent;
+    neighbour.attributes = vec![
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(GATEWAY)),
+        NeighbourAttribute::LinkLayerAddress(host_mac.to_vec()),
+    ];
+    let steps = [
+        "pod link up",
+        "pod route to gateway",
+        "pod default route",
+        "pod gateway neighbour",
+    ];
+    let answers = pod.nl.batch(vec![
+        (
+            RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(pod_index).up().build()),
+            0,
+        ),
+        (
+            RouteNetlinkMessage::NewRoute(host_route(GATEWAY, pod_index)),
+            CREATE,
+        ),
+        (
+            RouteNetlinkMessage::NewRoute(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                    .gateway(GATEWAY)
+                    .output_interface(pod_index)
+                    .build(),
+            ),
+            CREATE,
+        ),
+        (RouteNetlinkMessage::NewNeighbour(neighbour), REPLACE),
+    ]);
+    let configured = answers
+        .map_err(nl("pod configuration"))
+        .and_then(|answers| {
+            answers
+                .into_iter()
+                .zip(steps)
+                .try_for_each(|(a, step)| a.map(drop).map_err(nl(step)))
+        });
+    match configured {
+        Ok(()) => Ok(veth),
         Err(e) => {
-            for Undo::Rule(m) in undo.into_iter().rev() {
-                if let Err(e) = host.rule().del(m).execute().await {
-                    if !gone(&e) {
-                        warn!(error = %e, "undoing a failed ADD step");
-                    }
-                }
-            }
-            // The host route goes with the veth.
-            veth.remove(host).await;
+            veth.remove(host);
             Err(e)
         }
     }
 }
 
-async fn wire_steps(
-    host: &Handle,
-    veth: &Veth,
+/// Finishes what [`create_veth`] began once the address is known: the
+/// address in the pod, and the host route and rules in one batch; on any
+/// failure undoes every step, the veth included.
+pub fn wire(
+    host: &mut Netlink,
+    pod: &mut Pod,
+    veth: Veth,
     w: &Wire<'_>,
-    undo: &mut Vec<Undo>,
-) -> Result<(), DatapathError> {
-    injected(w, "veth")?;
-    let (pod, pi) = (&veth.pod, veth.pod_index);
-    pod.link()
-        .set(LinkUnspec::new_with_index(pi).up().build())
-        .execute()
-        .await
-        .map_err(nl("pod link up"))?;
-    pod.address()
-        .add(pi, IpAddr::V4(w.ip), 32)
-        .execute()
-        .await
-        .map_err(nl("pod address"))?;
-    pod.route()
-        .add(host_route(GATEWAY, pi))
-        .execute()
-        .await
-        .map_err(nl("pod route to gateway"))?;
-    pod.route()
-        .add(
-            RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                .gateway(GATEWAY)
-                .output_interface(pi)
+) -> Result<Wired, DatapathError> {
+    let ip = w.ip;
+    let pod_addr = only(pod.nl.batch(vec![(
+        RouteNetlinkMessage::NewAddress(
+            AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(veth.pod_index)
+                .address(ip, 32)
                 .build(),
-        )
-        .execute()
-        .await
-        .map_err(nl("pod default route"))?;
-    pod.neighbours()
-        .add(pi, IpAddr::V4(GATEWAY))
-        .link_layer_address(&veth.host_mac)
-        .state(NeighbourState::Permanent)
-        .replace()
-        .execute()
-        .await
-        .map_err(nl("pod gateway neighbour"))?;
-    injected(w, "pod")?;
-
-    // Host side: the route to the pod goes with the veth when it is deleted.
-    host.route()
-        .add(host_route(w.ip, veth.host_index))
-        .replace()
-        .execute()
-        .await
-        .map_err(nl("host route to pod"))?;
-    injected(w, "host-route")?;
-    for (to, table, step) in [
-        (true, MAIN_TABLE, "rule-to"),
-        (false, w.route_table, "rule-from"),
-    ] {
-        if !to && table == MAIN_TABLE {
-            continue;
-        }
-        match rule_add(host, w.ip, to, table).execute().await {
-            Ok(()) => {}
-            Err(e) if errno(&e) == Some(EEXIST) => {}
-            Err(e) => return Err(nl(if to { "rule to pod" } else { "rule from pod" })(e)),
-        }
-        undo.push(Undo::Rule(rule_msg(host, w.ip, to, table)));
-        injected(w, step)?;
+        ),
+        CREATE,
+    )]));
+    let mut rules = vec![(true, MAIN_TABLE, "rule-to", "rule to pod")];
+    if w.route_table != MAIN_TABLE {
+        rules.push((false, w.route_table, "rule-from", "rule from pod"));
     }
-    Ok(())
+    let mut batch = vec![(
+        RouteNetlinkMessage::NewRoute(host_route(ip, veth.host_index)),
+        REPLACE,
+    )];
+    batch.extend(rules.iter().map(|(to, table, _, _)| {
+        (
+            RouteNetlinkMessage::NewRule(rule_message(ip, *to, *table)),
+            CREATE,
+        )
+    }));
+    let answers = host.batch(batch);
+    let (route, rule_answers) = match answers {
+        Ok(mut a) => {
+            let rest = a.split_off(1.min(a.len()));
+            (a.pop().unwrap_or_else(|| Ok(vec![])), rest)
+        }
+        Err(e) => (Err(e), vec![]),
+    };
+    // A rule that exists already is the pod's (a retried ADD).
+    let rule_results: Vec<_> = rule_answers
+        .into_iter()
+        .map(|a| match a {
+            Err(e) if e.raw_os_error() == Some(EEXIST) => Ok(vec![]),
+            other => other,
+        })
+        .collect();
+    // Every rule that went in is undone on failure.
+    let undo: Vec<RuleMessage> = rules
+        .iter()
+        .zip(&rule_results)
+        .filter(|(_, r)| r.is_ok())
+        .map(|((to, table, _, _), _)| rule_message(ip, *to, *table))
+        .collect();
+    let outcome = (|| {
+        injected(w, "veth")?;
+        pod_addr.map_err(nl("pod address"))?;
+        injected(w, "pod")?;
+        route.map_err(nl("host route to pod"))?;
+        injected(w, "host-route")?;
+        if rule_results.len() < rules.len() {
+            return Err(DatapathError::Other(
+                "the kernel did not answer every rule".into(),
+            ));
+        }
+        for ((_, _, step, what), r) in rules.iter().zip(rule_results) {
+            r.map_err(nl(what))?;
+            injected(w, step)?;
+        }
+        Ok(())
+    })();
+    let Err(e) = outcome else {
+        return Ok(Wired {
+            host_mac: fmt_mac(&veth.host_mac),
+            pod_mac: fmt_mac(&veth.pod_mac),
+        });
+    };
+    if !undo.is_empty() {
+        let undone = host.batch(
+            undo.into_iter()
+                .map(|m| (RouteNetlinkMessage::DelRule(m), 0))
+                .collect(),
+        );
+        for a in undone.into_iter().flatten() {
+            if let Err(e) = a {
+                if !matches!(e.raw_os_error(), Some(ENOENT | ESRCH)) {
+                    warn!(error = %e, "undoing a failed ADD step");
+                }
+            }
+        }
+    }
+    // The host route and everything in the pod go with the veth.
+    veth.remove(host);
+    Err(e)
 }
 
 /// Tears down what ADD made, collecting every error and carrying on.
@@ -406,7 +521,7 @@ pub async fn del(
             let result = if !to && t == 0 {
                 delete_from_rules(host, ip).await
             } else {
-                host.rule().del(rule_msg(host, ip, to, t)).execute().await
+                host.rule().del(rule_message(ip, to, t)).execute().await
             };
             if let Err(e) = result {
                 if !gone(&e) {
@@ -492,17 +607,11 @@ fn has_rule(rules: &[RuleMessage], ip: Ipv4Addr, to: bool, table: u32) -> bool {
     })
 }
 
-/// Verifies what ADD made; lists everything that is not as it should be.
-pub async fn check(host: &Handle, w: &Wire<'_>) -> Result<(), Vec<String>> {
+/// What CHECK verifies inside the pod.
+async fn check_pod(pod: &Handle, ifname: &str, ip: Ipv4Addr, host_mac: &[u8]) -> Vec<String> {
     let mut bad = vec![];
-    let (pod, _ns) = handle_in(w.netns).map_err(|e| vec![e.to_string()])?;
-    let host_link = link_by_name(host, w.host_veth).await.ok().flatten();
-    let Some(host_link) = host_link else {
-        return Err(vec![format!("host veth {} is missing", w.host_veth)]);
-    };
-    let host_mac = mac_of(&host_link);
-    match link_by_name(&pod, w.pod_ifname).await.ok().flatten() {
-        None => bad.push(format!("{} is missing in the pod", w.pod_ifname)),
+    match link_by_name(pod, ifname).await.ok().flatten() {
+        None => bad.push(format!("{ifname} is missing in the pod")),
         Some(l) => {
             let pi = l.header.index;
             let addrs: Vec<_> = pod
@@ -515,12 +624,12 @@ pub async fn check(host: &Handle, w: &Wire<'_>) -> Result<(), Vec<String>> {
                 .unwrap_or_default();
             let has_ip = addrs.iter().any(|a| {
                 a.header.prefix_len == 32
-                    && a.attributes.iter().any(
-                        |x| matches!(x, AddressAttribute::Address(IpAddr::V4(v)) if *v == w.ip),
-                    )
+                    && a.attributes
+                        .iter()
+                        .any(|x| matches!(x, AddressAttribute::Address(IpAddr::V4(v)) if *v == ip))
             });
             if !has_ip {
-                bad.push(format!("{}/32 is not on {} in the pod", w.ip, w.pod_ifname));
+                bad.push(format!("{ip}/32 is not on {ifname} in the pod"));
             }
             let routes: Vec<RouteMessage> = pod
                 .route()
@@ -552,11 +661,22 @@ pub async fn check(host: &Handle, w: &Wire<'_>) -> Result<(), Vec<String>> {
             if !neigh_ok {
                 bad.push(format!(
                     "no permanent neighbour entry {GATEWAY} -> {} in the pod",
-                    fmt_mac(&host_mac)
+                    fmt_mac(host_mac)
                 ));
             }
         }
     }
+    bad
+}
+
+/// Verifies what ADD made; lists everything that is not as it should be.
+pub async fn check(host: &Handle, pod: &Handle, w: &Wire<'_>) -> Result<(), Vec<String>> {
+    let host_link = link_by_name(host, w.host_veth).await.ok().flatten();
+    let Some(host_link) = host_link else {
+        return Err(vec![format!("host veth {} is missing", w.host_veth)]);
+    };
+    let host_mac = mac_of(&host_link);
+    let mut bad = check_pod(pod, w.pod_ifname, w.ip, &host_mac).await;
     let host_routes: Vec<RouteMessage> = host
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())

@@ -4,5 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod datapath;
+pub mod netns;
+pub mod nlsync;
 pub mod plugin;
 pub mod spec;

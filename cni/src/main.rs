@@ -65,22 +65,15 @@ fn fail(version: &str, e: &CniError) -> ! {
 }
 
 fn main() {
-    let raw_cmd = std::env::var("CNI_COMMAND").unwrap_or_default();
-    let mut stdin = Vec::new();
-    if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
-        init_logging(None);
-        fail(
-            "1.1.0",
-            &CniError::new(code::IO_FAILURE, "cannot read stdin", e),
-        );
-    }
-    let cmd = match Command::parse(&raw_cmd) {
+    let cmd = match Command::parse(&std::env::var("CNI_COMMAND").unwrap_or_default()) {
         Ok(c) => c,
         Err(e) => {
             init_logging(None);
             fail("1.1.0", &e);
         }
     };
+    let mut stdin = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut stdin);
     if cmd == Command::Version {
         // VERSION may come with only {"cniVersion": ...} on stdin.
         let asked = serde_json::from_slice::<serde_json::Value>(&stdin)
@@ -90,6 +83,13 @@ fn main() {
         println!("{}", plugin::version(&asked));
         return;
     }
+    if let Err(e) = read {
+        init_logging(None);
+        fail(
+            "1.1.0",
+            &CniError::new(code::IO_FAILURE, "cannot read stdin", e),
+        );
+    }
     let conf = match NetConf::parse(&stdin) {
         Ok(c) => c,
         Err(e) => {
@@ -97,24 +97,49 @@ fn main() {
             fail("1.1.0", &e);
         }
     };
-    init_logging(Some(&conf));
     let env = match Env::load(cmd, |k| std::env::var(k).ok()) {
         Ok(e) => e,
-        Err(e) => fail(&conf.cni_version, &e),
+        Err(e) => {
+            init_logging(Some(&conf));
+            fail(&conf.cni_version, &e)
+        }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
-        Err(e) => fail(
-            &conf.cni_version,
-            &CniError::new(code::IO_FAILURE, "cannot start the runtime", e),
-        ),
+        Err(e) => {
+            init_logging(Some(&conf));
+            fail(
+                &conf.cni_version,
+                &CniError::new(code::IO_FAILURE, "cannot start the runtime", e),
+            )
+        }
     };
-    match runtime.block_on(plugin::run(cmd, &env, &conf)) {
-        Ok(Some(out)) => println!("{out}"),
+    // ADD's request to ipamd goes first, so that ipamd answers while the
+    // plugin does the rest.
+    let sent = (cmd == Command::Add).then(|| runtime.block_on(plugin::send_add(&env, &conf)));
+    // Between two block_on calls nothing runs on this runtime (it is
+    // single-threaded and runs tasks only inside block_on): ADD and CHECK
+    // enter the pod's namespace on this thread for a moment (see
+    // vpc_cni::netns).
+    let pod = plugin::prestart(cmd, &env.netns, &runtime);
+    init_logging(Some(&conf));
+    let out = match pod {
+        Ok(pod) => runtime.block_on(plugin::run(cmd, &env, &conf, pod, sent)),
+        Err(e) => Err(CniError::new(code::IO_FAILURE, "network namespace", e)),
+    };
+    match out {
+        Ok(Some(out)) => {
+            println!("{out}");
+        }
         Ok(None) => {}
         Err(e) => fail(&conf.cni_version, &e),
     }
+    // The answer is out (stdout is flushed at its newline; logs are written
+    // unbuffered). Exit without tearing down the runtime or waiting for
+    // threads: the kernel closes the sockets, and the container runtime
+    // waits to read our exit status.
+    std::process::exit(0);
 }

@@ -152,6 +152,11 @@ pub struct NetConf {
     pub mtu: Option<u32>,
     #[serde(default)]
     pub veth_prefix: Option<String>,
+    /// TX and RX queues of each veth end. The kernel's default is one per
+    /// possible CPU, which only XDP on the veth uses, and which makes every
+    /// pod's veth dearer to create the bigger the node.
+    #[serde(default)]
+    pub veth_queues: Option<u32>,
     #[serde(default)]
     pub log_file: Option<String>,
     #[serde(default)]
@@ -171,6 +176,7 @@ pub struct ValidAttachment {
 
 pub const DEFAULT_MTU: u32 = 9001;
 pub const DEFAULT_VETH_PREFIX: &str = "eni";
+pub const DEFAULT_VETH_QUEUES: u32 = 1;
 pub const DEFAULT_LOG_FILE: &str = "/var/log/vpc-cni/plugin.log";
 
 impl NetConf {
@@ -208,6 +214,11 @@ impl NetConf {
                 bad.push(format!("vethPrefix {p:?} must be 1 to 4 letters or digits"));
             }
         }
+        if let Some(q) = conf.veth_queues {
+            if !(1..=4096).contains(&q) {
+                bad.push(format!("vethQueues {q} is outside 1..4096"));
+            }
+        }
         if !bad.is_empty() {
             return Err(CniError::new(
                 code::INVALID_CONFIG,
@@ -220,6 +231,10 @@ impl NetConf {
 
     pub fn mtu(&self) -> u32 {
         self.mtu.unwrap_or(DEFAULT_MTU)
+    }
+
+    pub fn veth_queues(&self) -> u32 {
+        self.veth_queues.unwrap_or(DEFAULT_VETH_QUEUES)
     }
 
     pub fn veth_prefix(&self) -> &str {
@@ -340,16 +355,22 @@ mod tests {
         );
         let e = NetConf::parse(br#"{"cniVersion":"0.3.1","name":"n"}"#).unwrap_err();
         assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
-        let e =
-            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"","mtu":10,"vethPrefix":"toolong"}"#)
-                .unwrap_err();
+        let e = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"","mtu":10,"vethPrefix":"toolong","vethQueues":0}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
         assert!(
             e.details.contains("name")
                 && e.details.contains("mtu")
-                && e.details.contains("vethPrefix"),
+                && e.details.contains("vethPrefix")
+                && e.details.contains("vethQueues"),
             "{e}"
         );
+        let ok = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","vethQueues":8}"#).unwrap();
+        assert_eq!(ok.veth_queues(), 8);
+        let default = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n"}"#).unwrap();
+        assert_eq!(default.veth_queues(), DEFAULT_VETH_QUEUES);
     }
 
     #[test]

@@ -149,6 +149,47 @@ async fn two_nodes_three_pods_follow_the_kubernetes_networking_rules() {
     );
     assert!(r.ok, "CHECK: {} {}", r.stdout, r.stderr);
 
+    // Each veth end has one TX and one RX queue (vethQueues' default), not
+    // one per CPU.
+    let details = ip_out(
+        &lab.nodes[a].ns.name,
+        &["-d", "link", "show", &host_veth(&pods[0])],
+    );
+    assert!(
+        details.contains("numtxqueues 1 numrxqueues 1"),
+        "host veth queues: {details}"
+    );
+    let details = ip_out(&pods[0].ns.name, &["-d", "link", "show", "eth0"]);
+    assert!(
+        details.contains("numtxqueues 1 numrxqueues 1"),
+        "pod veth queues: {details}"
+    );
+
+    // A host veth of the same name left by an interrupted ADD is replaced.
+    let node_ns = lab.nodes[a].ns.name.clone();
+    let stale = vpc_cni::spec::host_veth_name("eni", &format!("{prefix}-again"), "eth0");
+    ip(&[
+        "-n",
+        &node_ns,
+        "link",
+        "add",
+        &stale,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "stalepeer",
+    ]);
+    let again = lab.add_pod(a, "again");
+    let links = ip_out(&node_ns, &["link"]);
+    assert!(
+        links.contains(&stale) && !links.contains("stalepeer"),
+        "the stale veth was not replaced:\n{links}"
+    );
+    assert!(ip_out(&again.ns.name, &["link"]).contains("eth0"));
+    let mut pods = pods;
+    pods.push(again);
+
     // DEL every pod: no rule, route or veth of theirs remains.
     for p in pods {
         let (node, ip, veth) = (p.node, p.ip, host_veth(&p));

@@ -87,3 +87,66 @@ pub async fn client(
 ) -> Result<v1::ipamd_client::IpamdClient<Channel>, ConnectError> {
     Ok(v1::ipamd_client::IpamdClient::new(connect(socket).await?))
 }
+
+/// One HTTP/2 connection to ipamd as a gRPC transport, without tonic's
+/// `Channel` (its request buffer task and reconnect logic): for a process
+/// that makes one or two calls and exits, as the CNI plugin does, those cost
+/// more start-up work than the calls themselves.
+#[derive(Clone)]
+pub struct Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<http::Request<tonic::body::Body>> for Connection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
+
+/// Connects once to ipamd's socket and returns the HTTP/2 connection; its
+/// driver runs as a task on the current runtime.
+pub async fn connect_once(socket: impl AsRef<Path>) -> Result<Connection, ConnectError> {
+    let socket = socket.as_ref().to_path_buf();
+    let err = |source| ConnectError {
+        socket: socket.clone(),
+        source,
+    };
+    let stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(err)?;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| err(io_cause(&e)))?;
+    tokio::spawn(conn);
+    Ok(Connection(send))
+}
+
+/// The origin the generated clients put in each request's URI; the
+/// connection, not the URI, says where the request goes.
+pub fn origin() -> Uri {
+    Uri::from_static("http://ipamd.invalid")
+}
+
+/// An ipamd client on one connection (see [`Connection`]).
+pub async fn client_once(
+    socket: impl AsRef<Path>,
+) -> Result<v1::ipamd_client::IpamdClient<Connection>, ConnectError> {
+    Ok(v1::ipamd_client::IpamdClient::with_origin(
+        connect_once(socket).await?,
+        origin(),
+    ))
+}
