@@ -11,3 +11,7 @@ cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo build --locked --workspace --bins
 cargo test --locked --workspace
+# The plugin as shipped (static release build): the network tests again.
+./scripts/build-cni.sh
+VPC_CNI_BIN="$PWD/target/release/vpc-cni" cargo test --locked -p vpc-cni-e2e \
+  --test e2e --test chain --test podman --test commands

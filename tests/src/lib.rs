@@ -33,9 +33,13 @@ pub const EXCLUDED_CIDR: &str = "192.168.50.0/24";
 pub const NODE_SUBNET: &str = "subnet-0sim00000000node";
 
 /// The built binaries of this workspace, next to the test executable.
+/// `VPC_CNI_BIN` names another vpc-cni binary to test (the statically
+/// linked release build, as shipped); its directory is then the CNI plugin
+/// directory the tests give runtimes.
 #[derive(Debug, Clone)]
 pub struct Bins {
     pub dir: PathBuf,
+    cni: PathBuf,
 }
 
 impl Bins {
@@ -43,8 +47,17 @@ impl Bins {
         let exe = std::env::current_exe().expect("current exe");
         for dir in exe.ancestors().skip(1) {
             if dir.join("ipamd").is_file() && dir.join("vpc-cni").is_file() {
+                let cni = match std::env::var_os("VPC_CNI_BIN") {
+                    Some(p) => {
+                        let p = PathBuf::from(p);
+                        assert!(p.is_file(), "VPC_CNI_BIN={} is not a file", p.display());
+                        std::fs::canonicalize(p).expect("VPC_CNI_BIN")
+                    }
+                    None => dir.join("vpc-cni"),
+                };
                 return Self {
                     dir: dir.to_path_buf(),
+                    cni,
                 };
             }
         }
@@ -57,7 +70,13 @@ impl Bins {
         self.dir.join("ipamd")
     }
     pub fn vpc_cni(&self) -> PathBuf {
-        self.dir.join("vpc-cni")
+        self.cni.clone()
+    }
+    /// The directory runtimes find vpc-cni in (CNI_PATH).
+    pub fn cni_dir(&self) -> PathBuf {
+        self.cni
+            .parent()
+            .map_or_else(|| self.dir.clone(), PathBuf::from)
     }
 }
 
@@ -660,7 +679,7 @@ impl Lab {
             .env("CNI_IFNAME", ifname)
             .env(
                 "CNI_PATH",
-                format!("{}:/usr/lib/cni", self.bins.dir.display()),
+                format!("{}:/usr/lib/cni", self.bins.cni_dir().display()),
             )
             .envs(extra_env.iter().copied())
             .stdin(Stdio::piped())

@@ -68,7 +68,7 @@ async fn podman_container_wired_by_vpc_cni_reaches_another_pod() {
         &containers_conf,
         format!(
             "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]\nnetwork_config_dir = \"{}\"\n[engine]\nevents_logger = \"file\"\n",
-            lab.bins.dir.display(),
+            lab.bins.cni_dir().display(),
             confdir.display()
         ),
     )

@@ -137,7 +137,7 @@ fn main() {
         "cniVersion": "1.0.0", "name": "ptpnet", "type": "ptp", "ipMasq": false, "mtu": 1500,
         "ipam": {"type": "host-local", "subnet": "10.99.0.0/16", "dataDir": dir.path().join("host-local")},
     });
-    let cni_path = format!("{}:{}", bins.dir.display(), cli.peer_dir.display());
+    let cni_path = format!("{}:{}", bins.cni_dir().display(), cli.peer_dir.display());
     let (mut vadd, mut vdel, mut padd, mut pdel) =
         (Stats(vec![]), Stats(vec![]), Stats(vec![]), Stats(vec![]));
     for i in 0..cli.cycles {
