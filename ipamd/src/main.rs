@@ -237,19 +237,42 @@ async fn run(cli: Cli, settings: Settings, introspection: Option<SocketAddr>) ->
         }
     }
     let reconciler = tokio::spawn(ipam.clone().run(stop_rx.clone()));
-    let server = tokio::spawn(rpc::serve(ipam.clone(), listener, stopped(stop_rx.clone())));
+    let server = match rpc::spawn_server(ipam.clone(), listener, stopped(stop_rx.clone())) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ipamd: cannot start the rpc server: {e}");
+            std::fs::remove_file(&cli.socket).ok();
+            return EXIT_UNAVAILABLE;
+        }
+    };
     info!(socket = %cli.socket.display(), journal = %journal.display(), "ipamd ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
+    let mut server = server;
+    // A server that stops on its own (it cannot serve any more) stops ipamd:
+    // pods cannot start on this node until it is restarted.
+    let mut failed = None;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+        r = &mut server => {
+            let why = match r {
+                Ok(Err(e)) => e,
+                _ => "stopped".to_string(),
+            };
+            error!(error = %why, "the rpc server stopped; ipamd stops");
+            failed = Some(why);
+        }
     }
     stop_tx.send(true).ok();
     let grace = Duration::from_secs(cli.grace_seconds);
-    if tokio::time::timeout(grace, server).await.is_err() {
-        warn!("in-flight calls did not finish within the grace period");
+    if failed.is_none() {
+        match tokio::time::timeout(grace, server).await {
+            Err(_) => warn!("in-flight calls did not finish within the grace period"),
+            Ok(Ok(Err(e))) => error!(error = %e, "the rpc server failed"),
+            Ok(_) => {}
+        }
     }
     if tokio::time::timeout(grace, reconciler).await.is_err() {
         warn!("a cloud call was still running at shutdown; its result is reconciled on the next start");
@@ -259,5 +282,9 @@ async fn run(cli: Cli, settings: Settings, introspection: Option<SocketAddr>) ->
         .ok();
     std::fs::remove_file(&cli.socket).ok();
     info!("ipamd stopped");
-    0
+    if failed.is_some() {
+        EXIT_UNAVAILABLE
+    } else {
+        0
+    }
 }

@@ -149,7 +149,7 @@ impl IpamdService {
 
 /// Binds the socket with mode 0600 from the first moment: bound under a
 /// temporary name, restricted, then renamed into place.
-pub fn bind_socket(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+pub fn bind_socket(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -161,10 +161,48 @@ pub fn bind_socket(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::remove_file(&tmp).ok();
-    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    listener.set_nonblocking(true)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
     std::fs::rename(&tmp, path)?;
     Ok(listener)
+}
+
+/// Serves on a thread of its own with a single-threaded runtime, until
+/// `shutdown` resolves; the receiver answers once in-flight calls are done.
+///
+/// Every ADD of every pod waits on this server, so it does not share the
+/// daemon's work-stealing runtime: there, a request woke idle workers that
+/// searched for work on the other CPUs, the CPUs the plugin making the
+/// pod's veth needs. Measured with fresh connections as the plugin makes
+/// them: half the CPU per call in ipamd (185 vs 376 us) and fewer context
+/// switches. The handlers' state (the pool, the journal) is shared with the
+/// reconciler through runtime-independent tokio primitives.
+pub fn spawn_server(
+    ipam: Arc<Ipam>,
+    listener: std::os::unix::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<Result<(), String>>> {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ipamd-rpc".into())
+        .spawn(move || {
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("rpc runtime: {e}"))
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        let listener = tokio::net::UnixListener::from_std(listener)
+                            .map_err(|e| format!("rpc socket: {e}"))?;
+                        serve(ipam, listener, shutdown)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                });
+            done.send(served).ok();
+        })?;
+    Ok(finished)
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight calls finish.
