@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REPLACE};
+use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::{
@@ -175,13 +175,21 @@ pub struct PairSpec<'a> {
     pub queues: u32,
 }
 
-/// A random locally administered unicast MAC, as the kernel would pick:
-/// chosen here so that the pod's neighbour entry for its gateway can be
-/// written without reading the host veth back.
-fn random_mac() -> [u8; 6] {
-    let mut m: [u8; 6] = rand::random();
-    m[0] = (m[0] & 0xfe) | 0x02;
-    m
+/// Two random locally administered unicast MACs, as the kernel would pick
+/// them: chosen here so that the pod's neighbour entry for its gateway can be
+/// written without reading the host veth back. Straight from getrandom(2):
+/// a seeded generator would first probe the CPU's features, and each CPUID
+/// costs microseconds in a VM.
+fn random_macs() -> Result<([u8; 6], [u8; 6]), DatapathError> {
+    let mut b = [0u8; 12];
+    getrandom::fill(&mut b).map_err(|e| DatapathError::Other(format!("random MAC: {e}")))?;
+    let mac = |m: &[u8]| {
+        let mut a = [0u8; 6];
+        a.copy_from_slice(m);
+        a[0] = (a[0] & 0xfe) | 0x02;
+        a
+    };
+    Ok((mac(&b[..6]), mac(&b[6..])))
 }
 
 /// The veth pair with the pod's side configured as far as it can be before
@@ -281,11 +289,9 @@ fn make_pair(
             .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();
-        // Kernels that honour NLM_F_ECHO here (6.1 and later) answer with
-        // the new link, which names its peer: no read-back needed.
-        vec![(RouteNetlinkMessage::NewLink(pair), CREATE | NLM_F_ECHO)]
+        vec![(RouteNetlinkMessage::NewLink(pair), CREATE)]
     };
-    let created = match only(host.batch(build())) {
+    match only(host.batch(build())) {
         Err(e) if e.raw_os_error() == Some(EEXIST) => {
             let stale = only(host.batch(vec![(link_named(host_veth), 0)]));
             if let Some((index, _)) = stale.ok().as_deref().and_then(indexes) {
@@ -297,10 +303,9 @@ fn make_pair(
         other => other,
     }
     .map_err(nl("create veth pair"))?;
-    if let Some((host_index, Some(pod_index))) = indexes(&created) {
-        return Ok((host_index, pod_index));
-    }
-    // No echo: the pod's end names its peer too.
+    // The pod's end names its peer, the host end. (NLM_F_ECHO on the
+    // creation would answer with the host end from kernel 6.1 on; one read
+    // costs ~20 us and works on every kernel.)
     let read = only(pod.nl.batch(vec![(link_named(pod_ifname), 0)]));
     match read.as_deref().ok().and_then(indexes) {
         Some((pod_index, Some(host_index))) => Ok((host_index, pod_index)),
@@ -334,7 +339,7 @@ pub fn create_veth(
     pod: &mut Pod,
     p: &PairSpec<'_>,
 ) -> Result<Veth, DatapathError> {
-    let (host_mac, pod_mac) = (random_mac(), random_mac());
+    let (host_mac, pod_mac) = random_macs()?;
     let (host_index, pod_index) = make_pair(host, pod, p, (host_mac, pod_mac))?;
     let veth = Veth {
         host_index,
@@ -716,5 +721,46 @@ pub async fn check(host: &Handle, pod: &Handle, w: &Wire<'_>) -> Result<(), Vec<
         Ok(())
     } else {
         Err(bad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_local_unicast_and_differ() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let (a, b) = random_macs().unwrap();
+            for m in [a, b] {
+                assert_eq!(m[0] & 0x01, 0, "multicast bit set: {}", fmt_mac(&m));
+                assert_eq!(
+                    m[0] & 0x02,
+                    0x02,
+                    "not locally administered: {}",
+                    fmt_mac(&m)
+                );
+                assert!(seen.insert(m), "repeated MAC {}", fmt_mac(&m));
+            }
+        }
+    }
+
+    #[test]
+    fn rules_name_the_table_in_the_header_or_an_attribute() {
+        let ip = Ipv4Addr::new(10, 0, 0, 5);
+        let to = rule_message(ip, true, MAIN_TABLE);
+        assert_eq!(to.header.table, 254);
+        assert_eq!(to.header.dst_len, 32);
+        assert!(to
+            .attributes
+            .contains(&RuleAttribute::Priority(PRIO_TO_POD)));
+        let from = rule_message(ip, false, 1000);
+        assert_eq!(from.header.table, 0);
+        assert_eq!(from.header.src_len, 32);
+        assert!(from.attributes.contains(&RuleAttribute::Table(1000)));
+        assert!(from
+            .attributes
+            .contains(&RuleAttribute::Priority(PRIO_FROM_POD)));
     }
 }
