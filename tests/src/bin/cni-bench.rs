@@ -21,6 +21,10 @@ struct Cli {
     /// Directory of Debian's CNI plugins.
     #[arg(long, default_value = "/usr/lib/cni")]
     peer_dir: PathBuf,
+    /// Another vpc-cni binary (another build of it) to time in the same run,
+    /// interleaved with the others.
+    #[arg(long)]
+    candidate: Option<PathBuf>,
 }
 
 fn run(
@@ -138,59 +142,71 @@ fn main() {
         "ipam": {"type": "host-local", "subnet": "10.99.0.0/16", "dataDir": dir.path().join("host-local")},
     });
     let cni_path = format!("{}:{}", bins.cni_dir().display(), cli.peer_dir.display());
-    let (mut vadd, mut vdel, mut padd, mut pdel) =
-        (Stats(vec![]), Stats(vec![]), Stats(vec![]), Stats(vec![]));
+    // Each plugin in turn per cycle, so that a slow phase of the machine
+    // weighs on all of them alike.
+    let mut plugins = vec![
+        ("vpc-cni", bins.vpc_cni(), &vpc_conf),
+        ("ptp+host-local", ptp.clone(), &ptp_conf),
+    ];
+    if let Some(c) = &cli.candidate {
+        assert!(c.is_file(), "--candidate {} is not a file", c.display());
+        plugins.push(("candidate", c.clone(), &vpc_conf));
+    }
+    let mut add: Vec<Stats> = plugins.iter().map(|_| Stats(vec![])).collect();
+    let mut del: Vec<Stats> = plugins.iter().map(|_| Stats(vec![])).collect();
     for i in 0..cli.cycles {
-        for (plugin, conf, add, del) in [
-            (bins.vpc_cni(), &vpc_conf, &mut vadd, &mut vdel),
-            (ptp.clone(), &ptp_conf, &mut padd, &mut pdel),
-        ] {
-            let pod = Netns::new(&format!("{prefix}-p{i}"));
-            let id = format!("{prefix}-{i}");
-            let (t_add, result) = run(&plugin, "ADD", &id, &pod.path(), conf, &cni_path);
-            let mut with_prev = conf.clone();
+        for (k, (_, plugin, conf)) in plugins.iter().enumerate() {
+            let pod = Netns::new(&format!("{prefix}-p{i}-{k}"));
+            let id = format!("{prefix}-{i}-{k}");
+            let (t_add, result) = run(plugin, "ADD", &id, &pod.path(), conf, &cni_path);
+            let mut with_prev = (*conf).clone();
             with_prev["prevResult"] = result;
-            let (t_del, _) = run(&plugin, "DEL", &id, &pod.path(), &with_prev, &cni_path);
-            add.0.push(t_add);
-            del.0.push(t_del);
+            let (t_del, _) = run(plugin, "DEL", &id, &pod.path(), &with_prev, &cni_path);
+            add[k].0.push(t_add);
+            del[k].0.push(t_del);
             drop(pod); // the runtime deletes the namespace after DEL
         }
     }
     // The floor every invocation pays: exec of the binary, VERSION only.
-    let (mut vver, mut pver) = (Stats(vec![]), Stats(vec![]));
+    let mut ver: Vec<Stats> = plugins.iter().map(|_| Stats(vec![])).collect();
     for _ in 0..cli.cycles {
-        for (plugin, s) in [(bins.vpc_cni(), &mut vver), (ptp.clone(), &mut pver)] {
+        for (k, (_, plugin, _)) in plugins.iter().enumerate() {
             let (t, _) = run(
-                &plugin,
+                plugin,
                 "VERSION",
                 "",
                 Path::new(""),
                 &json!({"cniVersion": "1.0.0"}),
                 &cni_path,
             );
-            s.0.push(t);
+            ver[k].0.push(t);
         }
     }
     println!(
         "cni-bench: {} cycles each, fresh namespace per cycle, plugins exec'd as a runtime does",
         cli.cycles
     );
-    println!("{:<22} {:>10} {:>10}", "", "mean ms", "p50 ms");
-    for (name, s) in [
-        ("vpc-cni VERSION", &vver),
-        ("ptp VERSION", &pver),
-        ("vpc-cni ADD", &vadd),
-        ("ptp+host-local ADD", &padd),
-        ("vpc-cni DEL", &vdel),
-        ("ptp+host-local DEL", &pdel),
-    ] {
-        println!("{name:<22} {:>10.2} {:>10.2}", s.mean_ms(), s.p50_ms());
+    println!("{:<26} {:>10} {:>10}", "", "mean ms", "p50 ms");
+    for (what, stats) in [("VERSION", &ver), ("ADD", &add), ("DEL", &del)] {
+        for ((name, _, _), s) in plugins.iter().zip(stats) {
+            // VERSION execs the first plugin of a chain only.
+            let name = if what == "VERSION" {
+                name.split('+').next().unwrap_or(name)
+            } else {
+                name
+            };
+            let label = format!("{name} {what}");
+            println!("{label:<26} {:>10.2} {:>10.2}", s.mean_ms(), s.p50_ms());
+        }
     }
-    println!(
-        "ratio vpc-cni/ptp: ADD {:.2}x, DEL {:.2}x (target <= 0.25x)",
-        vadd.mean_ms() / padd.mean_ms(),
-        vdel.mean_ms() / pdel.mean_ms()
-    );
+    for (k, (name, _, _)) in plugins.iter().enumerate().filter(|(k, _)| *k != 1) {
+        println!(
+            "ratio {name}/ptp: ADD {:.2}x (p50 {:.2}x), DEL {:.2}x (target <= 0.25x)",
+            add[k].mean_ms() / add[1].mean_ms(),
+            add[k].p50_ms() / add[1].p50_ms(),
+            del[k].mean_ms() / del[1].mean_ms()
+        );
+    }
     ipamd.kill().ok();
     ipamd.wait().ok();
 }
