@@ -1,19 +1,21 @@
-//! A netlink socket inside a pod's network namespace.
+//! Netlink sockets inside a pod's network namespace.
 //!
 //! A netlink socket stays in the namespace it was opened in, whichever
 //! thread later uses it; so the plugin enters the pod's namespace once, opens
-//! one socket there and leaves again, and all later work in the pod goes
-//! through that socket from the plugin's own namespace.
+//! its sockets there and leaves again, and all later work in the pod goes
+//! through those sockets from the plugin's own namespace.
 //!
 //! `setns` changes only the calling thread. The hazard is a runtime thread
 //! that runs tasks while it is in a namespace not its own; so this happens
-//! on the main thread *before the runtime runs anything*: `block_on` has not
-//! been called, no task exists that could be polled in between, and the
-//! thread is back in its own namespace before `open` returns (or the plugin
-//! stops: it must not carry on in the wrong one). A dedicated thread would
-//! do the same at the price of waking a second CPU: measured on the 2-vCPU
-//! test machine, the thread started 0.2 to 0.5 ms after it was spawned, a
-//! quarter of ADD's whole budget.
+//! on the main thread while its runtime can run nothing: the runtime is
+//! single-threaded and runs tasks only inside `block_on`, and `open` is
+//! called between two `block_on` calls (ADD has sent its request to ipamd
+//! in the first; the connection's task waits in the runtime, not running).
+//! The thread is back in its own namespace before `open` returns, or the
+//! plugin stops: it must not carry on in the wrong one. A dedicated thread
+//! would do the same at the price of waking a second CPU: measured on the
+//! 2-vCPU test machine, a new thread started 0.2 to 0.6 ms after it was
+//! spawned, a quarter of ADD's whole time.
 
 use std::fs::File;
 use std::path::Path;
@@ -40,8 +42,8 @@ pub struct Stranded(#[source] pub std::io::Error);
 
 impl Pod {
     /// Opens netlink sockets in the namespace at `netns`; the asynchronous
-    /// one is registered with `runtime`. Call it before any runtime runs
-    /// anything on this thread (see the module documentation). The outer
+    /// one is registered with `runtime`. Call it only while no runtime can
+    /// run anything on this thread (see the module documentation). The outer
     /// error means this thread may be left in the pod's namespace and the
     /// process must exit.
     pub fn open(

@@ -53,9 +53,10 @@ fn dp_err(msg: &str) -> impl FnOnce(datapath::DatapathError) -> CniError + '_ {
     }
 }
 
-/// The sockets ADD and CHECK need in the pod's namespace, opened before the
-/// runtime runs anything (see [`crate::netns`]); CHECK's dumps also use an
-/// asynchronous one. `Err` means the plugin must exit at once.
+/// The sockets ADD and CHECK need in the pod's namespace, opened while the
+/// single-threaded runtime can run nothing, outside `block_on` (see
+/// [`crate::netns`]); CHECK's dumps also use an asynchronous one. `Err`
+/// means the plugin must exit at once.
 pub fn prestart(
     cmd: Command,
     netns: &str,
