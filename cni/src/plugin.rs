@@ -6,6 +6,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::task::Poll;
 
+use ipamd_api::fast::FastError;
 use ipamd_api::v1::ipamd_client::IpamdClient;
 use ipamd_api::v1::{
     AddNetworkReply, AddNetworkRequest, Attachment, DelNetworkRequest, GarbageCollectRequest,
@@ -160,6 +161,20 @@ pub async fn send_add(env: &Env, conf: &NetConf) -> PendingAdd {
     };
     let socket = socket(conf).to_string();
     let mut call: Pin<Box<dyn Future<Output = Answer>>> = Box::pin(async move {
+        // ADD's fast path first (one protobuf frame each way, no HTTP/2);
+        // an ipamd without it is asked over gRPC.
+        match ipamd_api::fast::add_network(Path::new(&socket), &request).await {
+            Ok(reply) => return Ok(reply),
+            Err(FastError::Status(s)) => return Err(from_status("AddNetwork", s)),
+            Err(FastError::Io(e)) => {
+                return Err(CniError::new(
+                    code::TRY_AGAIN_LATER,
+                    "the call to ipamd failed",
+                    e,
+                ))
+            }
+            Err(FastError::Unavailable(_)) => {}
+        }
         let mut client = ipamd_api::client_once(&socket)
             .await
             .map_err(|e| CniError::new(code::TRY_AGAIN_LATER, "ipamd is not reachable", e))?;

@@ -237,11 +237,21 @@ async fn run(cli: Cli, settings: Settings, introspection: Option<SocketAddr>) ->
         }
     }
     let reconciler = tokio::spawn(ipam.clone().run(stop_rx.clone()));
-    let server = match rpc::spawn_server(ipam.clone(), listener, stopped(stop_rx.clone())) {
+    let fast_socket = ipamd_api::fast::path(&cli.socket);
+    let fast = match rpc::bind_socket(&fast_socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ipamd: cannot listen on {}: {e}", fast_socket.display());
+            std::fs::remove_file(&cli.socket).ok();
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    let server = match rpc::spawn_server(ipam.clone(), listener, fast, stop_rx.clone()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ipamd: cannot start the rpc server: {e}");
             std::fs::remove_file(&cli.socket).ok();
+            std::fs::remove_file(&fast_socket).ok();
             return EXIT_UNAVAILABLE;
         }
     };
@@ -281,6 +291,7 @@ async fn run(cli: Cli, settings: Settings, introspection: Option<SocketAddr>) ->
         .await
         .ok();
     std::fs::remove_file(&cli.socket).ok();
+    std::fs::remove_file(&fast_socket).ok();
     info!("ipamd stopped");
     if failed.is_some() {
         EXIT_UNAVAILABLE

@@ -11,7 +11,7 @@ use ipamd_api::v1::{
 };
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::datastore::PodKey;
 use crate::ipam::{Ipam, IpamError, Wiring};
@@ -168,8 +168,9 @@ pub fn bind_socket(path: &Path) -> std::io::Result<std::os::unix::net::UnixListe
     Ok(listener)
 }
 
-/// Serves on a thread of its own with a single-threaded runtime, until
-/// `shutdown` resolves; the receiver answers once in-flight calls are done.
+/// Serves gRPC on `listener` and ADD's fast path (see [`ipamd_api::fast`])
+/// on `fast`, on a thread of their own with a single-threaded runtime, until
+/// `stop` turns true; the receiver answers once in-flight calls are done.
 ///
 /// Every ADD of every pod waits on this server, so it does not share the
 /// daemon's work-stealing runtime: there, a request woke idle workers that
@@ -181,7 +182,8 @@ pub fn bind_socket(path: &Path) -> std::io::Result<std::os::unix::net::UnixListe
 pub fn spawn_server(
     ipam: Arc<Ipam>,
     listener: std::os::unix::net::UnixListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    fast: std::os::unix::net::UnixListener,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<Result<(), String>>> {
     let (done, finished) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -195,14 +197,84 @@ pub fn spawn_server(
                     rt.block_on(async move {
                         let listener = tokio::net::UnixListener::from_std(listener)
                             .map_err(|e| format!("rpc socket: {e}"))?;
-                        serve(ipam, listener, shutdown)
+                        let fast = tokio::net::UnixListener::from_std(fast)
+                            .map_err(|e| format!("fast-path socket: {e}"))?;
+                        let service = Arc::new(IpamdService::new(ipam.clone()));
+                        let fast = tokio::spawn(serve_fast(service, fast, stop.clone()));
+                        let mut stop = stop;
+                        let shutdown = async move {
+                            stop.wait_for(|s| *s).await.ok();
+                        };
+                        let grpc = serve(ipam, listener, shutdown)
                             .await
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| e.to_string());
+                        fast.await.ok();
+                        grpc
                     })
                 });
             done.send(served).ok();
         })?;
     Ok(finished)
+}
+
+/// How long a fast-path client has to send its request.
+const FAST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// ADD's fast path: one request and one answer per connection, handled by
+/// the same code as the gRPC AddNetwork. Stops accepting when `stop` turns
+/// true and lets the calls in flight finish.
+async fn serve_fast(
+    service: Arc<IpamdService>,
+    listener: tokio::net::UnixListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut calls = tokio::task::JoinSet::new();
+    let mut stopped = std::pin::pin!(async move {
+        stop.wait_for(|s| *s).await.ok();
+    });
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((mut conn, _)) => {
+                    let service = service.clone();
+                    calls.spawn(async move {
+                        let request = match tokio::time::timeout(
+                            FAST_READ_TIMEOUT,
+                            ipamd_api::fast::read_frame::<AddNetworkRequest>(&mut conn),
+                        )
+                        .await
+                        {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(e)) => {
+                                debug!(error = %e, "fast path: no request");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!("fast path: no request within the timeout");
+                                return;
+                            }
+                        };
+                        let answer = service
+                            .add_network(Request::new(request))
+                            .await
+                            .map(Response::into_inner);
+                        let result = ipamd_api::fast::result_of(answer);
+                        if let Err(e) = ipamd_api::fast::write_frame(&mut conn, &result).await {
+                            debug!(error = %e, "fast path: the client left before its answer");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "fast path: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            // Reap finished calls as they end.
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            _ = &mut stopped => break,
+        }
+    }
+    while calls.join_next().await.is_some() {}
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight calls finish.

@@ -198,3 +198,79 @@ async fn status_gc_version_and_error_codes() {
     drop(lab);
     assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
 }
+
+/// ADD asks over the fast path (one protobuf frame each way) and falls back
+/// to gRPC when an ipamd has no fast path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_uses_the_fast_path_and_falls_back_to_grpc() {
+    let mut lab = Lab::new().await;
+    let prefix = lab.prefix.clone();
+    let a = lab
+        .add_node(NodeSpec {
+            name: "a",
+            instance_type: "t3.small",
+            env: vec![
+                ("IPAMD_ADD_WAIT_SECONDS", "1".to_string()),
+                ("IP_COOLDOWN_PERIOD", "0".to_string()),
+            ],
+        })
+        .await;
+    let grpc = lab.nodes[a].socket.clone();
+    let fast = ipamd_api::fast::path(&grpc);
+    assert!(
+        fast.exists(),
+        "ipamd serves no fast path at {}",
+        fast.display()
+    );
+    let hidden = grpc.with_extension("hidden");
+
+    // With the gRPC socket out of the way, only the fast path can answer.
+    std::fs::rename(&grpc, &hidden).unwrap();
+    let p1 = lab.add_pod(a, "fast");
+    std::fs::rename(&hidden, &grpc).unwrap();
+    assert!(holds(&lab, a, &p1.container_id).await);
+
+    // An error crosses the fast path with its reason: t3.small holds 9 pod
+    // addresses (3 interfaces x 3 secondary addresses).
+    for i in 0..8 {
+        lab.reserve(a, &format!("held{i}")).await;
+    }
+    std::fs::rename(&grpc, &hidden).unwrap();
+    let ns = Netns::new(&format!("{prefix}-full"));
+    let conf = lab.netconf(a, "1.0.0");
+    let r = lab.invoke(
+        a,
+        &lab.bins.vpc_cni(),
+        "ADD",
+        "full",
+        &ns.path().display().to_string(),
+        "eth0",
+        &conf,
+        &[],
+    );
+    std::fs::rename(&hidden, &grpc).unwrap();
+    assert!(!r.ok, "ADD past the instance's limit succeeded");
+    let err: Value = r.json();
+    assert_eq!(err["code"], 11, "{}", r.stdout);
+    assert!(
+        err["details"].as_str().unwrap_or("").contains("limit"),
+        "the reason is lost: {}",
+        r.stdout
+    );
+
+    // Without the fast path (an older ipamd), ADD goes over gRPC.
+    let mut c = ipamd_api::client(&grpc).await.unwrap();
+    c.del_network(ipamd_api::v1::DelNetworkRequest {
+        network_name: "vpc-cni".into(),
+        container_id: "held0".into(),
+        ifname: "eth0".into(),
+    })
+    .await
+    .unwrap();
+    std::fs::remove_file(&fast).unwrap();
+    let p2 = lab.add_pod(a, "grpc");
+    assert!(holds(&lab, a, &p2.container_id).await);
+    drop((p1, p2, ns));
+    drop(lab);
+    assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
+}

@@ -8,6 +8,8 @@ pub mod v1 {
     tonic::include_proto!("vpccni.ipamd.v1");
 }
 
+pub mod fast;
+
 use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
