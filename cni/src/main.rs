@@ -3,8 +3,10 @@
 //! logs go to a file and stderr, never stdout.
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::Mutex;
 
+use vpc_cni::netns::Pod;
 use vpc_cni::plugin;
 use vpc_cni::spec::{code, CniError, Command, Env, NetConf, DEFAULT_LOG_FILE};
 
@@ -104,31 +106,48 @@ fn main() {
             fail(&conf.cni_version, &e)
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            init_logging(Some(&conf));
-            fail(
-                &conf.cni_version,
-                &CniError::new(code::IO_FAILURE, "cannot start the runtime", e),
-            )
+    let out = if cmd == Command::Add {
+        // The request to ipamd goes first, so that ipamd answers while the
+        // plugin does the rest; on the fast path there is no runtime at all.
+        match plugin::start_add(&env, &conf) {
+            Ok(ask) => {
+                // Nothing runs on this thread but this code (a gRPC
+                // fallback's runtime runs only inside block_on): enter the
+                // pod's namespace for a moment (see vpc_cni::netns).
+                let pod = Pod::open(Path::new(&env.netns), None);
+                init_logging(Some(&conf));
+                match pod {
+                    Ok(pod) => plugin::add(&env, &conf, pod, ask).map(Some),
+                    Err(e) => Err(CniError::new(code::IO_FAILURE, "network namespace", e)),
+                }
+            }
+            Err(e) => {
+                init_logging(Some(&conf));
+                Err(e)
+            }
         }
-    };
-    // ADD's request to ipamd goes first, so that ipamd answers while the
-    // plugin does the rest.
-    let sent = (cmd == Command::Add).then(|| runtime.block_on(plugin::send_add(&env, &conf)));
-    // Between two block_on calls nothing runs on this runtime (it is
-    // single-threaded and runs tasks only inside block_on): ADD and CHECK
-    // enter the pod's namespace on this thread for a moment (see
-    // vpc_cni::netns).
-    let pod = plugin::prestart(cmd, &env.netns, &runtime);
-    init_logging(Some(&conf));
-    let out = match pod {
-        Ok(pod) => runtime.block_on(plugin::run(cmd, &env, &conf, pod, sent)),
-        Err(e) => Err(CniError::new(code::IO_FAILURE, "network namespace", e)),
+    } else {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                init_logging(Some(&conf));
+                fail(
+                    &conf.cni_version,
+                    &CniError::new(code::IO_FAILURE, "cannot start the runtime", e),
+                )
+            }
+        };
+        // Before the runtime runs anything: CHECK enters the pod's namespace
+        // on this thread for a moment (see vpc_cni::netns).
+        let pod = plugin::prestart(cmd, &env.netns, &runtime);
+        init_logging(Some(&conf));
+        match pod {
+            Ok(pod) => runtime.block_on(plugin::run(cmd, &env, &conf, pod)),
+            Err(e) => Err(CniError::new(code::IO_FAILURE, "network namespace", e)),
+        }
     };
     match out {
         Ok(Some(out)) => {

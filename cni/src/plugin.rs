@@ -6,7 +6,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::task::Poll;
 
-use ipamd_api::fast::FastError;
+use ipamd_api::fast::{FastError, Sent};
 use ipamd_api::v1::ipamd_client::IpamdClient;
 use ipamd_api::v1::{
     AddNetworkReply, AddNetworkRequest, Attachment, DelNetworkRequest, GarbageCollectRequest,
@@ -54,44 +54,34 @@ fn dp_err(msg: &str) -> impl FnOnce(datapath::DatapathError) -> CniError + '_ {
     }
 }
 
-/// The sockets ADD and CHECK need in the pod's namespace, opened while the
+/// The sockets CHECK needs in the pod's namespace, opened while the
 /// single-threaded runtime can run nothing, outside `block_on` (see
-/// [`crate::netns`]); CHECK's dumps also use an asynchronous one. `Err`
-/// means the plugin must exit at once.
+/// [`crate::netns`]). `Err` means the plugin must exit at once.
 pub fn prestart(
     cmd: Command,
     netns: &str,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<Option<Result<Pod, DatapathError>>, Stranded> {
     match cmd {
-        Command::Add => Pod::open(Path::new(netns), None).map(Some),
         Command::Check => Pod::open(Path::new(netns), Some(runtime)).map(Some),
         _ => Ok(None),
     }
 }
 
-/// Runs one command but VERSION; `Ok(Some(v))` is printed on stdout. `pod`
-/// is what [`prestart`] opened, `sent` ADD's request if [`send_add`] sent it.
+/// Runs one command but ADD (see [`start_add`] and [`add`]) and VERSION;
+/// `Ok(Some(v))` is printed on stdout. `pod` is what [`prestart`] opened.
 pub async fn run(
     cmd: Command,
     env: &Env,
     conf: &NetConf,
     pod: Option<Result<Pod, DatapathError>>,
-    sent: Option<PendingAdd>,
 ) -> Result<Option<Value>, CniError> {
     match cmd {
-        Command::Add => {
-            let ask = match sent {
-                Some(s) => s,
-                None => send_add(env, conf).await,
-            };
-            let pod = pod.unwrap_or_else(|| {
-                Err(DatapathError::Other(
-                    "the pod's namespace was not opened".into(),
-                ))
-            });
-            add(env, conf, pod, ask).await.map(Some)
-        }
+        Command::Add => Err(CniError::new(
+            code::PLUGIN,
+            "ADD runs without the runtime (plugin::add)",
+            "",
+        )),
         Command::Del => del(env, conf).await.map(|_| None),
         Command::Check => {
             let pod = pod
@@ -129,25 +119,58 @@ fn needs_1_1(cmd: &str, conf: &NetConf) -> Result<(), CniError> {
     Ok(())
 }
 
-/// How many times [`send_add`] lets the runtime's tasks run: enough for the
+/// How many times [`send_grpc`] lets the runtime's tasks run: enough for the
 /// request to pass the client's tasks and reach ipamd's socket.
 const REQUEST_HEAD_START: usize = 4;
 
 type Answer = Result<AddNetworkReply, CniError>;
 
-/// ADD's call to ipamd once sent: answered already (a refused connection
-/// is), or on its way.
-pub enum PendingAdd {
-    Answered(Answer),
-    Waiting(Pin<Box<dyn Future<Output = Answer>>>),
+/// ADD's call to ipamd once sent.
+pub enum Ask {
+    /// On the fast path (see [`ipamd_api::fast`]): no runtime at all.
+    Fast(Sent),
+    /// Over gRPC, for an ipamd without the fast path.
+    Grpc(Box<GrpcCall>),
 }
 
-/// The first half of ADD: connects to ipamd and sends AddNetwork, and
-/// returns once the request is on its way, with the answer still to come.
-/// What the plugin does next (entering the pod's namespace, making the veth)
-/// then runs while ipamd, on another CPU, answers.
-pub async fn send_add(env: &Env, conf: &NetConf) -> PendingAdd {
-    let request = AddNetworkRequest {
+/// An AddNetwork over gRPC: answered already (a refused connection is), or
+/// on its way on `runtime`.
+pub struct GrpcCall {
+    runtime: tokio::runtime::Runtime,
+    answered: Option<Answer>,
+    waiting: Option<Pin<Box<dyn Future<Output = Answer>>>>,
+}
+
+impl Ask {
+    fn answered_error(&self) -> Option<CniError> {
+        match self {
+            Ask::Grpc(g) => g.answered.as_ref().and_then(|a| a.as_ref().err().cloned()),
+            Ask::Fast(_) => None,
+        }
+    }
+
+    fn answer(self) -> Answer {
+        match self {
+            Ask::Fast(sent) => sent.answer().map_err(|e| match e {
+                FastError::Status(s) => from_status("AddNetwork", s),
+                FastError::Io(e) => {
+                    CniError::new(code::TRY_AGAIN_LATER, "the call to ipamd failed", e)
+                }
+                FastError::Unavailable(e) => {
+                    CniError::new(code::TRY_AGAIN_LATER, "ipamd is not reachable", e)
+                }
+            }),
+            Ask::Grpc(g) => match (g.answered, g.waiting) {
+                (Some(answer), _) => answer,
+                (None, Some(call)) => g.runtime.block_on(call),
+                (None, None) => Err(CniError::new(code::PLUGIN, "no call to ipamd", "")),
+            },
+        }
+    }
+}
+
+fn add_request(env: &Env, conf: &NetConf) -> AddNetworkRequest {
+    AddNetworkRequest {
         network_name: conf.name.clone(),
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
@@ -158,23 +181,48 @@ pub async fn send_add(env: &Env, conf: &NetConf) -> PendingAdd {
             .cloned()
             .unwrap_or_default(),
         pod_name: env.args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
-    };
-    let socket = socket(conf).to_string();
-    let mut call: Pin<Box<dyn Future<Output = Answer>>> = Box::pin(async move {
-        // ADD's fast path first (one protobuf frame each way, no HTTP/2);
-        // an ipamd without it is asked over gRPC.
-        match ipamd_api::fast::add_network(Path::new(&socket), &request).await {
-            Ok(reply) => return Ok(reply),
-            Err(FastError::Status(s)) => return Err(from_status("AddNetwork", s)),
-            Err(FastError::Io(e)) => {
-                return Err(CniError::new(
-                    code::TRY_AGAIN_LATER,
-                    "the call to ipamd failed",
-                    e,
-                ))
-            }
-            Err(FastError::Unavailable(_)) => {}
+    }
+}
+
+/// The first half of ADD: sends AddNetwork and returns with the answer
+/// still to come, so that what the plugin does next (entering the pod's
+/// namespace, making the veth) overlaps ipamd's work. On the fast path this
+/// is a connect and a write, without any runtime; an ipamd without the fast
+/// path is asked over gRPC on a runtime made for it.
+pub fn start_add(env: &Env, conf: &NetConf) -> Result<Ask, CniError> {
+    let request = add_request(env, conf);
+    match ipamd_api::fast::send(Path::new(socket(conf)), &request) {
+        Ok(sent) => return Ok(Ask::Fast(sent)),
+        Err(FastError::Unavailable(_)) => {}
+        Err(e) => {
+            return Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                "cannot send the request to ipamd",
+                format!("{e:?}"),
+            ))
         }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CniError::new(code::IO_FAILURE, "cannot start the runtime", e))?;
+    let (answered, waiting) = rt.block_on(send_grpc(socket(conf).to_string(), request));
+    Ok(Ask::Grpc(Box::new(GrpcCall {
+        runtime: rt,
+        answered,
+        waiting,
+    })))
+}
+
+/// AddNetwork over gRPC, driven until the request is on its way.
+async fn send_grpc(
+    socket: String,
+    request: AddNetworkRequest,
+) -> (
+    Option<Answer>,
+    Option<Pin<Box<dyn Future<Output = Answer>>>>,
+) {
+    let mut call: Pin<Box<dyn Future<Output = Answer>>> = Box::pin(async move {
         let mut client = ipamd_api::client_once(&socket)
             .await
             .map_err(|e| CniError::new(code::TRY_AGAIN_LATER, "ipamd is not reachable", e))?;
@@ -188,33 +236,44 @@ pub async fn send_add(env: &Env, conf: &NetConf) -> PendingAdd {
     for _ in 0..REQUEST_HEAD_START {
         if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await
         {
-            return PendingAdd::Answered(r);
+            return (Some(r), None);
         }
         tokio::task::yield_now().await;
     }
-    PendingAdd::Waiting(call)
+    (None, Some(call))
 }
 
-/// The second half of ADD, once [`send_add`] has sent the request: makes
+/// Gives the address back after a failed ADD (on a runtime of its own: ADD
+/// runs without one).
+fn release_now(env: &Env, conf: &NetConf) {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(release(env, conf)),
+        Err(e) => warn!(error = %e, "could not release the address after a failed ADD"),
+    }
+}
+
+/// The second half of ADD, once [`start_add`] has sent the request: makes
 /// the veth and the pod's routes (they do not need the address; the
 /// synchronous netlink holds this thread in the kernel for a few hundred
 /// microseconds, see [`crate::nlsync`]) while ipamd answers, then wires the
-/// address. Measured on a 2-vCPU VM, a second thread for either half did
-/// worse: a new thread waited 0.2 to 0.6 ms for a CPU.
-pub async fn add(
+/// address. Synchronous: no runtime on the fast path. Measured on a 2-vCPU
+/// VM, a second thread for either half did worse: a new thread waited 0.2
+/// to 0.6 ms for a CPU.
+pub fn add(
     env: &Env,
     conf: &NetConf,
     pod: Result<Pod, DatapathError>,
-    ask: PendingAdd,
+    ask: Ask,
 ) -> Result<Value, CniError> {
-    let ask = match ask {
-        // Nothing to wire if ipamd could not be asked or said no.
-        PendingAdd::Answered(Err(e)) => return Err(e),
-        PendingAdd::Answered(Ok(r)) => Box::pin(std::future::ready(Ok(r))),
-        PendingAdd::Waiting(f) => f,
-    };
+    // Nothing to wire if ipamd could not be asked or said no.
+    if let Some(e) = ask.answered_error() {
+        return Err(e);
+    }
     let host_veth = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
-    // Synchronous, while ipamd answers the request already sent.
+    // While ipamd answers the request already sent.
     let made = pod.and_then(|mut pod| {
         let mut host = Netlink::open().map_err(|source| DatapathError::Io {
             step: "netlink socket",
@@ -229,7 +288,7 @@ pub async fn add(
         let veth = datapath::create_veth(&mut host, &mut pod, &pair)?;
         Ok((host, pod, veth))
     });
-    let asked = ask.await;
+    let asked = ask.answer();
     let (reply, (mut host, mut pod, veth)) = match (asked, made) {
         (Ok(r), Ok(m)) => (r, m),
         (Err(e), made) => {
@@ -239,7 +298,7 @@ pub async fn add(
             return Err(e);
         }
         (Ok(_), Err(e)) => {
-            release(env, conf).await;
+            release_now(env, conf);
             return Err(dp_err("wiring the pod failed")(e));
         }
     };
@@ -247,7 +306,7 @@ pub async fn add(
         Ok(ip) => ip,
         Err(e) => {
             veth.remove(&mut host);
-            release(env, conf).await;
+            release_now(env, conf);
             return Err(CniError::new(
                 code::PLUGIN,
                 "ipamd answered a bad address",
@@ -271,7 +330,7 @@ pub async fn add(
         Ok(w) => w,
         Err(e) => {
             // Nothing of the pod is left in the host; give the address back.
-            release(env, conf).await;
+            release_now(env, conf);
             return Err(dp_err("wiring the pod failed")(e));
         }
     };

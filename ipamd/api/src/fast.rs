@@ -26,33 +26,60 @@ pub fn path(socket: &Path) -> PathBuf {
 /// The largest frame either side accepts.
 const MAX_FRAME: usize = 64 * 1024;
 
+/// The message at the start of `buf`, once all of it has arrived.
+fn try_frame<M: Message + Default>(buf: &[u8]) -> io::Result<Option<M>> {
+    // The length prefix is a varint of at most 10 bytes.
+    match prost::decode_length_delimiter(buf) {
+        Ok(len) if len > MAX_FRAME => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        )),
+        Ok(len) => {
+            let head = prost::length_delimiter_len(len);
+            if buf.len() < head + len {
+                return Ok(None);
+            }
+            M::decode(&buf[head..head + len])
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        }
+        Err(_) if buf.len() >= 10 => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad length prefix",
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
+fn eof() -> io::Error {
+    io::ErrorKind::UnexpectedEof.into()
+}
+
 /// Reads one length-delimited message.
 pub async fn read_frame<M: Message + Default>(io: &mut (impl AsyncRead + Unpin)) -> io::Result<M> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
+    let (mut buf, mut chunk) = (Vec::with_capacity(512), [0u8; 512]);
     loop {
-        // The length prefix is a varint of at most 10 bytes.
-        if let Ok(len) = prost::decode_length_delimiter(buf.as_slice()) {
-            let head = prost::length_delimiter_len(len);
-            if len > MAX_FRAME {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("frame of {len} bytes"),
-                ));
-            }
-            if buf.len() >= head + len {
-                return M::decode(&buf[head..head + len])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
-            }
-        } else if buf.len() >= 10 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "bad length prefix",
-            ));
+        if let Some(m) = try_frame(&buf)? {
+            return Ok(m);
         }
         let n = io.read(&mut chunk).await?;
         if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            return Err(eof());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads one length-delimited message, blocking.
+pub fn read_frame_blocking<M: Message + Default>(io: &mut impl std::io::Read) -> io::Result<M> {
+    let (mut buf, mut chunk) = (Vec::with_capacity(512), [0u8; 512]);
+    loop {
+        if let Some(m) = try_frame(&buf)? {
+            return Ok(m);
+        }
+        let n = io.read(&mut chunk)?;
+        if n == 0 {
+            return Err(eof());
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -100,25 +127,38 @@ pub enum FastError {
     Io(io::Error),
 }
 
-/// AddNetwork on the fast path of the ipamd serving gRPC at `socket`.
-pub async fn add_network(
-    socket: &Path,
-    request: &crate::v1::AddNetworkRequest,
-) -> Result<AddNetworkReply, FastError> {
+/// How long a client waits for ipamd's answer (ipamd's own wait for the
+/// pool, `IPAMD_ADD_WAIT_SECONDS`, is far shorter).
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A request sent on the fast path, its answer still to read: what the
+/// caller does meanwhile overlaps ipamd's work. Blocking, for a process that
+/// needs no async runtime for it.
+pub struct Sent(std::os::unix::net::UnixStream);
+
+/// Sends AddNetwork on the fast path of the ipamd serving gRPC at `socket`.
+pub fn send(socket: &Path, request: &crate::v1::AddNetworkRequest) -> Result<Sent, FastError> {
     let fast = path(socket);
-    let mut stream = tokio::net::UnixStream::connect(&fast)
-        .await
-        .map_err(|source| {
-            FastError::Unavailable(ConnectError {
-                socket: fast.clone(),
-                source,
-            })
-        })?;
-    write_frame(&mut stream, request)
-        .await
+    let mut stream = std::os::unix::net::UnixStream::connect(&fast).map_err(|source| {
+        FastError::Unavailable(ConnectError {
+            socket: fast.clone(),
+            source,
+        })
+    })?;
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(FastError::Io)?;
-    let result: AddNetworkResult = read_frame(&mut stream).await.map_err(FastError::Io)?;
-    status_of(result).map_err(FastError::Status)
+    std::io::Write::write_all(&mut stream, &request.encode_length_delimited_to_vec())
+        .map_err(FastError::Io)?;
+    Ok(Sent(stream))
+}
+
+impl Sent {
+    /// Waits for ipamd's answer.
+    pub fn answer(mut self) -> Result<AddNetworkReply, FastError> {
+        let result: AddNetworkResult = read_frame_blocking(&mut self.0).map_err(FastError::Io)?;
+        status_of(result).map_err(FastError::Status)
+    }
 }
 
 #[cfg(test)]
@@ -147,6 +187,12 @@ mod tests {
         });
         let got: AddNetworkRequest = read_frame(&mut b).await.unwrap();
         assert_eq!(got, req);
+        // The blocking reader reads the same frames.
+        let mut bytes = std::io::Cursor::new(req.encode_length_delimited_to_vec());
+        assert_eq!(
+            read_frame_blocking::<AddNetworkRequest>(&mut bytes).unwrap(),
+            req
+        );
         drop(writer.await.unwrap());
         let eof: io::Result<AddNetworkRequest> = read_frame(&mut b).await;
         assert_eq!(eof.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
