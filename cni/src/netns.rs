@@ -7,15 +7,14 @@
 //!
 //! `setns` changes only the calling thread. The hazard is a runtime thread
 //! that runs tasks while it is in a namespace not its own; so this happens
-//! on the main thread while its runtime can run nothing: the runtime is
-//! single-threaded and runs tasks only inside `block_on`, and `open` is
-//! called between two `block_on` calls (ADD has sent its request to ipamd
-//! in the first; the connection's task waits in the runtime, not running).
-//! The thread is back in its own namespace before `open` returns, or the
-//! plugin stops: it must not carry on in the wrong one. A dedicated thread
-//! would do the same at the price of waking a second CPU: measured on the
-//! 2-vCPU test machine, a new thread started 0.2 to 0.6 ms after it was
-//! spawned, a quarter of ADD's whole time.
+//! on the main thread while no runtime can run anything on it: ADD on the
+//! fast path has no runtime at all; ADD's gRPC fallback and CHECK have a
+//! single-threaded runtime, which runs tasks only inside `block_on`, and
+//! `open` is called outside it. The thread is back in its own namespace
+//! before `open` returns, or the plugin stops: it must not carry on in the
+//! wrong one. A dedicated thread would do the same at the price of waking a
+//! second CPU: measured on the 2-vCPU test machine, a new thread started
+//! 0.2 to 0.6 ms after it was spawned, a quarter of ADD's whole time then.
 
 use std::fs::File;
 use std::path::Path;
