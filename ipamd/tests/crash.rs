@@ -195,26 +195,38 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         let assigned = daemon.assignments().await;
         check("restarted ipamd", &assigned, &snapshot);
 
-        // Pool and cloud agree: ipamd knows no address the cloud lacks, and
-        // (once in-flight grows settle) every cloud address is in the pool.
+        // Pool and cloud agree once the calls in flight settle: ipamd holds
+        // no address the cloud lacks and misses none it has. While the
+        // reconciler grows or shrinks the pool the two differ for the length
+        // of a cloud call (the cloud changes first), so a difference counts
+        // only if it lasts.
+        let mut last = (vec![], vec![]);
         let mut settled = false;
         for _ in 0..100 {
             let pool = daemon.pool_addresses().await;
             let cloud = cloud_addresses(&sim.vpc, NODE);
-            let extra: Vec<_> = pool.iter().filter(|ip| !cloud.contains(ip)).collect();
-            assert!(
-                extra.is_empty(),
-                "ipamd holds addresses the cloud does not: {extra:?}"
-            );
             if pool == cloud {
                 settled = true;
                 break;
             }
+            last = (
+                pool.iter()
+                    .filter(|ip| !cloud.contains(ip))
+                    .copied()
+                    .collect::<Vec<_>>(),
+                cloud
+                    .iter()
+                    .filter(|ip| !pool.contains(ip))
+                    .copied()
+                    .collect::<Vec<_>>(),
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(
             settled,
-            "cloud addresses missing from the pool after restart"
+            "after restart, for 5 s: ipamd holds addresses the cloud does not: {:?}; \
+             the cloud has addresses the pool lacks: {:?}",
+            last.0, last.1
         );
         sim.vpc.snapshot().check_invariants().unwrap();
 
