@@ -27,7 +27,11 @@ fn socket(conf: &NetConf) -> &str {
 }
 
 async fn ipamd(conf: &NetConf) -> Result<IpamdClient<Connection>, CniError> {
-    ipamd_api::client_once(socket(conf))
+    ipamd_at(socket(conf)).await
+}
+
+async fn ipamd_at(socket: &str) -> Result<IpamdClient<Connection>, CniError> {
+    ipamd_api::client_once(socket)
         .await
         .map_err(|e| CniError::new(code::TRY_AGAIN_LATER, "ipamd is not reachable", e))
 }
@@ -198,7 +202,7 @@ pub fn start_add(env: &Env, conf: &NetConf) -> Result<Ask, CniError> {
             return Err(CniError::new(
                 code::TRY_AGAIN_LATER,
                 "cannot send the request to ipamd",
-                format!("{e:?}"),
+                e,
             ))
         }
     }
@@ -223,9 +227,7 @@ async fn send_grpc(
     Option<Pin<Box<dyn Future<Output = Answer>>>>,
 ) {
     let mut call: Pin<Box<dyn Future<Output = Answer>>> = Box::pin(async move {
-        let mut client = ipamd_api::client_once(&socket)
-            .await
-            .map_err(|e| CniError::new(code::TRY_AGAIN_LATER, "ipamd is not reachable", e))?;
+        let mut client = ipamd_at(&socket).await?;
         let reply = client
             .add_network(request)
             .await

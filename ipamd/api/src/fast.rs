@@ -127,6 +127,18 @@ pub enum FastError {
     Io(io::Error),
 }
 
+impl std::fmt::Display for FastError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FastError::Unavailable(e) => write!(f, "{e}"),
+            FastError::Status(s) => write!(f, "{}: {}", s.code(), s.message()),
+            FastError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for FastError {}
+
 /// How long a client waits for ipamd's answer (ipamd's own wait for the
 /// pool, `IPAMD_ADD_WAIT_SECONDS`, is far shorter).
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
