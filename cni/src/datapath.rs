@@ -561,6 +561,59 @@ pub async fn del(
     errors
 }
 
+/// The links the host's /32 routes to `ip` in the main table leave by:
+/// the host veth of the pod that holds `ip` on this node.
+async fn pod_route_links(host: &Handle, ip: Ipv4Addr) -> Result<Vec<u32>, rtnetlink::Error> {
+    let routes: Vec<RouteMessage> = host
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await?;
+    Ok(routes
+        .iter()
+        .filter(|r| {
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(r.header.table));
+            table == MAIN_TABLE
+                && r.header.destination_prefix_length == 32
+                && r.attributes.iter().any(
+                    |a| matches!(a, RouteAttribute::Destination(RouteAddress::Inet(d)) if *d == ip),
+                )
+        })
+        .filter_map(|r| {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+/// Whether the host routes `ip` to a link other than `host_veth`: then
+/// another pod holds `ip` on this node, and its rules are not ours.
+pub async fn routed_to_another_link(
+    host: &Handle,
+    host_veth: &str,
+    ip: Ipv4Addr,
+) -> Result<bool, rtnetlink::Error> {
+    let ours = if host_veth.is_empty() {
+        None
+    } else {
+        link_by_name(host, host_veth).await?.map(|l| l.header.index)
+    };
+    Ok(pod_route_links(host, ip)
+        .await?
+        .into_iter()
+        .any(|oif| Some(oif) != ours))
+}
+
 async fn delete_from_rules(host: &Handle, ip: Ipv4Addr) -> Result<(), rtnetlink::Error> {
     let rules: Vec<RuleMessage> = host
         .rule()

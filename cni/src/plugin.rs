@@ -173,7 +173,7 @@ impl Ask {
     }
 }
 
-fn add_request(env: &Env, conf: &NetConf) -> AddNetworkRequest {
+fn add_request(env: &Env, conf: &NetConf, netns: (u64, u64)) -> AddNetworkRequest {
     AddNetworkRequest {
         network_name: conf.name.clone(),
         container_id: env.container_id.clone(),
@@ -185,7 +185,25 @@ fn add_request(env: &Env, conf: &NetConf) -> AddNetworkRequest {
             .cloned()
             .unwrap_or_default(),
         pod_name: env.args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
+        netns_dev: netns.0,
+        netns_ino: netns.1,
     }
+}
+
+/// The pod's namespace must exist before ipamd is asked for anything: its
+/// identity (device, inode) lets ipamd tell later whether the pod is gone
+/// (see the proto's `netns_dev`), and a bad path must not cost an address.
+fn netns_identity(netns: &str) -> Result<(u64, u64), CniError> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(netns)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| {
+            CniError::new(
+                code::INVALID_ENV,
+                "CNI_NETNS cannot be opened",
+                format!("{netns}: {e}"),
+            )
+        })
 }
 
 /// The first half of ADD: sends AddNetwork and returns with the answer
@@ -194,7 +212,7 @@ fn add_request(env: &Env, conf: &NetConf) -> AddNetworkRequest {
 /// is a connect and a write, without any runtime; an ipamd without the fast
 /// path is asked over gRPC on a runtime made for it.
 pub fn start_add(env: &Env, conf: &NetConf) -> Result<Ask, CniError> {
-    let request = add_request(env, conf);
+    let request = add_request(env, conf, netns_identity(&env.netns)?);
     match ipamd_api::fast::send(Path::new(socket(conf)), &request) {
         Ok(sent) => return Ok(Ask::Fast(sent)),
         Err(FastError::Unavailable(_)) => {}
@@ -368,6 +386,36 @@ fn del_request(env: &Env, conf: &NetConf) -> DelNetworkRequest {
         network_name: conf.name.clone(),
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
+        ..Default::default()
+    }
+}
+
+/// `ip` if the node state for it (rules, host route) is this attachment's
+/// to remove: not when ipamd says another attachment holds it, nor when
+/// the host routes it to another pod's veth (a late or repeated DEL whose
+/// prevResult names an address given out again since). Unsure is no.
+async fn ours(
+    host: &rtnetlink::Handle,
+    host_veth: &str,
+    ip: Option<Ipv4Addr>,
+    held_elsewhere: bool,
+    errors: &mut Vec<String>,
+) -> Option<Ipv4Addr> {
+    let ip = ip?;
+    if held_elsewhere {
+        info!(%ip, "another attachment holds this address now; leaving its rules and route");
+        return None;
+    }
+    match datapath::routed_to_another_link(host, host_veth, ip).await {
+        Ok(false) => Some(ip),
+        Ok(true) => {
+            info!(%ip, "the host routes this address to another pod; leaving its rules and route");
+            None
+        }
+        Err(e) => {
+            errors.push(format!("cannot tell who holds {ip}, left its rules: {e}"));
+            None
+        }
     }
 }
 
@@ -375,10 +423,13 @@ async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     // ipamd first: once it has the address back, nothing can route to a
     // pod that is going away. If it is down, tear down from prevResult; it
     // reclaims the address when it sees the pod gone.
-    let (ip, table) = match ipamd(conf).await {
+    let prev = conf.prev_ipv4();
+    let (ip, table, held_elsewhere) = match ipamd(conf).await {
         Ok(mut c) => {
+            let mut request = del_request(env, conf);
+            request.prev_ipv4_address = prev.map(|ip| ip.to_string()).unwrap_or_default();
             let r = c
-                .del_network(del_request(env, conf))
+                .del_network(request)
                 .await
                 .map_err(|s| from_status("DelNetwork", s))?
                 .into_inner();
@@ -386,20 +437,23 @@ async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
                 (
                     r.ipv4_address.parse().ok(),
                     r.interface.map(|i| i.route_table),
+                    false,
                 )
             } else {
-                (conf.prev_ipv4(), None)
+                (prev, None, r.prev_address_held_elsewhere)
             }
         }
         Err(e) => {
             warn!(error = %e, "ipamd unreachable on DEL; tearing down from prevResult");
-            (conf.prev_ipv4(), None)
+            (prev, None, false)
         }
     };
     let host_veth = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
     let host = datapath::handle_here().map_err(dp_err("netlink"))?;
     let netns = (!env.netns.is_empty()).then(|| Path::new(&env.netns));
-    let errors = datapath::del(&host, &host_veth, netns, ip, table).await;
+    let mut errors = vec![];
+    let ip = ours(&host, &host_veth, ip, held_elsewhere, &mut errors).await;
+    errors.extend(datapath::del(&host, &host_veth, netns, ip, table).await);
     if !errors.is_empty() {
         return Err(CniError::new(
             code::PLUGIN,
@@ -486,18 +540,27 @@ async fn status(conf: &NetConf) -> Result<(), CniError> {
 
 async fn gc(conf: &NetConf) -> Result<(), CniError> {
     needs_1_1("GC", conf)?;
-    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    // Only what the runtime positively says is stale goes: without its list
+    // of valid attachments, every live pod would look stale.
+    let valid = conf.valid_list().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "GC needs the runtime's list of valid attachments (cni.dev/valid-attachments); nothing was released",
+            "",
+        )
+    })?;
     let mut client = ipamd(conf).await?;
     let released = client
         .garbage_collect(GarbageCollectRequest {
             network_name: conf.name.clone(),
             valid: valid
-                .into_iter()
+                .iter()
                 .map(|a| Attachment {
-                    container_id: a.container_id,
-                    ifname: a.ifname,
+                    container_id: a.container_id.clone(),
+                    ifname: a.ifname.clone(),
                 })
                 .collect(),
+            valid_is_complete: true,
         })
         .await
         .map_err(|s| from_status("GarbageCollect", s))?
@@ -510,9 +573,14 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
             continue;
         };
         let table = r.interface.map(|i| i.route_table);
-        // The pod's namespace is gone already: only rules and the route remain.
-        errors.extend(datapath::del(&host, "", None, Some(ip), table).await);
-        info!(%ip, "garbage-collected a stale attachment");
+        // The stale attachment's host veth, if the runtime left it behind.
+        let veth = r
+            .attachment
+            .map(|a| host_veth_name(conf.veth_prefix(), &a.container_id, &a.ifname))
+            .unwrap_or_default();
+        let ip = ours(&host, &veth, Some(ip), false, &mut errors).await;
+        errors.extend(datapath::del(&host, &veth, None, ip, table).await);
+        info!(ip = ?ip, veth, "garbage-collected a stale attachment");
     }
     if !errors.is_empty() {
         return Err(CniError::new(

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
+use ipamd_api::names;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -93,7 +94,9 @@ pub struct Env {
 }
 
 impl Env {
-    /// Reads what `cmd` needs; every missing variable is named at once.
+    /// Reads what `cmd` needs and checks it before anything is done with
+    /// it: every missing or malformed variable is named at once (code 4).
+    /// Names follow the spec and the kernel (see [`ipamd_api::names`]).
     pub fn load(cmd: Command, get: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
         let mut missing = vec![];
         let mut need = |k: &str, required: bool| {
@@ -114,12 +117,25 @@ impl Env {
                 missing.join(", "),
             ));
         }
-        if !ifname.is_empty() && (ifname.len() > 15 || ifname.contains('/') || ifname.contains(' '))
-        {
+        let mut bad = vec![];
+        if !container_id.is_empty() {
+            if let Err(e) = names::check_id("CNI_CONTAINERID", &container_id) {
+                bad.push(e.to_string());
+            }
+        }
+        if !ifname.is_empty() {
+            if let Err(e) = names::check_ifname("CNI_IFNAME", &ifname) {
+                bad.push(e.to_string());
+            }
+        }
+        if !netns.is_empty() && !netns.starts_with('/') {
+            bad.push(format!("CNI_NETNS {netns:?} is not an absolute path"));
+        }
+        if !bad.is_empty() {
             return Err(CniError::new(
                 code::INVALID_ENV,
-                "CNI_IFNAME is not a valid interface name",
-                ifname,
+                "invalid CNI environment",
+                bad.join("; "),
             ));
         }
         let args = get("CNI_ARGS")
@@ -163,8 +179,14 @@ pub struct NetConf {
     pub log_level: Option<String>,
     #[serde(default)]
     pub prev_result: Option<Value>,
+    /// GC: the runtime's complete list of attachments still valid (an
+    /// empty list is a statement; an absent one is not).
     #[serde(rename = "cni.dev/valid-attachments", default)]
     pub valid_attachments: Option<Vec<ValidAttachment>>,
+    /// The same list under the key an early text of CNI 1.1 used; read
+    /// only when `cni.dev/valid-attachments` is absent.
+    #[serde(rename = "cni.dev/attachments", default)]
+    pub early_attachments: Option<Vec<ValidAttachment>>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -201,8 +223,8 @@ impl NetConf {
             ));
         }
         let mut bad = vec![];
-        if conf.name.is_empty() {
-            bad.push("name is empty".to_string());
+        if let Err(e) = names::check_id("name", &conf.name) {
+            bad.push(e.to_string());
         }
         if let Some(m) = conf.mtu {
             if !(576..=65535).contains(&m) {
@@ -239,6 +261,13 @@ impl NetConf {
 
     pub fn veth_prefix(&self) -> &str {
         self.veth_prefix.as_deref().unwrap_or(DEFAULT_VETH_PREFIX)
+    }
+
+    /// GC's list of valid attachments, if the runtime gave one.
+    pub fn valid_list(&self) -> Option<&[ValidAttachment]> {
+        self.valid_attachments
+            .as_deref()
+            .or(self.early_attachments.as_deref())
     }
 
     /// The pod's address in `prevResult`, for DEL when ipamd is down and
@@ -327,6 +356,71 @@ mod tests {
             env(&[("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")])
         )
         .is_ok());
+    }
+
+    #[test]
+    fn names_the_kernel_or_the_spec_refuse_are_code_4() {
+        for ifname in ["eth:0", ".", "..", "eth\t0", "eth 0", "sixteen-bytes-xx"] {
+            let e = Env::load(
+                Command::Add,
+                env(&[
+                    ("CNI_CONTAINERID", "c"),
+                    ("CNI_NETNS", "/var/run/netns/x"),
+                    ("CNI_IFNAME", ifname),
+                ]),
+            )
+            .unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{ifname:?}: {e}");
+            assert!(e.details.contains("CNI_IFNAME"), "{e}");
+        }
+        for id in ["-x", "a b", "a/b", "a:b", "x\u{e9}"] {
+            for cmd in [Command::Add, Command::Del, Command::Check] {
+                let e = Env::load(
+                    cmd,
+                    env(&[
+                        ("CNI_CONTAINERID", id),
+                        ("CNI_NETNS", "/var/run/netns/x"),
+                        ("CNI_IFNAME", "eth0"),
+                    ]),
+                )
+                .unwrap_err();
+                assert_eq!(e.code, code::INVALID_ENV, "{id:?}: {e}");
+            }
+        }
+        // Every problem at once.
+        let e = Env::load(
+            Command::Add,
+            env(&[
+                ("CNI_CONTAINERID", "a b"),
+                ("CNI_NETNS", "relative/ns"),
+                ("CNI_IFNAME", "eth:0"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            e.details.contains("CNI_CONTAINERID")
+                && e.details.contains("CNI_IFNAME")
+                && e.details.contains("CNI_NETNS"),
+            "{e}"
+        );
+        // A network name outside the spec's pattern is configuration: 7.
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"my net"}"#).unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG, "{e}");
+    }
+
+    #[test]
+    fn gc_lists_are_read_from_either_key_and_absence_is_kept() {
+        let none = NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n"}"#).unwrap();
+        assert_eq!(none.valid_list(), None);
+        let empty =
+            NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","cni.dev/valid-attachments":[]}"#)
+                .unwrap();
+        assert_eq!(empty.valid_list().map(<[_]>::len), Some(0));
+        let early = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","cni.dev/attachments":[{"containerID":"a","ifname":"eth0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(early.valid_list().map(<[_]>::len), Some(1));
     }
 
     #[test]

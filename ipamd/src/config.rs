@@ -65,8 +65,8 @@ pub struct Settings {
     pub external_snat: bool,
     pub exclude_snat_cidrs: Vec<Ipv4Net>,
     pub cluster_name: String,
-    /// Release addresses of pods whose network namespace path no longer
-    /// exists (ipamd must see the runtime's netns directory).
+    /// Release addresses of pods whose network namespace is gone, judged by
+    /// its identity at ADD (see [`crate::netns`]); on by default.
     pub reclaim_gone_netns: bool,
     /// Prefix of the pods' host-side veths (the plugin's `vethPrefix`).
     pub veth_prefix: String,
@@ -83,7 +83,7 @@ impl Default for Settings {
             external_snat: false,
             exclude_snat_cidrs: vec![],
             cluster_name: "default".into(),
-            reclaim_gone_netns: false,
+            reclaim_gone_netns: true,
             veth_prefix: "eni".into(),
             leaked_gc_interval: Duration::from_secs(600),
         }
@@ -154,7 +154,7 @@ impl Settings {
         let cooldown = r.uint("IP_COOLDOWN_PERIOD");
         let add_wait = r.uint("IPAMD_ADD_WAIT_SECONDS");
         let external_snat = r.boolean("AWS_VPC_K8S_CNI_EXTERNALSNAT").unwrap_or(false);
-        let reclaim_gone_netns = r.boolean("IPAMD_RECLAIM_GONE_NETNS").unwrap_or(false);
+        let reclaim_gone_netns = r.boolean("IPAMD_RECLAIM_GONE_NETNS").unwrap_or(true);
         let leaked_gc = r.uint("IPAMD_LEAKED_INTERFACE_GC_SECONDS");
         if leaked_gc == Some(0) {
             r.problems

@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::Settings;
 use crate::datastore::{route_table, Datastore, IfaceEntry, Placement, PodKey, Slot};
 use crate::journal::{self, Journal, JournalError, Record, Replayed};
+use crate::netns::{NetnsRef, Verdict};
 use crate::policy::{self, Action, Blocked};
 
 /// Journal records appended between two compactions.
@@ -59,6 +60,21 @@ pub enum IpamError {
     Invalid(String),
 }
 
+/// Refuses an attachment key the plugin would have refused (see
+/// [`ipamd_api::names`]): other clients of the socket get the same rules.
+pub fn check_key(key: &PodKey) -> Result<(), IpamError> {
+    let bad = ipamd_api::names::check_attachment(&key.network, &key.container_id, &key.ifname);
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(IpamError::Invalid(
+        bad.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    ))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
@@ -86,9 +102,9 @@ struct State {
     host_pending: BTreeSet<String>,
     snat_done: bool,
     ds: Datastore,
-    /// Pod network namespace paths, for reclaiming addresses of pods that
-    /// are gone without a DEL.
-    netns: std::collections::HashMap<PodKey, String>,
+    /// Pods' network namespaces, for reclaiming addresses of pods that are
+    /// gone without a DEL.
+    netns: std::collections::HashMap<PodKey, NetnsRef>,
     last_reclaim: Instant,
     next_leak_gc: Instant,
     status: Status,
@@ -379,13 +395,9 @@ impl Ipam {
         self.add_in(key, None).await
     }
 
-    /// [`Ipam::add`] for a pod whose network namespace is at `netns`.
-    pub async fn add_in(&self, key: PodKey, netns: Option<String>) -> Result<Wiring, IpamError> {
-        if key.container_id.is_empty() || key.ifname.is_empty() {
-            return Err(IpamError::Invalid(
-                "container id and ifname are required".into(),
-            ));
-        }
+    /// [`Ipam::add`] for a pod whose network namespace is `netns`.
+    pub async fn add_in(&self, key: PodKey, netns: Option<NetnsRef>) -> Result<Wiring, IpamError> {
+        check_key(&key)?;
         let started = Instant::now();
         let deadline = started + self.settings.add_wait;
         let mut changes = self.changed.subscribe();
@@ -403,7 +415,11 @@ impl Ipam {
                             vec![Record::Assign {
                                 key: key.clone(),
                                 ip: p.ip,
-                                netns: netns.clone(),
+                                netns: netns.as_ref().map(|n| n.path.clone()),
+                                netns_id: netns
+                                    .as_ref()
+                                    .filter(|n| (n.dev, n.ino) != (0, 0))
+                                    .map(|n| (n.dev, n.ino)),
                             }]
                         } else {
                             // Same answer as before; still wait until what
@@ -487,12 +503,22 @@ impl Ipam {
         st.ds.lookup(key).map(|p| self.wiring(&st, &p.clone()))
     }
 
-    /// Releases every attachment of `network` not in `valid` (CNI GC).
+    /// The attachment that holds `ip` now, if any.
+    pub fn holder_of(&self, ip: Ipv4Addr) -> Option<PodKey> {
+        self.lock()
+            .ds
+            .assignments()
+            .find(|(_, p)| p.ip == ip)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// Releases every attachment of `network` not in `valid` (CNI GC):
+    /// `valid` must be the runtime's complete list of valid attachments.
     pub async fn gc(
         &self,
         network: &str,
         valid: &std::collections::HashSet<(String, String)>,
-    ) -> Result<Vec<Wiring>, IpamError> {
+    ) -> Result<Vec<(PodKey, Wiring)>, IpamError> {
         let stale: Vec<PodKey> = self
             .lock()
             .ds
@@ -506,27 +532,36 @@ impl Ipam {
         let mut released = vec![];
         for key in stale {
             info!(pod = %key, "garbage-collecting an attachment the runtime no longer has");
-            if let Some(w) = self.del(key).await? {
-                released.push(w);
+            if let Some(w) = self.del(key.clone()).await? {
+                released.push((key, w));
             }
         }
         Ok(released)
     }
 
-    /// Releases addresses of pods whose network namespace is gone: the DEL
-    /// never reached us (ipamd was down) and the runtime has moved on.
+    /// Releases addresses of pods whose network namespace is gone (judged
+    /// by its identity, see [`crate::netns`]): the DEL never reached us
+    /// (ipamd was down) and the runtime has moved on.
     async fn reclaim_gone(&self) {
-        let gone: Vec<PodKey> = {
+        let watched: Vec<(PodKey, NetnsRef)> = {
             let mut st = self.lock();
             st.last_reclaim = Instant::now();
             st.netns
                 .iter()
-                .filter(|(_, path)| !Path::new(path.as_str()).exists())
-                .map(|(k, _)| k.clone())
+                .map(|(k, n)| (k.clone(), n.clone()))
                 .collect()
         };
-        for key in gone {
-            warn!(pod = %key, "pod network namespace is gone without a DEL; releasing its address");
+        // stat(2) outside the lock: a hung mount must not stall ADDs.
+        let gone: Vec<(PodKey, NetnsRef)> = watched
+            .into_iter()
+            .filter(|(_, n)| n.judge() == Verdict::Gone)
+            .collect();
+        for (key, ns) in gone {
+            // Only if it is still the same assignment we looked at.
+            if self.lock().netns.get(&key) != Some(&ns) {
+                continue;
+            }
+            warn!(pod = %key, netns = %ns.path, "pod network namespace is gone without a DEL; releasing its address");
             if let Err(e) = self.del(key).await {
                 error!(error = %e, "could not release the address of a gone pod");
             }

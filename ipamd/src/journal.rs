@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::datastore::PodKey;
+use crate::netns::NetnsRef;
 
 pub const VERSION: u32 = 1;
 
@@ -35,6 +36,10 @@ pub enum Record {
         /// The pod's network namespace path, when the runtime gave one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         netns: Option<String>,
+        /// Its identity at ADD (see [`crate::netns`]); absent when unknown
+        /// (and in journals written before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns_id: Option<(u64, u64)>,
     },
     /// `at_ms`: wall-clock time of the release, so a restart keeps cooling it.
     Release {
@@ -54,7 +59,7 @@ pub enum Record {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replayed {
     pub assignments: BTreeMap<PodKey, Ipv4Addr>,
-    pub netns: BTreeMap<PodKey, String>,
+    pub netns: BTreeMap<PodKey, NetnsRef>,
     /// Address -> release time (ms since the epoch), latest release wins.
     pub released_at: BTreeMap<Ipv4Addr, u64>,
     pub pending_deletes: BTreeSet<String>,
@@ -68,14 +73,20 @@ impl Replayed {
         self.records += 1;
         match r {
             Record::Header { .. } => {}
-            Record::Assign { key, ip, netns } => {
+            Record::Assign {
+                key,
+                ip,
+                netns,
+                netns_id,
+            } => {
                 self.released_at.remove(&ip);
                 // An address has one holder: a later assignment of it means
                 // the earlier holder's release was not written.
                 self.assignments.retain(|_, held| *held != ip);
                 self.netns.retain(|k, _| self.assignments.contains_key(k));
-                if let Some(n) = netns {
-                    self.netns.insert(key.clone(), n);
+                if let Some(path) = netns {
+                    let (dev, ino) = netns_id.unwrap_or_default();
+                    self.netns.insert(key.clone(), NetnsRef { path, dev, ino });
                 }
                 self.assignments.insert(key, ip);
             }
@@ -98,10 +109,17 @@ impl Replayed {
     /// The records that say the same as this state, for compaction.
     pub fn to_records(&self) -> Vec<Record> {
         let mut v = vec![Record::Header { version: VERSION }];
-        v.extend(self.assignments.iter().map(|(k, ip)| Record::Assign {
-            key: k.clone(),
-            ip: *ip,
-            netns: self.netns.get(k).cloned(),
+        v.extend(self.assignments.iter().map(|(k, ip)| {
+            Record::Assign {
+                key: k.clone(),
+                ip: *ip,
+                netns: self.netns.get(k).map(|n| n.path.clone()),
+                netns_id: self
+                    .netns
+                    .get(k)
+                    .filter(|n| (n.dev, n.ino) != (0, 0))
+                    .map(|n| (n.dev, n.ino)),
+            }
         }));
         v.extend(self.released_at.iter().map(|(ip, at)| Record::Release {
             key: PodKey {
@@ -399,6 +417,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pods_namespace_identity_survives_replay_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipamd.journal");
+        let j = Journal::open(&path, Replayed::default().to_records()).unwrap();
+        let records = vec![
+            Record::Assign {
+                key: key("a"),
+                ip: ip("10.0.0.5"),
+                netns: Some("/proc/42/ns/net".into()),
+                netns_id: Some((4, 4026532000)),
+            },
+            // Written before identities were recorded.
+            Record::Assign {
+                key: key("b"),
+                ip: ip("10.0.0.6"),
+                netns: Some("/var/run/netns/b".into()),
+                netns_id: None,
+            },
+        ];
+        j.append(records).wait().await.unwrap();
+        let r = replay(&path).unwrap();
+        let want = |p: &str, dev, ino| NetnsRef {
+            path: p.into(),
+            dev,
+            ino,
+        };
+        assert_eq!(r.netns[&key("a")], want("/proc/42/ns/net", 4, 4026532000));
+        assert_eq!(r.netns[&key("b")], want("/var/run/netns/b", 0, 0));
+        // Compaction writes the same facts back.
+        let mut again = Replayed::default();
+        for rec in r.to_records() {
+            again.apply(rec);
+        }
+        assert_eq!(again.netns, r.netns);
+    }
+
+    #[tokio::test]
     async fn appended_records_replay() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ipamd.journal");
@@ -407,6 +462,7 @@ mod tests {
             key: key("a"),
             ip: ip("10.0.0.5"),
             netns: None,
+            netns_id: None,
         }])
         .wait()
         .await
@@ -415,6 +471,7 @@ mod tests {
             key: key("b"),
             ip: ip("10.0.0.6"),
             netns: None,
+            netns_id: None,
         }])
         .wait()
         .await
@@ -449,6 +506,7 @@ mod tests {
             key: key("a"),
             ip: ip("10.0.0.5"),
             netns: None,
+            netns_id: None,
         }])
         .wait()
         .await
@@ -501,6 +559,7 @@ mod tests {
                 key: k.clone(),
                 ip: a,
                 netns: None,
+                netns_id: None,
             }]);
             if i % 2 == 0 {
                 let _ = j.append(vec![Record::Release {
@@ -518,6 +577,7 @@ mod tests {
             key: key("after"),
             ip: ip("10.9.9.9"),
             netns: None,
+            netns_id: None,
         }])
         .wait()
         .await

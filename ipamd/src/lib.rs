@@ -7,5 +7,6 @@ pub mod introspect;
 pub mod ipam;
 pub mod journal;
 pub mod latency;
+pub mod netns;
 pub mod policy;
 pub mod rpc;

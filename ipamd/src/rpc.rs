@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use ipamd_api::v1::ipamd_server::{Ipamd, IpamdServer};
 use ipamd_api::v1::{
-    AddNetworkReply, AddNetworkRequest, DelNetworkReply, DelNetworkRequest, GarbageCollectReply,
-    GarbageCollectRequest, InterfaceInfo, SnatMode,
+    AddNetworkReply, AddNetworkRequest, Attachment, DelNetworkReply, DelNetworkRequest,
+    GarbageCollectReply, GarbageCollectRequest, InterfaceInfo, SnatMode,
 };
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::datastore::PodKey;
-use crate::ipam::{Ipam, IpamError, Wiring};
+use crate::ipam::{check_key, Ipam, IpamError, Wiring};
 
 pub struct IpamdService {
     ipam: Arc<Ipam>,
@@ -63,7 +63,8 @@ impl Ipamd for IpamdService {
         let started = std::time::Instant::now();
         let r = request.into_inner();
         let key = key(r.network_name, r.container_id, r.ifname);
-        let netns = (!r.netns.is_empty()).then_some(r.netns);
+        let netns = (!r.netns.is_empty())
+            .then(|| crate::netns::NetnsRef::at_add(r.netns, r.netns_dev, r.netns_ino));
         let w = self.ipam.add_in(key.clone(), netns).await.map_err(|e| {
             warn!(pod = %key, error = %e, "AddNetwork failed");
             to_status(e)
@@ -95,10 +96,24 @@ impl Ipamd for IpamdService {
     ) -> Result<Response<DelNetworkReply>, Status> {
         let r = request.into_inner();
         let key = key(r.network_name, r.container_id, r.ifname);
+        check_key(&key).map_err(to_status)?;
         let started = std::time::Instant::now();
-        let found = self.ipam.del(key).await.map_err(to_status)?;
+        let found = self.ipam.del(key.clone()).await.map_err(to_status)?;
         self.ipam.del_latency.record(started.elapsed());
-        Ok(Response::new(Self::found(found)))
+        let mut reply = Self::found(found);
+        if !reply.found {
+            // A late or repeated DEL: the address its prevResult names may
+            // be another pod's by now, and so are its rules.
+            if let Ok(ip) = r.prev_ipv4_address.parse() {
+                if let Some(holder) = self.ipam.holder_of(ip) {
+                    if holder != key {
+                        info!(pod = %key, %ip, holder = %holder, "DEL of an attachment ipamd no longer has; its old address is another attachment's now");
+                        reply.prev_address_held_elsewhere = true;
+                    }
+                }
+            }
+        }
+        Ok(Response::new(reply))
     }
 
     async fn get_network(
@@ -107,6 +122,7 @@ impl Ipamd for IpamdService {
     ) -> Result<Response<DelNetworkReply>, Status> {
         let r = request.into_inner();
         let key = key(r.network_name, r.container_id, r.ifname);
+        check_key(&key).map_err(to_status)?;
         Ok(Response::new(Self::found(self.ipam.lookup(&key))))
     }
 
@@ -115,8 +131,15 @@ impl Ipamd for IpamdService {
         request: Request<GarbageCollectRequest>,
     ) -> Result<Response<GarbageCollectReply>, Status> {
         let r = request.into_inner();
-        if r.network_name.is_empty() {
-            return Err(Status::invalid_argument("network name is required"));
+        if let Err(e) = ipamd_api::names::check_id("network name", &r.network_name) {
+            return Err(Status::invalid_argument(e.to_string()));
+        }
+        if !r.valid_is_complete {
+            // An empty or absent list is not a statement that everything is
+            // stale: releasing on it would hand live pods' addresses out.
+            return Err(Status::invalid_argument(
+                "GarbageCollect needs the complete list of valid attachments (valid_is_complete); nothing was released",
+            ));
         }
         let valid = r
             .valid
@@ -129,7 +152,16 @@ impl Ipamd for IpamdService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(GarbageCollectReply {
-            released: released.into_iter().map(|w| Self::found(Some(w))).collect(),
+            released: released
+                .into_iter()
+                .map(|(k, w)| DelNetworkReply {
+                    attachment: Some(Attachment {
+                        container_id: k.container_id,
+                        ifname: k.ifname,
+                    }),
+                    ..Self::found(Some(w))
+                })
+                .collect(),
         }))
     }
 }
@@ -141,6 +173,7 @@ impl IpamdService {
                 found: true,
                 ipv4_address: w.ip.to_string(),
                 interface: Some(Self::interface(&w)),
+                ..Default::default()
             },
             None => DelNetworkReply::default(),
         }

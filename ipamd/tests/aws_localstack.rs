@@ -178,6 +178,7 @@ async fn del(node: &Node, id: &str) {
         network_name: "k8s".into(),
         container_id: id.into(),
         ifname: "eth0".into(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -48,6 +48,7 @@ fn del(id: &str) -> DelNetworkRequest {
         network_name: "vpc-cni".into(),
         container_id: id.into(),
         ifname: "eth0".into(),
+        ..Default::default()
     }
 }
 

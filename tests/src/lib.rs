@@ -597,7 +597,6 @@ impl Lab {
             .arg(&node.state)
             .args(["--introspection", "off", "--configure-host", "true"])
             .env("IPAMD_LOG", "info")
-            .env("IPAMD_RECLAIM_GONE_NETNS", "true")
             .envs(node.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -766,6 +765,7 @@ impl Lab {
             network_name: "vpc-cni".into(),
             container_id: container_id.into(),
             ifname: "eth0".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

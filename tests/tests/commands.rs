@@ -264,6 +264,7 @@ async fn add_uses_the_fast_path_and_falls_back_to_grpc() {
         network_name: "vpc-cni".into(),
         container_id: "held0".into(),
         ifname: "eth0".into(),
+        ..Default::default()
     })
     .await
     .unwrap();

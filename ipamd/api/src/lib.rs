@@ -9,6 +9,7 @@ pub mod v1 {
 }
 
 pub mod fast;
+pub mod names;
 
 use std::path::{Path, PathBuf};
 

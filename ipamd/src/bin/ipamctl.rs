@@ -127,6 +127,7 @@ async fn main() {
                 network_name: network,
                 container_id,
                 ifname,
+                ..Default::default()
             })
             .await
             .map(|r| {

@@ -91,6 +91,7 @@ async fn cycles(socket: PathBuf, tag: String, n: usize) -> Samples {
             network_name: "bench".into(),
             container_id: id,
             ifname: "eth0".into(),
+            ..Default::default()
         })
         .await
         .expect("del");

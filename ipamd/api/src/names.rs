@@ -1,0 +1,145 @@
+//! The names a runtime passes for an attachment, checked the same way by
+//! the plugin (before it does anything) and by ipamd (at its socket), so
+//! that a name the kernel would refuse never costs an address.
+//!
+//! Sources: the CNI spec (SPEC.md, "Parameters" and "Network configuration":
+//! container ids and network names match `[A-Za-z0-9][A-Za-z0-9_.-]*`, as
+//! libcni's `ValidateContainerID` / `ValidateNetworkName` check), and the
+//! kernel's `dev_valid_name()` (net/core/dev.c) for interface names: 1 to 15
+//! bytes (`IFNAMSIZ` - 1), not `.` or `..`, no `/`, `:` or whitespace.
+
+/// Why a name is refused; `Display` names the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadName {
+    /// What the name is, e.g. `CNI_IFNAME`.
+    pub what: &'static str,
+    pub value: String,
+    pub rule: &'static str,
+}
+
+impl std::fmt::Display for BadName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?} {}", self.what, self.value, self.rule)
+    }
+}
+
+impl std::error::Error for BadName {}
+
+/// Longest interface name the kernel takes (`IFNAMSIZ` - 1).
+pub const IFNAME_MAX: usize = 15;
+
+/// An interface name as the kernel's `dev_valid_name()` accepts it.
+pub fn check_ifname(what: &'static str, name: &str) -> Result<(), BadName> {
+    let bad = |rule| {
+        Err(BadName {
+            what,
+            value: name.to_string(),
+            rule,
+        })
+    };
+    if name.is_empty() {
+        return bad("is empty");
+    }
+    if name.len() > IFNAME_MAX {
+        return bad("is longer than 15 bytes (the kernel's IFNAMSIZ)");
+    }
+    if name == "." || name == ".." {
+        return bad("is not an interface name the kernel accepts");
+    }
+    // The kernel refuses '/', ':' and whatever isspace() holds; control
+    // characters are refused here too, since no tool prints them usefully.
+    if name
+        .bytes()
+        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0x0b || b < 0x20)
+    {
+        return bad("contains '/', ':', whitespace or a control character");
+    }
+    Ok(())
+}
+
+/// A container id or network name: `[A-Za-z0-9][A-Za-z0-9_.-]*`.
+pub fn check_id(what: &'static str, id: &str) -> Result<(), BadName> {
+    let bad = |rule| {
+        Err(BadName {
+            what,
+            value: id.to_string(),
+            rule,
+        })
+    };
+    let mut bytes = id.bytes();
+    match bytes.next() {
+        None => return bad("is empty"),
+        Some(b) if !b.is_ascii_alphanumeric() => {
+            return bad("must start with a letter or digit ([A-Za-z0-9][A-Za-z0-9_.-]*)")
+        }
+        Some(_) => {}
+    }
+    if !bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
+        return bad("may hold only letters, digits, '_', '.' and '-' ([A-Za-z0-9][A-Za-z0-9_.-]*)");
+    }
+    Ok(())
+}
+
+/// Every problem with an attachment's key (network, container id, ifname).
+pub fn check_attachment(network: &str, container_id: &str, ifname: &str) -> Vec<BadName> {
+    [
+        check_id("network name", network),
+        check_id("container id", container_id),
+        check_ifname("ifname", ifname),
+    ]
+    .into_iter()
+    .filter_map(Result::err)
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_the_kernel_refuses() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "eth:0",
+            "eth/0",
+            "eth 0",
+            "eth\t0",
+            "eth\n0",
+            "eth\x0b0",
+            "eth\x0c0",
+            "eth\r0",
+            "eth\x010",
+            "sixteen-bytes-xx",
+        ] {
+            assert!(check_ifname("ifname", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["eth0", "net1", "...", "a.b", "fifteen-bytes-x", "e-_@"] {
+            assert!(check_ifname("ifname", good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn ids_follow_the_spec() {
+        for bad in [
+            "",
+            "-abc",
+            ".abc",
+            "_x",
+            "a b",
+            "a/b",
+            "a:b",
+            "abc\u{e9}",
+            "a\tb",
+        ] {
+            assert!(check_id("container id", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["a", "0", "abc-DEF_1.2", "9f86d081884c7d659a2feaa0c55ad015"] {
+            assert!(check_id("container id", good).is_ok(), "{good:?} refused");
+        }
+        let e = check_attachment("", "-x", "eth:0");
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[2].to_string().contains("eth:0"), "{}", e[2]);
+    }
+}
