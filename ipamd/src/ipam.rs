@@ -58,6 +58,77 @@ pub enum IpamError {
     Journal(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("the attachment was deleted (DEL) while its ADD was in flight; no address was kept")]
+    Cancelled,
+}
+
+/// ADDs of one attachment in flight, and how many DELs came meanwhile.
+#[derive(Debug, Default)]
+struct InFlight {
+    adds: u32,
+    dels: u64,
+}
+
+/// One ADD's claim on its attachment: counts it in flight and waiting, and
+/// when the ADD ends without answering (its future dropped because the
+/// caller left), gives back what was assigned for it.
+struct AddGuard<'a> {
+    ipam: &'a Ipam,
+    key: PodKey,
+    /// DELs of this attachment seen when the ADD began.
+    dels: u64,
+    waiting: bool,
+    /// Assigned for this ADD but not yet answered.
+    pending: Option<Ipv4Addr>,
+}
+
+impl<'a> AddGuard<'a> {
+    fn enter(ipam: &'a Ipam, key: &PodKey) -> Self {
+        let mut st = ipam.lock();
+        let f = st.inflight.entry(key.clone()).or_default();
+        f.adds += 1;
+        let dels = f.dels;
+        Self {
+            ipam,
+            key: key.clone(),
+            dels,
+            waiting: false,
+            pending: None,
+        }
+    }
+}
+
+impl Drop for AddGuard<'_> {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.ipam.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        let mut st = self.ipam.lock();
+        if let Some(f) = st.inflight.get_mut(&self.key) {
+            f.adds -= 1;
+            if f.adds == 0 {
+                st.inflight.remove(&self.key);
+            }
+        }
+        let Some(ip) = self.pending else { return };
+        if st.ds.lookup(&self.key).map(|p| p.ip) != Some(ip) {
+            return;
+        }
+        warn!(pod = %self.key, %ip, "the caller of ADD went away before its answer; releasing the address");
+        st.ds.release(&self.key, Instant::now());
+        st.netns.remove(&self.key);
+        // Queued behind the Assign; the next commit makes it durable.
+        let _ = self.ipam.append(
+            &mut st,
+            vec![Record::Release {
+                key: self.key.clone(),
+                ip,
+                at_ms: now_ms(),
+            }],
+        );
+        drop(st);
+        self.ipam.wake.notify_one();
+    }
 }
 
 /// Refuses an attachment key the plugin would have refused (see
@@ -93,8 +164,9 @@ pub struct Status {
     pub last_error_kind: Option<&'static str>,
     pub consecutive_errors: u32,
     pub actions_done: u64,
-    /// Assignments found in the journal whose address the cloud no longer has.
-    pub lost_assignments: u64,
+    /// Assignments whose address the cloud's last answer lacked (held
+    /// until seen again; see `State::unconfirmed`).
+    pub unconfirmed_assignments: u64,
 }
 
 struct State {
@@ -109,6 +181,17 @@ struct State {
     next_leak_gc: Instant,
     status: Status,
     pending_deletes: BTreeSet<String>,
+    /// ADDs in flight per attachment (see [`Ipam::add_in`]).
+    inflight: std::collections::HashMap<PodKey, InFlight>,
+    /// Attached interfaces ipamd does not manage (see [`crate::ownership`]).
+    foreign: BTreeMap<String, providers::Interface>,
+    /// Interfaces no longer ipamd's that still hold pods' addresses: kept
+    /// (draining, never deleted) until their last pod goes.
+    frozen: BTreeSet<String>,
+    /// Acknowledged assignments whose address the cloud's last answer
+    /// lacked: held (in the journal too) until the address is seen again or
+    /// the pod is deleted, never given to another pod on one answer.
+    unconfirmed: BTreeMap<PodKey, Ipv4Addr>,
     appends_since_compact: u64,
     last_resync: Instant,
 }
@@ -175,17 +258,36 @@ impl Ipam {
         }
         let now = Instant::now();
         let mut ds = Datastore::new(settings.cooldown);
+        let held: BTreeSet<Ipv4Addr> = replayed.assignments.values().copied().collect();
+        let mut foreign = BTreeMap::new();
+        let mut frozen = BTreeSet::new();
         for i in provider.describe_interfaces().await? {
-            ds.add_interface(i, now);
+            if crate::ownership::managed(&i, &instance.id) {
+                ds.add_interface(i, now);
+            } else if holds_any(&i, &held) {
+                // Ours once (an older ipamd, or tagged no_manage since):
+                // kept for the pods on it, never given new ones or freed.
+                warn!(interface = %i.id, "interface is not ipamd's to manage but holds pods' addresses; keeping them, adding none");
+                frozen.insert(i.id.clone());
+                let id = i.id.clone();
+                ds.add_interface(i, now);
+                ds.set_draining(&id);
+            } else {
+                info!(interface = %i.id, device_index = i.device_index, "leaving an interface ipamd does not own alone");
+                foreign.insert(i.id.clone(), i);
+            }
         }
         for id in &replayed.pending_deletes {
             ds.set_draining(id);
         }
         let mut status = Status::default();
+        let mut unconfirmed = BTreeMap::new();
         for (key, ip) in &replayed.assignments {
             if !ds.restore(key, *ip) {
-                error!(pod = %key, %ip, "journal assigns an address this instance no longer holds; dropping the assignment");
-                status.lost_assignments += 1;
+                // One Describe answer is not proof (EC2's are eventually
+                // consistent): the address stays the pod's until seen again.
+                warn!(pod = %key, %ip, "the cloud's answer lacks this pod's address; holding the assignment until it is seen again");
+                unconfirmed.insert(key.clone(), *ip);
             }
         }
         let wall = now_ms();
@@ -195,6 +297,7 @@ impl Ipam {
                 ds.restore_cooling(*ip, now + (settings.cooldown - age));
             }
         }
+        status.unconfirmed_assignments = unconfirmed.len() as u64;
         let restored = ds.assignments().count();
         let state = State {
             host_pending: BTreeSet::new(),
@@ -211,6 +314,10 @@ impl Ipam {
             next_leak_gc: now + jittered(settings.leaked_gc_interval),
             status,
             pending_deletes: replayed.pending_deletes.clone(),
+            inflight: Default::default(),
+            foreign,
+            frozen,
+            unconfirmed,
             appends_since_compact: 0,
             last_resync: now,
         };
@@ -396,19 +503,32 @@ impl Ipam {
     }
 
     /// [`Ipam::add`] for a pod whose network namespace is `netns`.
+    ///
+    /// Operations on one attachment are ordered: a DEL that comes while
+    /// this ADD waits cancels it ([`IpamError::Cancelled`]), and one that
+    /// releases the address before this ADD answers makes it fail rather
+    /// than hand out a released address. If the caller goes away (the
+    /// future is dropped, as tonic does when the client resets the call),
+    /// an address assigned for it is released again.
     pub async fn add_in(&self, key: PodKey, netns: Option<NetnsRef>) -> Result<Wiring, IpamError> {
         check_key(&key)?;
         let started = Instant::now();
         let deadline = started + self.settings.add_wait;
         let mut changes = self.changed.subscribe();
-        let mut waiting = false;
+        let mut guard = AddGuard::enter(self, &key);
         let outcome = loop {
             let now = Instant::now();
             let attempt = {
                 let mut st = self.lock();
+                if st.inflight.get(&key).map(|f| f.dels) != Some(guard.dels) {
+                    break Err(IpamError::Cancelled);
+                }
                 match st.ds.assign(&key, now) {
                     Some((p, new)) => {
                         let record = if new {
+                            guard.pending = Some(p.ip);
+                            // Supersedes an assignment held unconfirmed.
+                            st.unconfirmed.remove(&key);
                             if let Some(n) = &netns {
                                 st.netns.insert(key.clone(), n.clone());
                             }
@@ -433,18 +553,28 @@ impl Ipam {
             };
             if let Some((wiring, new, durable)) = attempt {
                 let failure = match durable.wait().await {
-                    Ok(()) => break Ok(wiring),
+                    Ok(()) => {
+                        // A DEL may have released it while we waited.
+                        let st = self.lock();
+                        if st.ds.lookup(&key).map(|p| p.ip) != Some(wiring.ip) {
+                            guard.pending = None;
+                            break Err(IpamError::Cancelled);
+                        }
+                        guard.pending = None;
+                        break Ok(wiring);
+                    }
                     Err(e) => e,
                 };
                 if new {
                     let mut st = self.lock();
                     st.ds.unassign(&key);
                     st.netns.remove(&key);
+                    guard.pending = None;
                 }
                 break Err(IpamError::Journal(failure));
             }
-            if !waiting {
-                waiting = true;
+            if !guard.waiting {
+                guard.waiting = true;
                 self.waiting.fetch_add(1, Ordering::SeqCst);
                 debug!(pod = %key, "pool empty, waiting for it to grow");
             }
@@ -460,9 +590,7 @@ impl Ipam {
             let nap = (deadline - now).min(Duration::from_millis(100));
             tokio::time::timeout(nap, changes.changed()).await.ok();
         };
-        if waiting {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
+        drop(guard);
         // Using an address may take the pool below its warm target.
         self.wake.notify_one();
         outcome
@@ -473,6 +601,12 @@ impl Ipam {
     pub async fn del(&self, key: PodKey) -> Result<Option<Wiring>, IpamError> {
         let (found, durable) = {
             let mut st = self.lock();
+            // An ADD of this attachment still in flight is cancelled.
+            let cancelled = st.inflight.get_mut(&key).map(|f| f.dels += 1).is_some();
+            if cancelled {
+                info!(pod = %key, "DEL while its ADD is in flight: the ADD is cancelled");
+                self.publish();
+            }
             match st.ds.release(&key, Instant::now()) {
                 Some(p) => {
                     st.netns.remove(&key);
@@ -487,7 +621,21 @@ impl Ipam {
                     );
                     (Some(w), d)
                 }
-                None => (None, self.append(&mut st, vec![])),
+                None => match st.unconfirmed.remove(&key) {
+                    Some(ip) => {
+                        st.netns.remove(&key);
+                        let d = self.append(
+                            &mut st,
+                            vec![Record::Release {
+                                key: key.clone(),
+                                ip,
+                                at_ms: now_ms(),
+                            }],
+                        );
+                        (None, d)
+                    }
+                    None => (None, self.append(&mut st, vec![])),
+                },
             }
         };
         durable.wait().await.map_err(IpamError::Journal)?;
@@ -505,11 +653,18 @@ impl Ipam {
 
     /// The attachment that holds `ip` now, if any.
     pub fn holder_of(&self, ip: Ipv4Addr) -> Option<PodKey> {
-        self.lock()
+        let st = self.lock();
+        let holder = st
             .ds
             .assignments()
             .find(|(_, p)| p.ip == ip)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.clone());
+        holder.or_else(|| {
+            st.unconfirmed
+                .iter()
+                .find(|(_, held)| **held == ip)
+                .map(|(k, _)| k.clone())
+        })
     }
 
     /// Releases every attachment of `network` not in `valid` (CNI GC):
@@ -657,8 +812,13 @@ impl Ipam {
         let plan = {
             let mut st = self.lock();
             let now = Instant::now();
+            // Interfaces ipamd does not manage still take attachment slots.
+            let mut limits = self.instance.limits;
+            limits.max_interfaces = limits
+                .max_interfaces
+                .saturating_sub((st.foreign.len() + st.frozen.len()) as u32);
             let view = st.ds.view(
-                self.instance.limits,
+                limits,
                 self.caps.hot_attach,
                 self.waiting.load(Ordering::SeqCst),
                 now,
@@ -685,12 +845,66 @@ impl Ipam {
 
     /// Compares the pool with the cloud's view of the instance.
     pub async fn resync(&self) -> Result<(), ProviderError> {
-        let cloud = self.provider.describe_interfaces().await?;
-        let (lost, durable) = {
+        let all = self.provider.describe_interfaces().await?;
+        {
             let mut st = self.lock();
             st.last_resync = Instant::now();
             let known: BTreeSet<String> = st.ds.interfaces().map(|e| e.info.id.clone()).collect();
-            let lost = st.ds.resync(&cloud, Instant::now());
+            // Interfaces ipamd does not manage stay out of the pool; one it
+            // managed until now (tagged no_manage since) is frozen for the
+            // pods it holds.
+            let mut cloud = vec![];
+            st.foreign.clear();
+            for i in all {
+                if crate::ownership::managed(&i, &self.instance.id) {
+                    cloud.push(i);
+                } else if known.contains(&i.id) {
+                    if st.frozen.insert(i.id.clone()) {
+                        warn!(interface = %i.id, "interface is no longer ipamd's to manage; keeping its pods, adding none");
+                    }
+                    cloud.push(i);
+                } else {
+                    st.foreign.insert(i.id.clone(), i);
+                }
+            }
+            let vanished = st.ds.resync(&cloud, Instant::now());
+            let frozen: Vec<String> = st.frozen.iter().cloned().collect();
+            for id in frozen {
+                let holds = st
+                    .ds
+                    .interface(&id)
+                    .is_some_and(|e| e.addrs.values().any(|s| matches!(s, Slot::Assigned(_))));
+                if holds {
+                    st.ds.set_draining(&id);
+                } else {
+                    // Its last pod is gone: it is no longer ipamd's at all.
+                    if let Some(e) = st.ds.interface(&id) {
+                        let info = e.info.clone();
+                        st.foreign.insert(id.clone(), info);
+                    }
+                    st.ds.remove_interface(&id);
+                    st.frozen.remove(&id);
+                }
+            }
+            // An address missing from one answer is not proof it is gone.
+            for (key, ip) in vanished {
+                warn!(pod = %key, %ip, "the cloud's answer lacks this pod's address; holding the assignment until it is seen again");
+                st.unconfirmed.insert(key, ip);
+            }
+            let pending: Vec<(PodKey, Ipv4Addr)> = st
+                .unconfirmed
+                .iter()
+                .map(|(k, ip)| (k.clone(), *ip))
+                .collect();
+            for (key, ip) in pending {
+                if st.ds.lookup(&key).is_some() {
+                    // Assigned anew since (a repeated ADD): that one counts.
+                    st.unconfirmed.remove(&key);
+                } else if st.ds.restore(&key, ip) {
+                    info!(pod = %key, %ip, "the pod's address is seen again; assignment confirmed");
+                    st.unconfirmed.remove(&key);
+                }
+            }
             if self.host.get().is_some() {
                 // Interfaces found only now wait for their node side, and the
                 // SNAT table is re-applied in case something removed it.
@@ -706,25 +920,7 @@ impl Ipam {
             for id in pending {
                 st.ds.set_draining(&id);
             }
-            let records = lost
-                .iter()
-                .map(|(key, ip)| Record::Release {
-                    key: key.clone(),
-                    ip: *ip,
-                    at_ms: now_ms(),
-                })
-                .collect::<Vec<_>>();
-            st.status.lost_assignments += lost.len() as u64;
-            let d = (!records.is_empty()).then(|| self.append(&mut st, records));
-            (lost, d)
-        };
-        for (key, ip) in &lost {
-            error!(pod = %key, %ip, "the cloud no longer has this pod's address");
-        }
-        if let Some(d) = durable {
-            if let Err(e) = d.wait().await {
-                error!(error = %e, "could not journal lost assignments");
-            }
+            st.status.unconfirmed_assignments = st.unconfirmed.len() as u64;
         }
         self.publish();
         Ok(())
@@ -971,6 +1167,9 @@ impl Ipam {
             "counts": st.ds.counts(now),
             "waiting": self.waiting.load(Ordering::SeqCst),
             "pending_deletes": st.pending_deletes,
+            "foreign_interfaces": st.foreign.keys().collect::<Vec<_>>(),
+            "frozen_interfaces": st.frozen,
+            "unconfirmed_assignments": st.unconfirmed.len(),
             "status": st.status,
             "config": self.settings,
         })
@@ -1028,6 +1227,14 @@ impl Ipam {
     }
 }
 
+/// Whether `i` holds any of `ips`.
+fn holds_any(i: &providers::Interface, ips: &BTreeSet<Ipv4Addr>) -> bool {
+    i.secondary_ips.iter().any(|ip| ips.contains(ip))
+        || i.prefixes
+            .iter()
+            .any(|p| ips.iter().any(|ip| p.contains(ip)))
+}
+
 /// The journal's view of the current state: what compaction writes.
 fn snapshot(st: &State, settings: &Settings, now: Instant) -> Vec<Record> {
     let wall = now_ms();
@@ -1051,6 +1258,12 @@ fn snapshot(st: &State, settings: &Settings, now: Instant) -> Vec<Record> {
             .ds
             .assignments()
             .map(|(k, p)| (k.clone(), p.ip))
+            .chain(
+                st.unconfirmed
+                    .iter()
+                    .filter(|(k, _)| st.ds.lookup(k).is_none())
+                    .map(|(k, ip)| (k.clone(), *ip)),
+            )
             .collect(),
         released_at,
         pending_deletes: st.pending_deletes.clone(),

@@ -8,5 +8,6 @@ pub mod ipam;
 pub mod journal;
 pub mod latency;
 pub mod netns;
+pub mod ownership;
 pub mod policy;
 pub mod rpc;

@@ -51,6 +51,7 @@ fn to_status(e: IpamError) -> Status {
         IpamError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
         IpamError::Invalid(_) => Status::invalid_argument(e.to_string()),
         IpamError::Journal(_) => Status::unavailable(e.to_string()),
+        IpamError::Cancelled => Status::aborted(e.to_string()),
     }
 }
 
@@ -287,13 +288,31 @@ async fn serve_fast(
                                 return;
                             }
                         };
-                        let answer = service
-                            .add_network(Request::new(request))
-                            .await
-                            .map(Response::into_inner);
+                        let attachment = key(
+                            request.network_name.clone(),
+                            request.container_id.clone(),
+                            request.ifname.clone(),
+                        );
+                        // The client sends nothing after its request: its
+                        // end closing means it gave up (a runtime's timeout),
+                        // and dropping the ADD releases what it assigned.
+                        let answer = tokio::select! {
+                            a = service.add_network(Request::new(request)) => a.map(Response::into_inner),
+                            _ = client_gone(&mut conn) => {
+                                info!(pod = %attachment, "fast path: the client left; ADD abandoned");
+                                return;
+                            }
+                        };
+                        let answered = answer.is_ok();
                         let result = ipamd_api::fast::result_of(answer);
                         if let Err(e) = ipamd_api::fast::write_frame(&mut conn, &result).await {
                             debug!(error = %e, "fast path: the client left before its answer");
+                            if answered {
+                                // Nobody will wire or DEL this attachment.
+                                if let Err(e) = service.ipam.del(attachment).await {
+                                    warn!(error = %e, "could not release an unanswered ADD");
+                                }
+                            }
                         }
                     });
                 }
@@ -308,6 +327,14 @@ async fn serve_fast(
         }
     }
     while calls.join_next().await.is_some() {}
+}
+
+/// Resolves when the fast-path client closes its end (or sends more than
+/// its one request, which it never does).
+async fn client_gone(conn: &mut tokio::net::UnixStream) {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    let _ = conn.read(&mut byte).await;
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight calls finish.

@@ -130,4 +130,7 @@ pub mod tags {
     pub const CREATED: &str = "vpc-cni.io/created-at";
     /// On a subnet: "1" offers it for new interfaces, "0" excludes it.
     pub const SUBNET_ROLE: &str = "kubernetes.io/role/cni";
+    /// On an interface: "true" tells ipamd to leave it alone (aws-node's
+    /// tag and meaning: its addresses are never used, it is never freed).
+    pub const NO_MANAGE: &str = "node.k8s.amazonaws.com/no_manage";
 }

@@ -237,3 +237,78 @@ pub fn cloud_addresses(vpc: &Vpc, node: &str) -> Vec<Ipv4Addr> {
     out.sort();
     out
 }
+
+/// The pool in this process on an in-process simulated VPC: the production
+/// `Ipam` and reconciler, without the binary.
+pub mod inproc {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use ipamd::config::Settings;
+    use ipamd::datastore::PodKey;
+    use ipamd::ipam::Ipam;
+    use providers::sim::provider::Backend;
+    use providers::sim::{SimProvider, Vpc, VpcConfig};
+    use tokio::sync::watch;
+
+    pub struct Node {
+        pub ipam: Arc<Ipam>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Node {
+        pub async fn start(
+            vpc: &Arc<Vpc>,
+            instance_type: &str,
+            env: &[(&str, &str)],
+            journal: &std::path::Path,
+        ) -> Node {
+            let provider = SimProvider::join(Backend::Local(vpc.clone()), "node-a", instance_type)
+                .await
+                .unwrap();
+            let m: HashMap<&str, &str> = env.iter().copied().collect();
+            let settings = Settings::from_source(&m).unwrap();
+            let ipam = Ipam::start(Arc::new(provider), settings, journal)
+                .await
+                .unwrap();
+            let (stop, rx) = watch::channel(false);
+            let task = tokio::spawn(ipam.clone().run(rx));
+            Node { ipam, stop, task }
+        }
+
+        pub async fn stop(self) {
+            self.stop.send(true).ok();
+            self.task.await.ok();
+        }
+    }
+
+    pub fn key(c: &str) -> PodKey {
+        PodKey {
+            network: "vpc-cni".into(),
+            container_id: c.into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    pub fn vpc(attach_ms: u64) -> Arc<Vpc> {
+        Arc::new(Vpc::with_config(VpcConfig {
+            attach_latency: Duration::from_millis(attach_ms),
+            ..VpcConfig::default()
+        }))
+    }
+
+    /// Waits until the pool has `n` available addresses.
+    pub async fn warm(ipam: &Ipam, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = ipam.summary();
+            if s["counts"]["available"].as_u64().unwrap() >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "pool never warmed: {s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

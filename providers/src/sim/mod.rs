@@ -141,6 +141,12 @@ pub enum FaultKind {
     Timeout { applied: bool },
     /// Assign gives at most this many of what was asked.
     Partial { at_most: u32 },
+    /// DescribeNetworkInterfaces leaves out the interface at this device
+    /// index: EC2's Describe calls are eventually consistent.
+    OmitDeviceIndex { device_index: u32 },
+    /// Assign and Create fail with InsufficientFreeAddressesInSubnet when
+    /// asked for more than this many addresses (a nearly full subnet).
+    SubnetFreeAtMost { addresses: u32 },
 }
 
 /// How the simulated cloud behaves.
@@ -314,12 +320,48 @@ impl Vpc {
             Some(FaultKind::Partial { at_most }) => Some(at_most),
             _ => None,
         };
+        if let Some(FaultKind::SubnetFreeAtMost { addresses }) = fault {
+            let (asked, subnet) = match &req {
+                Request::Assign {
+                    interface_id,
+                    ips,
+                    prefixes,
+                } => (ips + prefixes * 16, self.subnet_of(interface_id)),
+                Request::CreateInterface {
+                    subnet_id,
+                    ips,
+                    prefixes,
+                    ..
+                } => (ips + prefixes * 16, Some(subnet_id.clone())),
+                _ => (0, None),
+            };
+            if asked > addresses {
+                return Err(ProviderError::SubnetExhausted {
+                    subnet: subnet.unwrap_or_default(),
+                });
+            }
+        }
+        let omit = match fault {
+            Some(FaultKind::OmitDeviceIndex { device_index }) => Some(device_index),
+            _ => None,
+        };
         let reply = self.apply(req, partial).await?;
+        let reply = match (reply, omit) {
+            (Reply::Interfaces(v), Some(d)) => {
+                Reply::Interfaces(v.into_iter().filter(|i| i.device_index != d).collect())
+            }
+            (r, _) => r,
+        };
         if let Some(FaultKind::Timeout { applied: true }) = fault {
             tokio::time::sleep(self.config.timeout_after).await;
             return Err(ProviderError::Timeout { api: api.into() });
         }
         Ok(reply)
+    }
+
+    fn subnet_of(&self, interface_id: &str) -> Option<String> {
+        let st = self.state.lock().expect("state lock");
+        st.interfaces.get(interface_id).map(|e| e.subnet_id.clone())
     }
 
     /// The fabric's view of an attached interface.

@@ -1,0 +1,70 @@
+//! Which interfaces ipamd may manage: the instance's primary interface and
+//! the interfaces ipamd created (its owner tag), unless tagged
+//! `node.k8s.amazonaws.com/no_manage=true` (aws-node's tag). Any other
+//! interface (another controller's, an operator's) is left untouched: its
+//! addresses are never handed out or counted, it is never shrunk, detached
+//! or deleted. It still takes one of the instance's attachment slots.
+
+use providers::tags::{INSTANCE, NO_MANAGE, OWNER, OWNER_VALUE};
+use providers::Interface;
+
+/// Whether ipamd may use and change `i`, an interface of instance
+/// `instance_id`.
+pub fn managed(i: &Interface, instance_id: &str) -> bool {
+    if i.is_primary() {
+        return true;
+    }
+    let tag = |k: &str| i.tags.get(k).map(String::as_str);
+    if tag(NO_MANAGE).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return false;
+    }
+    tag(OWNER) == Some(OWNER_VALUE) && tag(INSTANCE).is_none_or(|id| id == instance_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iface(device_index: u32, tags: &[(&str, &str)]) -> Interface {
+        Interface {
+            id: "eni-1".into(),
+            mac: "02:00:00:00:00:01".into(),
+            device_index,
+            subnet_id: "subnet-1".into(),
+            subnet_cidr: "10.0.0.0/24".parse().unwrap(),
+            primary_ip: "10.0.0.10".parse().unwrap(),
+            secondary_ips: vec![],
+            prefixes: vec![],
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn only_the_primary_and_our_own_are_managed() {
+        assert!(managed(&iface(0, &[]), "i-1"));
+        assert!(!managed(&iface(1, &[]), "i-1"), "untagged");
+        assert!(managed(&iface(1, &[(OWNER, OWNER_VALUE)]), "i-1"));
+        assert!(managed(
+            &iface(1, &[(OWNER, OWNER_VALUE), (INSTANCE, "i-1")]),
+            "i-1"
+        ));
+        assert!(
+            !managed(&iface(1, &[(OWNER, OWNER_VALUE), (INSTANCE, "i-2")]), "i-1"),
+            "another instance's"
+        );
+        assert!(!managed(&iface(1, &[(OWNER, "someone-else")]), "i-1"));
+        for v in ["true", "TRUE", "True"] {
+            assert!(
+                !managed(&iface(1, &[(OWNER, OWNER_VALUE), (NO_MANAGE, v)]), "i-1"),
+                "no_manage={v} is honoured even on our own"
+            );
+        }
+        assert!(managed(
+            &iface(1, &[(OWNER, OWNER_VALUE), (NO_MANAGE, "false")]),
+            "i-1"
+        ));
+    }
+}

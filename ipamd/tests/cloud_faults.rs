@@ -1,0 +1,261 @@
+//! Faults met against a real cloud, replayed on the simulated VPC with
+//! fault injection: a DEL during a waiting ADD, interfaces ipamd does not
+//! own, one stale Describe answer, a journal write that fails, a subnet
+//! with fewer free addresses than asked for.
+
+mod support;
+
+use std::time::Duration;
+
+use ipamd::ipam::IpamError;
+use providers::sim::{Fault, FaultKind, Reply, Request, Vpc};
+use providers::tags::{NO_MANAGE, OWNER, OWNER_VALUE};
+use support::inproc::{key, vpc, warm, Node};
+
+/// t3.small (3 addresses per interface) with the primary full and the next
+/// interface 3 s away: the next ADD has to wait.
+async fn node_with_a_full_primary(dir: &std::path::Path) -> (Node, std::sync::Arc<Vpc>) {
+    let vpc = vpc(3000);
+    let node = Node::start(
+        &vpc,
+        "t3.small",
+        &[("WARM_IP_TARGET", "1"), ("IP_COOLDOWN_PERIOD", "0")],
+        &dir.join("ipamd.journal"),
+    )
+    .await;
+    warm(&node.ipam, 1).await;
+    for i in 0..3 {
+        node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+    }
+    (node, vpc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_del_during_a_waiting_add_cancels_it_and_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _vpc) = node_with_a_full_primary(dir.path()).await;
+    let ipam = node.ipam.clone();
+    let add = tokio::spawn(async move { ipam.add(key("late")).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!add.is_finished(), "the ADD should still be waiting");
+    let found = node.ipam.del(key("late")).await.unwrap();
+    assert!(found.is_none(), "nothing was assigned yet");
+    let r = tokio::time::timeout(Duration::from_secs(2), add)
+        .await
+        .expect("a cancelled ADD answers at once")
+        .unwrap();
+    assert!(matches!(r, Err(IpamError::Cancelled)), "{r:?}");
+    // Once the interface is there, nothing holds an address for "late".
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(node.ipam.lookup(&key("late")), None);
+    let s = node.ipam.summary();
+    assert_eq!(s["waiting"], 0, "{s}");
+    assert_eq!(s["counts"]["assigned"], 3, "{s}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_whose_caller_went_away_does_not_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _vpc) = node_with_a_full_primary(dir.path()).await;
+    let ipam = node.ipam.clone();
+    // As tonic does when the client resets the call: the future is dropped.
+    let add = tokio::spawn(async move { ipam.add(key("gone")).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    add.abort();
+    assert!(add.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(node.ipam.lookup(&key("gone")), None);
+    let s = node.ipam.summary();
+    assert_eq!(
+        s["waiting"], 0,
+        "a dropped ADD still counts as waiting: {s}"
+    );
+    assert_eq!(s["counts"]["assigned"], 3, "{s}");
+    // The pool still serves.
+    node.ipam.add(key("next")).await.unwrap();
+    node.stop().await;
+}
+
+async fn call(vpc: &Vpc, r: Request) -> Reply {
+    vpc.handle(r).await.unwrap()
+}
+
+/// Creates an interface in the node's subnet with `ips` secondary
+/// addresses and `tags`, and attaches it to `node` at `device_index`.
+async fn attach_foreign(
+    vpc: &Vpc,
+    node: &str,
+    device_index: u32,
+    ips: u32,
+    tags: &[(&str, &str)],
+) -> String {
+    let Reply::InstanceId(instance_id) = call(
+        vpc,
+        Request::LaunchInstance {
+            name: node.into(),
+            instance_type: "m5.large".into(),
+            subnet_id: None,
+        },
+    )
+    .await
+    else {
+        panic!("no instance")
+    };
+    let subnet_id = vpc.snapshot().instances[&instance_id].subnet_id.clone();
+    let Reply::Interface(iface) = call(
+        vpc,
+        Request::CreateInterface {
+            subnet_id,
+            security_groups: vec![],
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ips,
+            prefixes: 0,
+        },
+    )
+    .await
+    else {
+        panic!("no interface")
+    };
+    call(
+        vpc,
+        Request::AttachInterface {
+            interface_id: iface.id.clone(),
+            instance_id,
+            device_index: Some(device_index),
+        },
+    )
+    .await;
+    iface.id
+}
+
+/// An interface ipamd does not own (another tool's: no owner tag; or tagged
+/// `no_manage`) at device index 1: ipamd hands out none of its addresses,
+/// releases none and never detaches or deletes it, while it keeps its pool
+/// with its own interfaces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interfaces_ipamd_does_not_own_are_left_alone() {
+    for tags in [
+        vec![(NO_MANAGE, "true")],
+        vec![],
+        vec![(OWNER, OWNER_VALUE), (NO_MANAGE, "true")],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let vpc = vpc(10);
+        let foreign = attach_foreign(&vpc, "node-a", 1, 2, &tags).await;
+        let foreign_ips = vpc.snapshot().interfaces[&foreign].secondary_ips.clone();
+        assert_eq!(foreign_ips.len(), 2);
+        let node = Node::start(
+            &vpc,
+            "m5.large",
+            &[("WARM_IP_TARGET", "1"), ("IP_COOLDOWN_PERIOD", "0")],
+            &dir.path().join("ipamd.journal"),
+        )
+        .await;
+        warm(&node.ipam, 1).await;
+        let mut got = vec![];
+        for i in 0..12 {
+            got.push(node.ipam.add(key(&format!("p{i}"))).await.unwrap());
+        }
+        for w in &got {
+            assert_ne!(w.interface_id, foreign, "{tags:?}: a pod got {}", w.ip);
+            assert!(!foreign_ips.contains(&w.ip), "{tags:?}: {}", w.ip);
+        }
+        for i in 0..12 {
+            node.ipam.del(key(&format!("p{i}"))).await.unwrap();
+        }
+        // Long enough for the pool to shrink and idle interfaces to go.
+        for _ in 0..40 {
+            node.ipam.step().await.ok();
+            node.ipam.resync().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let snap = vpc.snapshot();
+        let f = &snap.interfaces[&foreign];
+        assert!(
+            f.attachment.as_ref().is_some_and(|a| a.device_index == 1),
+            "{tags:?}: the foreign interface was detached"
+        );
+        assert_eq!(
+            f.secondary_ips, foreign_ips,
+            "{tags:?}: its addresses changed"
+        );
+        let s = node.ipam.summary();
+        assert_eq!(s["foreign_interfaces"][0], foreign.as_str(), "{s}");
+        // m5.large: 3 interfaces; the foreign one takes a slot, so ipamd
+        // attached at most one of its own besides the primary.
+        let ours = snap
+            .interfaces
+            .values()
+            .filter(|i| i.attachment.is_some() && i.id != foreign)
+            .count();
+        assert!(ours <= 2, "{tags:?}: {ours} interfaces of ipamd's attached");
+        node.stop().await;
+    }
+}
+
+/// t3.small, WARM_IP_TARGET=1: four pods, the fourth on the secondary
+/// interface ipamd created; stop; the next Describe omits that interface
+/// once; start: the fourth pod keeps its address, and once the interface is
+/// seen again that address goes to nobody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stale_answer_at_restart_reissues_no_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("ipamd.journal");
+    let vpc = vpc(10);
+    let env = [("WARM_IP_TARGET", "1"), ("IP_COOLDOWN_PERIOD", "0")];
+    let node = Node::start(&vpc, "t3.small", &env, &journal).await;
+    warm(&node.ipam, 1).await;
+    let mut pods = vec![];
+    for i in 0..4 {
+        pods.push(node.ipam.add(key(&format!("p{i}"))).await.unwrap());
+    }
+    let fourth = pods[3].clone();
+    assert_eq!(fourth.device_index, 1, "the fourth pod should be on eth1");
+    node.stop().await;
+
+    call(
+        &vpc,
+        Request::InjectFault(Fault {
+            api: Some("DescribeNetworkInterfaces".into()),
+            kind: FaultKind::OmitDeviceIndex { device_index: 1 },
+            count: 1,
+        }),
+    )
+    .await;
+    let node = Node::start(&vpc, "t3.small", &env, &journal).await;
+    let s = node.ipam.summary();
+    assert_eq!(s["status"]["unconfirmed_assignments"], 1, "{s}");
+    // The journal (compacted at start) still holds the fourth pod.
+    let replayed = ipamd::journal::replay(&journal).unwrap();
+    assert_eq!(replayed.assignments.get(&key("p3")), Some(&fourth.ip));
+
+    // The interface is seen again: the assignment is confirmed, and new
+    // pods get other addresses.
+    node.ipam.resync().await.unwrap();
+    assert_eq!(node.ipam.lookup(&key("p3")).map(|w| w.ip), Some(fourth.ip));
+    for i in 4..8 {
+        let w = node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+        assert_ne!(
+            w.ip, fourth.ip,
+            "the fourth pod's address was given to p{i}"
+        );
+    }
+    // The same on a running ipamd: one answer lacking the interface.
+    call(
+        &vpc,
+        Request::InjectFault(Fault {
+            api: Some("DescribeNetworkInterfaces".into()),
+            kind: FaultKind::OmitDeviceIndex { device_index: 1 },
+            count: 1,
+        }),
+    )
+    .await;
+    node.ipam.resync().await.unwrap();
+    node.ipam.resync().await.unwrap();
+    assert_eq!(node.ipam.lookup(&key("p3")).map(|w| w.ip), Some(fourth.ip));
+    node.stop().await;
+}
