@@ -55,7 +55,15 @@ pub fn router(ipam: Arc<Ipam>) -> Router {
                 },
             ),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(|State(i): State<Arc<Ipam>>| async move {
+                match i.health() {
+                    Ok(()) => (axum::http::StatusCode::OK, "ok".to_string()),
+                    Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
+                }
+            }),
+        )
         .with_state(ipam)
 }
 

@@ -441,6 +441,25 @@ impl Ipam {
         self.changed.send_modify(|g| *g = g.wrapping_add(1));
     }
 
+    /// Liveness: `Err` with the reason while ipamd cannot record
+    /// assignments (every ADD and DEL would fail). It recovers by itself
+    /// once a write succeeds again (the next call rewrites the journal).
+    pub fn health(&self) -> Result<(), String> {
+        if self.journal.needs_rewrite() {
+            return Err(format!(
+                "journal {} cannot be written (disk full?); ADD and DEL fail until a write succeeds",
+                self.journal.path().display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Test hook: see [`Journal::fail_next_writes`].
+    #[doc(hidden)]
+    pub fn fail_next_journal_writes(&self, n: u32) {
+        self.journal.fail_next_writes(n);
+    }
+
     /// Subscribes to pool changes (tests, readiness).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -480,6 +499,14 @@ impl Ipam {
     /// Queues records under the state lock so the journal's order is the
     /// state's order; compacts now and then.
     fn append(&self, st: &mut State, records: Vec<Record>) -> journal::Durable {
+        if self.journal.needs_rewrite() {
+            // After a failed write (a full disk) the file may end torn: the
+            // state so far, this change included, goes out as a snapshot.
+            st.appends_since_compact = 0;
+            return self
+                .journal
+                .compact(snapshot(st, &self.settings, Instant::now()));
+        }
         st.appends_since_compact += records.len() as u64;
         let durable = self.journal.append(records);
         if st.appends_since_compact >= COMPACT_AFTER {
@@ -784,6 +811,17 @@ impl Ipam {
     /// One pass: finish pending deletes, resync now and then, plan, act.
     /// Returns how many actions were carried out.
     pub async fn step(&self) -> Result<usize, ProviderError> {
+        if self.journal.needs_rewrite() {
+            // Try to record again (the disk may have room now) without
+            // waiting for the next ADD or DEL.
+            let durable = {
+                let mut st = self.lock();
+                self.append(&mut st, vec![])
+            };
+            if let Err(e) = durable.wait().await {
+                debug!(error = %e, "journal still cannot be written");
+            }
+        }
         self.host_step().await;
         let pending: Vec<String> = self.lock().pending_deletes.iter().cloned().collect();
         for id in &pending {

@@ -15,6 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -239,6 +240,11 @@ struct Shared {
     path: PathBuf,
     queue: Mutex<Queue>,
     file: tokio::sync::Mutex<FileState>,
+    /// A write failed: the file may end in a torn record, so appending is
+    /// over until a whole snapshot replaces it ([`Journal::compact`]).
+    broken: AtomicBool,
+    /// Test hook: this many coming writes fail with ENOSPC, half written.
+    fail_writes: AtomicU32,
 }
 
 #[derive(Debug, Default)]
@@ -256,7 +262,7 @@ struct FileState {
     /// Everything up to this sequence number is on disk.
     synced: u64,
     /// A failed write leaves the file in an unknown state: every later
-    /// commit fails rather than pretend.
+    /// commit fails until a snapshot rewrites the file.
     broken: Option<String>,
 }
 
@@ -280,14 +286,17 @@ impl Durable {
 
 impl Shared {
     fn flush_upto(&self, f: &mut FileState, seq: u64) -> Result<(), String> {
-        if let Some(e) = &f.broken {
-            return Err(format!(
-                "journal {} is unusable after a failed write: {e}",
-                self.path.display()
-            ));
-        }
         if f.synced >= seq {
             return Ok(());
+        }
+        if let Some(e) = &f.broken {
+            // Only a whole snapshot can follow a torn write.
+            if !self.queue.lock().expect("journal queue lock").rewrite {
+                return Err(format!(
+                    "journal {} is unusable after a failed write ({e}) until a snapshot replaces it",
+                    self.path.display()
+                ));
+            }
         }
         let (bytes, last, rewrite) = {
             let mut q = self.queue.lock().expect("journal queue lock");
@@ -297,19 +306,34 @@ impl Shared {
                 std::mem::take(&mut q.rewrite),
             )
         };
-        let result = if rewrite {
+        let injected = self
+            .fail_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let result = if injected {
+            let half = &bytes[..bytes.len() / 2];
+            let _ = f.file.write_all(half);
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        } else if rewrite {
             rewrite_file(&self.path, &bytes).map(|file| f.file = file)
         } else {
             f.file.write_all(&bytes).and_then(|_| f.file.sync_data())
         };
         match result {
             Ok(()) => {
+                if f.broken.take().is_some() {
+                    tracing::info!(path = %self.path.display(), "journal rewritten after a failed write; recording again");
+                }
+                self.broken.store(false, Ordering::SeqCst);
                 f.synced = last;
                 Ok(())
             }
             Err(e) => {
                 let e = e.to_string();
                 f.broken = Some(e.clone());
+                self.broken.store(true, Ordering::SeqCst);
+                // What was taken from the queue is lost: whoever waits for
+                // it fails, and the next snapshot says it all again.
                 Err(format!("journal {}: {e}", self.path.display()))
             }
         }
@@ -339,12 +363,27 @@ impl Journal {
                     synced: 0,
                     broken: None,
                 }),
+                broken: AtomicBool::new(false),
+                fail_writes: AtomicU32::new(0),
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// A write failed and no snapshot has replaced the file since: the
+    /// next append must be a whole snapshot ([`Journal::compact`]).
+    pub fn needs_rewrite(&self) -> bool {
+        self.shared.broken.load(Ordering::SeqCst)
+    }
+
+    /// Test hook: the next `n` writes fail with ENOSPC after writing half
+    /// their bytes, as a full disk does; 0 ends it.
+    #[doc(hidden)]
+    pub fn fail_next_writes(&self, n: u32) {
+        self.shared.fail_writes.store(n, Ordering::SeqCst);
     }
 
     /// Queues records (call this under the lock that orders the state
@@ -386,10 +425,14 @@ fn encode(records: &[Record], out: &mut Vec<u8>) {
 /// syncs the directory; returns the new file open for appending.
 fn rewrite_file(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
     let tmp = path.with_extension("compact");
-    {
-        let mut f = File::create(&tmp)?;
+    let written = File::create(&tmp).and_then(|mut f| {
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        // A partial snapshot must not take the space the next try needs.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {

@@ -345,10 +345,32 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<IpamdServer<IpamdService>>().await;
+    // NOT_SERVING (and CNI STATUS "not available") while every call would
+    // fail, e.g. the journal cannot be written.
+    let watched = ipam.clone();
+    let health_task = tokio::spawn(async move {
+        let mut serving = true;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let ok = watched.health().is_ok();
+            if ok != serving {
+                serving = ok;
+                if ok {
+                    reporter.set_serving::<IpamdServer<IpamdService>>().await;
+                } else {
+                    reporter
+                        .set_not_serving::<IpamdServer<IpamdService>>()
+                        .await;
+                }
+            }
+        }
+    });
     info!("serving AddNetwork/DelNetwork");
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(IpamdServer::new(IpamdService::new(ipam)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await
+        .await;
+    health_task.abort();
+    served
 }

@@ -259,3 +259,64 @@ async fn one_stale_answer_at_restart_reissues_no_address() {
     assert_eq!(node.ipam.lookup(&key("p3")).map(|w| w.ip), Some(fourth.ip));
     node.stop().await;
 }
+
+/// A journal write fails (a full disk: ENOSPC after half the record): that
+/// ADD fails and ipamd says it is not healthy; once writes succeed again,
+/// ADD and DEL work, health returns, and the journal replays to exactly
+/// what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_calls_until_writes_succeed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("ipamd.journal");
+    let vpc = vpc(10);
+    let node = Node::start(&vpc, "m5.large", &[], &journal).await;
+    warm(&node.ipam, 3).await;
+    let a = node.ipam.add(key("a")).await.unwrap();
+    assert!(node.ipam.health().is_ok());
+
+    // Every write fails until the disk has room again (the reconciler
+    // tries too, in the background).
+    node.ipam.fail_next_journal_writes(u32::MAX);
+    let e = node.ipam.add(key("b")).await.unwrap_err();
+    assert!(matches!(e, IpamError::Journal(_)), "{e:?}");
+    assert!(
+        node.ipam.health().is_err(),
+        "healthy while refusing every call"
+    );
+    assert_eq!(
+        node.ipam.lookup(&key("b")),
+        None,
+        "a failed ADD kept its address"
+    );
+    // Still failing: the next write is refused too.
+    assert!(node.ipam.add(key("c")).await.is_err());
+    assert!(node.ipam.health().is_err());
+
+    // The disk has room again.
+    node.ipam.fail_next_journal_writes(0);
+    let d = node.ipam.add(key("d")).await.unwrap();
+    assert!(node.ipam.health().is_ok(), "{:?}", node.ipam.health());
+    assert!(node.ipam.del(key("a")).await.unwrap().is_some());
+    let replayed = ipamd::journal::replay(&journal).unwrap();
+    let held: Vec<_> = replayed.assignments.iter().collect();
+    assert_eq!(held, vec![(&key("d"), &d.ip)], "{replayed:?}");
+    assert_ne!(a.ip, d.ip);
+    node.stop().await;
+}
+
+/// With nothing to do, the reconciler finds the disk writable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_ipamd_recovers_its_journal_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    let node = Node::start(&vpc, "m5.large", &[], &dir.path().join("j")).await;
+    warm(&node.ipam, 1).await;
+    node.ipam.fail_next_journal_writes(u32::MAX);
+    assert!(node.ipam.add(key("x")).await.is_err());
+    node.ipam.step().await.unwrap();
+    assert!(node.ipam.health().is_err());
+    node.ipam.fail_next_journal_writes(0);
+    node.ipam.step().await.unwrap();
+    assert!(node.ipam.health().is_ok(), "{:?}", node.ipam.health());
+    node.stop().await;
+}
