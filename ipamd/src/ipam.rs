@@ -1014,7 +1014,21 @@ impl Ipam {
     }
 
     async fn grow(&self, interface_id: &str, req: AssignRequest) -> Result<(), ProviderError> {
-        let got = self.provider.assign(interface_id, req).await?;
+        let mut req = req;
+        let got = loop {
+            match self.provider.assign(interface_id, req).await {
+                Ok(got) => break got,
+                // A nearly full subnet: ask for what it may still give.
+                Err(e @ ProviderError::SubnetExhausted { .. }) => match fewer(req) {
+                    Some(less) => {
+                        warn!(interface = interface_id, error = %e, asked = ?req, now = ?less, "subnet nearly full; asking for fewer addresses");
+                        req = less;
+                    }
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        };
         info!(
             interface = interface_id,
             ips = got.ips.len(),
@@ -1099,6 +1113,15 @@ impl Ipam {
             {
                 warn!(subnet = %subnet_id, "no free /28 for a new interface; creating it with single addresses");
                 spec.initial = AssignRequest::Ips(n);
+                result = self.provider.create_interface(&spec).await;
+            }
+            // A nearly full subnet: ask for what it may still give.
+            while let Err(ProviderError::SubnetExhausted { .. }) = &result {
+                let Some(less) = fewer(spec.initial) else {
+                    break;
+                };
+                warn!(subnet = %subnet_id, asked = ?spec.initial, now = ?less, "subnet nearly full; creating the interface with fewer addresses");
+                spec.initial = less;
                 result = self.provider.create_interface(&spec).await;
             }
             match result {
@@ -1262,6 +1285,15 @@ impl Ipam {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// Half of a request for several single addresses (down to one), for a
+/// subnet that cannot give them all; `None` when there is nothing smaller.
+fn fewer(req: AssignRequest) -> Option<AssignRequest> {
+    match req {
+        AssignRequest::Ips(n) if n > 1 => Some(AssignRequest::Ips(n / 2)),
+        _ => None,
     }
 }
 

@@ -320,3 +320,28 @@ async fn an_idle_ipamd_recovers_its_journal_by_itself() {
     assert!(node.ipam.health().is_ok(), "{:?}", node.ipam.health());
     node.stop().await;
 }
+
+/// The subnet gives no more than one address per call (EC2 answers
+/// InsufficientFreeAddressesInSubnet to larger requests): ipamd asks for
+/// fewer, and the pending pods get the addresses that exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_subnet_still_serves_pods() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    call(
+        &vpc,
+        Request::InjectFault(Fault {
+            api: None,
+            kind: FaultKind::SubnetFreeAtMost { addresses: 1 },
+            count: 10_000,
+        }),
+    )
+    .await;
+    // aws-node's default (WARM_ENI_TARGET=1) asks for whole interfaces.
+    let node = Node::start(&vpc, "t3.small", &[], &dir.path().join("j")).await;
+    for i in 0..4 {
+        let w = node.ipam.add(key(&format!("p{i}"))).await;
+        assert!(w.is_ok(), "p{i}: {w:?}\n{}", node.ipam.summary());
+    }
+    node.stop().await;
+}
