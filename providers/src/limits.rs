@@ -90,3 +90,55 @@ pub fn lookup(instance_type: &str) -> Option<TypeInfo> {
 pub fn known_types() -> impl Iterator<Item = &'static str> {
     table().keys().map(String::as_str)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// aws-node's published max pods (`max_enis * (ipv4_per_eni - 1) + 2`).
+    const MAX_PODS: &str = include_str!("../data/aws-eni-max-pods.txt");
+
+    /// The table's `max_enis` is the default network card's count, not
+    /// DescribeInstanceTypes' total over all cards: interfaces are attached
+    /// on card 0 only. For every multi-card row, aws-node's max pods (which
+    /// it computes from the default card) agrees with `max_enis` and not with
+    /// `max_enis * network_cards`, and `lookup` gives `max_enis`.
+    #[test]
+    fn multi_card_rows_count_the_default_card_only() {
+        let max_pods: HashMap<&str, u32> = MAX_PODS
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some((f.next()?, f.next()?.parse().ok()?))
+            })
+            .collect();
+        let mut rows = 0;
+        for line in AWS_TABLE.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split('\t').collect();
+            let [name, enis, ips, cards, ..] = f[..] else {
+                continue;
+            };
+            let (enis, ips, cards): (u32, u32, u32) = (
+                enis.parse().unwrap(),
+                ips.parse().unwrap(),
+                cards.parse().unwrap(),
+            );
+            if cards < 2 {
+                continue;
+            }
+            rows += 1;
+            let per_card = enis * (ips - 1) + 2;
+            let total = enis * cards * (ips - 1) + 2;
+            let oracle = max_pods[name];
+            assert_eq!(oracle, per_card, "{name}: max_enis is not card 0's count");
+            assert_ne!(oracle, total, "{name}");
+            assert_eq!(lookup(name).unwrap().limits.max_interfaces, enis, "{name}");
+        }
+        // 67 types had more than one card in aws-node v1.23.1's table.
+        assert_eq!(rows, 67);
+        let p5 = lookup("p5.48xlarge").unwrap().limits;
+        assert_eq!((p5.max_interfaces, p5.ipv4_per_interface), (2, 50));
+        assert_eq!(lookup("hpc6id.32xlarge").unwrap().limits.max_interfaces, 1);
+    }
+}

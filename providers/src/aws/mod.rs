@@ -6,17 +6,32 @@
 //! jittered exponential backoff on throttling, 5xx and timeouts (the SDK's
 //! own retries are off, so there is one policy); filtered Describe calls
 //! only; per-API call, error, throttle and latency figures.
+//!
+//! Facts about the node and where they come from:
+//! - security groups: the primary interface's `groupSet` (re-read by
+//!   DescribeNetworkInterfaces before every CreateNetworkInterface); IMDS's
+//!   `security-group-ids` is only the first guess. No interface is created
+//!   without groups, since EC2 would give it the VPC's default group.
+//! - limits: DescribeInstanceTypes, the default network card's
+//!   `MaximumNetworkInterfaces` (interfaces are attached on card 0 only),
+//!   bounded by the built-in table; for a type neither knows, conservative
+//!   limits from what is attached now.
+//! - a subnet that is out of addresses is named by its id, never by EC2's
+//!   message text.
+//! - creating an interface is Create, Attach and DeleteOnTermination; if a
+//!   step fails the interface is detached and deleted, never kept half made.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
-    Filter, NetworkInterface, NetworkInterfaceAttachmentChanges, ResourceType, Tag,
-    TagSpecification,
+    Filter, InstanceTypeInfo, NetworkInterface, NetworkInterfaceAttachmentChanges, ResourceType,
+    Tag, TagSpecification,
 };
 use ipnet::Ipv4Net;
 use rand::Rng;
@@ -53,7 +68,46 @@ struct Identity {
     subnet_id: String,
     vpc_id: String,
     vpc_cidrs: Vec<Ipv4Net>,
-    security_groups: Vec<String>,
+}
+
+/// The node's security groups: those of the primary interface.
+#[derive(Debug, Default)]
+struct NodeGroups {
+    /// The latest groups known (IMDS at start, then the primary interface's
+    /// `groupSet` each time it is read); empty while unknown.
+    current: Vec<String>,
+    /// Every group set (sorted) ever reported as the node's. A create whose
+    /// spec names one of these asks for "the node's groups", which are then
+    /// re-read; any other non-empty set is the caller's explicit choice.
+    seen: Vec<Vec<String>>,
+}
+
+impl NodeGroups {
+    fn learn(&mut self, groups: &[String]) {
+        if groups.is_empty() {
+            return;
+        }
+        let mut sorted = groups.to_vec();
+        sorted.sort();
+        if !self.seen.contains(&sorted) {
+            self.seen.push(sorted);
+        }
+        self.current = groups.to_vec();
+    }
+
+    fn is_node_groups(&self, groups: &[String]) -> bool {
+        let mut sorted = groups.to_vec();
+        sorted.sort();
+        self.seen.contains(&sorted)
+    }
+}
+
+/// What the provider remembers of an interface it has described.
+#[derive(Debug, Clone)]
+struct Known {
+    /// The interface's own primary address, never a pod's.
+    primary_ip: Ipv4Addr,
+    subnet_id: String,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -72,8 +126,16 @@ pub struct AwsProvider {
     stats: Mutex<BTreeMap<&'static str, ApiStats>>,
     max_attempts: u32,
     subnet_cidrs: Mutex<HashMap<String, Ipv4Net>>,
-    /// Each interface's own primary address, never a pod's.
-    primaries: Mutex<HashMap<String, Ipv4Addr>>,
+    /// Interface id -> its primary address and subnet.
+    known: Mutex<HashMap<String, Known>>,
+    groups: Mutex<NodeGroups>,
+    /// Card-0 interfaces at the moment EC2 answered AttachmentLimitExceeded
+    /// (`u32::MAX`: never): a cap learned from EC2, so a limit that is too
+    /// high never turns into a create/delete loop.
+    learned_max_interfaces: AtomicU32,
+    /// Where `limits` came from: "DescribeInstanceTypes", "table" or
+    /// "fallback" (conservative limits for a type nobody knows).
+    limits_source: &'static str,
 }
 
 impl std::fmt::Debug for AwsProvider {
@@ -131,16 +193,21 @@ where
 }
 
 /// EC2 error codes to the project's errors.
+///
+/// EC2's answers to a full subnet (`InsufficientFreeAddressesInSubnet`,
+/// `InsufficientCidrBlocks`) do not name the subnet, so those come back with
+/// an empty `subnet`, which the caller fills with the subnet's id (see
+/// `in_subnet`); EC2's message text never goes there.
 pub fn classify(api: &str, code: &str, msg: &str, status: u16) -> ProviderError {
     match code {
         "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => {
             ProviderError::Throttled { api: api.into() }
         }
         "InsufficientFreeAddressesInSubnet" => ProviderError::SubnetExhausted {
-            subnet: msg.to_string(),
+            subnet: String::new(),
         },
         "InsufficientCidrBlocks" => ProviderError::InsufficientCidrBlocks {
-            subnet: msg.to_string(),
+            subnet: String::new(),
         },
         "AttachmentLimitExceeded"
         | "PrivateIpAddressLimitExceeded"
@@ -148,6 +215,107 @@ pub fn classify(api: &str, code: &str, msg: &str, status: u16) -> ProviderError 
         c if c.ends_with(".NotFound") => ProviderError::NotFound(format!("{code}: {msg}")),
         _ if status >= 500 => ProviderError::Server(format!("{api}: {code} {msg}")),
         _ => ProviderError::Invalid(format!("{api}: {code}: {msg}")),
+    }
+}
+
+/// Names `subnet` (a subnet id) in a full-subnet error; other errors pass.
+fn in_subnet(e: ProviderError, subnet: &str) -> ProviderError {
+    match e {
+        ProviderError::SubnetExhausted { .. } => ProviderError::SubnetExhausted {
+            subnet: subnet.to_string(),
+        },
+        ProviderError::InsufficientCidrBlocks { .. } => ProviderError::InsufficientCidrBlocks {
+            subnet: subnet.to_string(),
+        },
+        e => e,
+    }
+}
+
+/// The same kind of error (so retry and backoff decisions stay), its text
+/// put in context by `ctx`.
+fn with_context(e: ProviderError, ctx: impl Fn(&str) -> String) -> ProviderError {
+    use ProviderError as E;
+    match e {
+        E::Throttled { api } => E::Throttled { api: ctx(&api) },
+        E::Timeout { api } => E::Timeout { api: ctx(&api) },
+        E::LimitExceeded(m) => E::LimitExceeded(ctx(&m)),
+        E::Unsupported(m) => E::Unsupported(ctx(&m)),
+        E::NotFound(m) => E::NotFound(ctx(&m)),
+        E::Invalid(m) => E::Invalid(ctx(&m)),
+        E::Server(m) => E::Server(ctx(&m)),
+        E::Transport(m) => E::Transport(ctx(&m)),
+        e @ (E::SubnetExhausted { .. } | E::InsufficientCidrBlocks { .. }) => e,
+    }
+}
+
+/// The network card an attachment is on; EC2 omits it for card 0 on
+/// single-card types (and emulators may omit it altogether).
+fn card_of(n: &NetworkInterface) -> i32 {
+    n.attachment()
+        .and_then(|a| a.network_card_index())
+        .unwrap_or(0)
+}
+
+/// The group ids of an interface's `groupSet`, in EC2's order.
+fn groups_of(n: &NetworkInterface) -> Vec<String> {
+    n.groups()
+        .iter()
+        .filter_map(|g| g.group_id().map(String::from))
+        .collect()
+}
+
+/// Limits from one DescribeInstanceTypes answer, or `None` when it lacks
+/// network figures.
+///
+/// `NetworkInfo.MaximumNetworkInterfaces` is the total over all network
+/// cards, but interfaces are attached on the default card only (no
+/// `NetworkCardIndex` in AttachNetworkInterface), so the default card's
+/// `NetworkCards[].MaximumNetworkInterfaces` is the limit when cards are
+/// listed (p5.48xlarge: 32 cards of 2, total 64 -> 2).
+/// `Ipv4AddressesPerInterface` counts the interface's primary address.
+/// Prefix delegation needs Nitro (or bare metal).
+fn described_limits(it: &InstanceTypeInfo) -> Option<Limits> {
+    let n = it.network_info()?;
+    let default_card = n.default_network_card_index().unwrap_or(0);
+    let on_card = n
+        .network_cards()
+        .iter()
+        .find(|c| c.network_card_index().unwrap_or(0) == default_card)
+        .and_then(|c| c.maximum_network_interfaces());
+    let max_interfaces = on_card.or(n.maximum_network_interfaces())?;
+    let ipv4 = n.ipv4_addresses_per_interface()?;
+    if max_interfaces < 1 || ipv4 < 1 {
+        return None;
+    }
+    let nitro =
+        it.hypervisor().map(|h| h.as_str()) == Some("nitro") || it.bare_metal() == Some(true);
+    Some(Limits {
+        max_interfaces: max_interfaces as u32,
+        ipv4_per_interface: ipv4 as u32,
+        prefix_delegation: nitro,
+    })
+}
+
+/// Conservative limits for an instance type whose limits nobody knows,
+/// from the interfaces attached to it now: as many interfaces as are
+/// attached on the default card (at least 1), as many addresses per
+/// interface as the fullest of them holds (a prefix takes one address slot;
+/// at least 2, the least any EC2 type has), no prefix delegation. Both are
+/// figures EC2 has already allowed, so they never overcommit.
+fn fallback_limits(attached: &[NetworkInterface]) -> Limits {
+    let on_card0: Vec<&NetworkInterface> = attached.iter().filter(|n| card_of(n) == 0).collect();
+    let most = on_card0
+        .iter()
+        .map(|n| {
+            let ips = n.private_ip_addresses().len().max(1);
+            (ips + n.ipv4_prefixes().len()) as u32
+        })
+        .max()
+        .unwrap_or(0);
+    Limits {
+        max_interfaces: (on_card0.len() as u32).max(1),
+        ipv4_per_interface: most.max(2),
+        prefix_delegation: false,
     }
 }
 
@@ -187,8 +355,12 @@ fn interface_of(n: &NetworkInterface, cidr: Ipv4Net) -> Interface {
 }
 
 impl AwsProvider {
-    /// Reads the instance's identity from IMDSv2 and its limits from
-    /// DescribeInstanceTypes (falling back to the built-in table).
+    /// Reads the instance's identity from IMDSv2, its limits from
+    /// DescribeInstanceTypes and the built-in table (conservative limits
+    /// for a type neither knows, with a warning: never an error), and the
+    /// node's security groups from IMDS or else the primary interface's
+    /// `groupSet`. Groups that cannot be read are not an error here; creating
+    /// an interface then fails until they can be.
     pub async fn connect(s: &AwsSettings) -> Result<Self> {
         let http = http_client();
         let mut imds = aws_config::imds::Client::builder().configure(
@@ -217,8 +389,13 @@ impl AwsProvider {
         let vpc_id = iface("vpc-id").await?;
         let cidrs = iface("vpc-ipv4-cidr-blocks").await?;
         let vpc_cidrs = lines(&cidrs).filter_map(|c| c.parse().ok()).collect();
-        let groups = iface("security-group-ids").await.unwrap_or_default();
-        let security_groups = lines(&groups).map(String::from).collect();
+        let imds_groups: Vec<String> = match iface("security-group-ids").await {
+            Ok(g) => lines(&g).map(String::from).collect(),
+            Err(e) => {
+                warn!(error = %e, "IMDS does not give the primary interface's security groups; reading them from EC2");
+                vec![]
+            }
+        };
         let primary_ip = get("local-ipv4")
             .await?
             .parse()
@@ -260,7 +437,6 @@ impl AwsProvider {
                 subnet_id,
                 vpc_id,
                 vpc_cidrs,
-                security_groups,
             },
             limits: Limits {
                 max_interfaces: 0,
@@ -271,52 +447,188 @@ impl AwsProvider {
             stats: Mutex::new(BTreeMap::new()),
             max_attempts: s.max_attempts.max(1),
             subnet_cidrs: Mutex::new(HashMap::new()),
-            primaries: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
+            groups: Mutex::new(NodeGroups::default()),
+            learned_max_interfaces: AtomicU32::new(u32::MAX),
+            limits_source: "",
         };
-        p.limits = p.instance_limits(&instance_type).await?;
-        info!(instance = %p.id.instance_id, instance_type, limits = ?p.limits, "AWS instance identified");
+        p.groups.lock().expect("lock").learn(&imds_groups);
+        if imds_groups.is_empty() {
+            match p.primary_groups().await {
+                Ok(g) => info!(groups = ?g, "security groups from the primary interface"),
+                Err(e) => {
+                    warn!(error = %e, "no interface can be created until the node's security groups are known")
+                }
+            }
+        }
+        (p.limits, p.limits_source) = p.instance_limits(&instance_type).await;
+        info!(instance = %p.id.instance_id, instance_type, limits = ?p.limits, source = p.limits_source, "AWS instance identified");
         Ok(p)
     }
 
-    async fn instance_limits(&self, instance_type: &str) -> Result<Limits> {
+    /// The instance type's limits and where they came from: the smaller of
+    /// DescribeInstanceTypes (default card) and the built-in table where
+    /// both know the type, else whichever does, else [`fallback_limits`].
+    async fn instance_limits(&self, instance_type: &str) -> (Limits, &'static str) {
         let t = instance_type.to_string();
-        let described = self
+        let described = match self
             .call("DescribeInstanceTypes", || {
                 self.ec2
                     .describe_instance_types()
                     .instance_types(t.as_str().into())
                     .send()
             })
-            .await;
-        match described {
+            .await
+        {
             Ok(out) => {
-                if let Some(it) = out.instance_types().first() {
-                    if let Some(n) = it.network_info() {
-                        let nitro = it.hypervisor().map(|h| h.as_str()) == Some("nitro")
-                            || it.bare_metal() == Some(true);
-                        return Ok(Limits {
-                            max_interfaces: n.maximum_network_interfaces().unwrap_or(1).max(1)
-                                as u32,
-                            ipv4_per_interface: n.ipv4_addresses_per_interface().unwrap_or(1).max(1)
-                                as u32,
-                            prefix_delegation: nitro,
-                        });
-                    }
+                let l = out.instance_types().first().and_then(described_limits);
+                if l.is_none() {
+                    warn!(
+                        instance_type,
+                        "DescribeInstanceTypes gave no network limits"
+                    );
                 }
-                warn!(
-                    instance_type,
-                    "DescribeInstanceTypes gave no network limits; using the built-in table"
-                );
+                l
             }
             Err(e) => {
-                warn!(instance_type, error = %e, "DescribeInstanceTypes failed; using the built-in table")
+                warn!(instance_type, error = %e, "DescribeInstanceTypes failed");
+                None
+            }
+        };
+        let table = crate::limits::lookup(instance_type).map(|t| t.limits);
+        match (described, table) {
+            (Some(d), Some(t)) => {
+                if (d.max_interfaces, d.ipv4_per_interface)
+                    != (t.max_interfaces, t.ipv4_per_interface)
+                {
+                    warn!(instance_type, described = ?d, table = ?t, "DescribeInstanceTypes and the built-in table differ; using the smaller limits");
+                }
+                let l = Limits {
+                    max_interfaces: d.max_interfaces.min(t.max_interfaces),
+                    ipv4_per_interface: d.ipv4_per_interface.min(t.ipv4_per_interface),
+                    prefix_delegation: d.prefix_delegation,
+                };
+                (l, "DescribeInstanceTypes")
+            }
+            (Some(d), None) => (d, "DescribeInstanceTypes"),
+            (None, Some(t)) => {
+                info!(instance_type, "limits from the built-in table");
+                (t, "table")
+            }
+            (None, None) => {
+                let attached = match self.attached().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "cannot list the attached interfaces either");
+                        vec![]
+                    }
+                };
+                let l = fallback_limits(&attached);
+                warn!(
+                    instance_type,
+                    limits = ?l,
+                    "neither DescribeInstanceTypes nor the built-in table knows this instance type; \
+                     using conservative limits (the interfaces attached now on card 0, the most \
+                     addresses one of them holds, no prefix delegation)"
+                );
+                (l, "fallback")
             }
         }
-        crate::limits::lookup(instance_type)
-            .map(|t| t.limits)
-            .ok_or_else(|| {
-                ProviderError::Invalid(format!("no limits known for instance type {instance_type}"))
+    }
+
+    /// Where the limits in [`CloudProvider::describe_instance`] came from:
+    /// "DescribeInstanceTypes", "table", or "fallback".
+    pub fn limits_source(&self) -> &'static str {
+        self.limits_source
+    }
+
+    /// The limits, lowered to a cap EC2 has taught by AttachmentLimitExceeded.
+    fn effective_limits(&self) -> Limits {
+        let mut l = self.limits;
+        l.max_interfaces = l
+            .max_interfaces
+            .min(self.learned_max_interfaces.load(Ordering::Relaxed));
+        l
+    }
+
+    /// Interfaces attached to this instance, as EC2 describes them
+    /// (instance-filtered DescribeNetworkInterfaces).
+    async fn attached(&self) -> Result<Vec<NetworkInterface>> {
+        let id = self.id.instance_id.clone();
+        let out = self
+            .call("DescribeNetworkInterfaces", || {
+                self.ec2
+                    .describe_network_interfaces()
+                    .filters(
+                        Filter::builder()
+                            .name("attachment.instance-id")
+                            .values(id.as_str())
+                            .build(),
+                    )
+                    .send()
             })
+            .await?;
+        let v = out.network_interfaces().to_vec();
+        if let Some(p) = v
+            .iter()
+            .find(|n| n.network_interface_id() == Some(self.id.primary_interface_id.as_str()))
+        {
+            self.groups.lock().expect("lock").learn(&groups_of(p));
+        }
+        Ok(v)
+    }
+
+    /// The primary interface's security groups, read now from its
+    /// `groupSet` (DescribeNetworkInterfaces by id). An empty set is an error.
+    async fn primary_groups(&self) -> Result<Vec<String>> {
+        let n = self.interface(&self.id.primary_interface_id).await?;
+        let g = groups_of(&n);
+        if g.is_empty() {
+            return Err(ProviderError::Invalid(format!(
+                "DescribeNetworkInterfaces lists no groups for {}",
+                self.id.primary_interface_id
+            )));
+        }
+        self.groups.lock().expect("lock").learn(&g);
+        Ok(g)
+    }
+
+    /// The groups for a new interface. A spec naming no groups, or the
+    /// node's groups as reported before, gets the primary interface's groups
+    /// as they are now (from `attached`, a fresh answer, or else read by id),
+    /// so a replaced group is followed; other groups are the caller's choice
+    /// and used as given. Never empty.
+    async fn groups_for_create(
+        &self,
+        requested: &[String],
+        attached: &[NetworkInterface],
+    ) -> Result<Vec<String>> {
+        let explicit =
+            !requested.is_empty() && !self.groups.lock().expect("lock").is_node_groups(requested);
+        if explicit {
+            return Ok(requested.to_vec());
+        }
+        let fresh = attached
+            .iter()
+            .find(|n| n.network_interface_id() == Some(self.id.primary_interface_id.as_str()))
+            .map(groups_of)
+            .filter(|g| !g.is_empty());
+        if let Some(g) = fresh {
+            return Ok(g);
+        }
+        match self.primary_groups().await {
+            Ok(g) => Ok(g),
+            Err(e) => {
+                let last = self.groups.lock().expect("lock").current.clone();
+                if e.is_transient() && !last.is_empty() {
+                    warn!(error = %e, groups = ?last, "cannot re-read the node's security groups; using the last known");
+                    return Ok(last);
+                }
+                Err(with_context(e, |m| {
+                    format!("security groups of the node's primary interface are unknown: {m}")
+                }))
+            }
+        }
     }
 
     /// One EC2 call under the client-side bucket, with retries.
@@ -412,19 +724,38 @@ impl AwsProvider {
     async fn to_interface(&self, n: &NetworkInterface) -> Interface {
         let cidr = self.subnet_cidr(n.subnet_id().unwrap_or_default()).await;
         let i = interface_of(n, cidr);
-        self.primaries
-            .lock()
-            .expect("lock")
-            .insert(i.id.clone(), i.primary_ip);
+        self.known.lock().expect("lock").insert(
+            i.id.clone(),
+            Known {
+                primary_ip: i.primary_ip,
+                subnet_id: i.subnet_id.clone(),
+            },
+        );
         i
     }
 
-    async fn primary_of(&self, interface_id: &str) -> Option<Ipv4Addr> {
-        if let Some(ip) = self.primaries.lock().expect("lock").get(interface_id) {
-            return Some(*ip);
+    async fn known(&self, interface_id: &str) -> Option<Known> {
+        if let Some(k) = self.known.lock().expect("lock").get(interface_id) {
+            return Some(k.clone());
         }
         let n = self.interface(interface_id).await.ok()?;
-        Some(self.to_interface(&n).await.primary_ip)
+        self.to_interface(&n).await;
+        self.known.lock().expect("lock").get(interface_id).cloned()
+    }
+
+    async fn primary_of(&self, interface_id: &str) -> Option<Ipv4Addr> {
+        self.known(interface_id).await.map(|k| k.primary_ip)
+    }
+
+    /// The subnet an interface is in, by id, for naming it in an error.
+    async fn subnet_of(&self, interface_id: &str) -> String {
+        if interface_id == self.id.primary_interface_id {
+            return self.id.subnet_id.clone();
+        }
+        match self.known(interface_id).await {
+            Some(k) if !k.subnet_id.is_empty() => k.subnet_id,
+            _ => format!("(unknown, of interface {interface_id})"),
+        }
     }
 }
 
@@ -457,28 +788,15 @@ impl CloudProvider for AwsProvider {
             subnet_id: self.id.subnet_id.clone(),
             vpc_id: self.id.vpc_id.clone(),
             vpc_cidrs: self.id.vpc_cidrs.clone(),
-            security_groups: self.id.security_groups.clone(),
-            limits: self.limits,
+            // Empty while unknown; create_interface re-reads them anyway.
+            security_groups: self.groups.lock().expect("lock").current.clone(),
+            limits: self.effective_limits(),
         })
     }
 
     async fn describe_interfaces(&self) -> Result<Vec<Interface>> {
-        let id = self.id.instance_id.clone();
-        let out = self
-            .call("DescribeNetworkInterfaces", || {
-                self.ec2
-                    .describe_network_interfaces()
-                    .filters(
-                        Filter::builder()
-                            .name("attachment.instance-id")
-                            .values(id.as_str())
-                            .build(),
-                    )
-                    .send()
-            })
-            .await?;
         let mut v = vec![];
-        for n in out.network_interfaces() {
+        for n in &self.attached().await? {
             let mut i = self.to_interface(n).await;
             // The primary interface is known by its MAC even where an
             // emulator reports no attachment index.
@@ -505,7 +823,15 @@ impl CloudProvider for AwsProvider {
                 }
                 .send()
             })
-            .await?;
+            .await;
+        let out = match out {
+            Ok(o) => o,
+            Err(
+                e @ (ProviderError::SubnetExhausted { .. }
+                | ProviderError::InsufficientCidrBlocks { .. }),
+            ) => return Err(in_subnet(e, &self.subnet_of(interface_id).await)),
+            Err(e) => return Err(e),
+        };
         // EC2 lists the addresses just assigned; LocalStack lists every
         // address of the interface, its primary among them. The primary
         // address is never a pod's.
@@ -546,7 +872,22 @@ impl CloudProvider for AwsProvider {
         .map(drop)
     }
 
+    /// Create, Attach (on card 0), then DeleteOnTermination. The groups are
+    /// the primary interface's as they are now unless the spec names others
+    /// (see `groups_for_create`); without groups nothing is created. If
+    /// Attach or DeleteOnTermination fails (after retries of transient
+    /// errors), the interface is detached and deleted and the error names
+    /// the step and its cause.
     async fn create_interface(&self, spec: &CreateInterface) -> Result<Interface> {
+        // One Describe gives the primary's groups as they are now and the
+        // room left. No create that the attach would refuse: an interface
+        // created and deleted again on every try is churn on the account's
+        // buckets.
+        let attached = self.attached().await?;
+        let groups = self
+            .groups_for_create(&spec.security_groups, &attached)
+            .await?;
+        self.room_for_one(&attached)?;
         // Every interface we create is tagged, so one that leaks is found.
         let mut tags: Vec<Tag> = spec
             .tags
@@ -571,9 +912,7 @@ impl CloudProvider for AwsProvider {
                     .ec2
                     .create_network_interface()
                     .subnet_id(spec.subnet_id.as_str())
-                    .set_groups(
-                        (!spec.security_groups.is_empty()).then(|| spec.security_groups.clone()),
-                    )
+                    .set_groups(Some(groups.clone()))
                     .tag_specifications(tag_spec.clone());
                 match spec.initial {
                     AssignRequest::Ips(0) | AssignRequest::Prefixes(0) => r,
@@ -583,17 +922,7 @@ impl CloudProvider for AwsProvider {
                 .send()
             })
             .await
-            .map_err(|e| match e {
-                ProviderError::SubnetExhausted { .. } => ProviderError::SubnetExhausted {
-                    subnet: spec.subnet_id.clone(),
-                },
-                ProviderError::InsufficientCidrBlocks { .. } => {
-                    ProviderError::InsufficientCidrBlocks {
-                        subnet: spec.subnet_id.clone(),
-                    }
-                }
-                e => e,
-            })?;
+            .map_err(|e| in_subnet(e, &spec.subnet_id))?;
         let n = created
             .network_interface()
             .ok_or_else(|| {
@@ -601,21 +930,22 @@ impl CloudProvider for AwsProvider {
             })?
             .clone();
         let eni = n.network_interface_id().unwrap_or_default().to_string();
-        match self.attach(&eni).await {
-            Ok(index) => {
-                let mut i = self.to_interface(&n).await;
-                i.device_index = index;
-                Ok(i)
-            }
-            Err(e) => {
-                // Never leave a created, unattached interface behind; if the
-                // delete fails too, leaked-interface GC finds it by its tags.
-                if let Err(d) = self.delete_interface(&eni).await {
-                    warn!(interface = %eni, error = %d, "could not delete an interface whose attach failed");
-                }
-                Err(e)
-            }
+        let (index, attachment) = match self.attach(&eni).await {
+            Ok(a) => a,
+            Err(e) => return Err(self.roll_back(&eni, "AttachNetworkInterface", e).await),
+        };
+        if let Err(e) = self.set_delete_on_termination(&eni, attachment).await {
+            return Err(self
+                .roll_back(
+                    &eni,
+                    "ModifyNetworkInterfaceAttribute (DeleteOnTermination)",
+                    e,
+                )
+                .await);
         }
+        let mut i = self.to_interface(&n).await;
+        i.device_index = index;
+        Ok(i)
     }
 
     async fn detach_interface(&self, interface_id: &str) -> Result<()> {
@@ -770,25 +1100,40 @@ impl CloudProvider for AwsProvider {
 }
 
 impl AwsProvider {
-    /// AttachNetworkInterface at the lowest free device index, then
-    /// DeleteOnTermination so the interface goes with the instance.
-    async fn attach(&self, eni: &str) -> Result<u32> {
-        let used: Vec<u32> = self
-            .describe_interfaces()
-            .await?
-            .iter()
-            .map(|i| i.device_index)
-            .collect();
-        if used.len() as u32 >= self.limits.max_interfaces {
+    /// Err unless one more interface fits on the default network card.
+    /// Interfaces on other cards (EFA on p5, for example) have their own
+    /// limits and do not count.
+    fn room_for_one(&self, attached: &[NetworkInterface]) -> Result<()> {
+        let on_card0 = attached.iter().filter(|n| card_of(n) == 0).count() as u32;
+        let max = self.effective_limits().max_interfaces;
+        if on_card0 >= max {
             // Enforced here: an emulator may allow more than EC2 does.
             return Err(ProviderError::LimitExceeded(format!(
-                "instance {} ({}) already has {} of {} network interfaces",
-                self.id.instance_id,
-                self.id.instance_type,
-                used.len(),
-                self.limits.max_interfaces
+                "instance {} ({}) already has {on_card0} of {max} network interfaces on its default network card",
+                self.id.instance_id, self.id.instance_type,
             )));
         }
+        Ok(())
+    }
+
+    /// AttachNetworkInterface on the default network card at its lowest
+    /// free device index. Returns the index and the attachment id.
+    async fn attach(&self, eni: &str) -> Result<(u32, Option<String>)> {
+        let attached = self.attached().await?;
+        self.room_for_one(&attached)?;
+        // Device indexes are numbered per network card.
+        let used: Vec<u32> = attached
+            .iter()
+            .filter(|n| card_of(n) == 0)
+            .map(|n| {
+                if n.network_interface_id() == Some(self.id.primary_interface_id.as_str()) {
+                    return 0;
+                }
+                n.attachment()
+                    .and_then(|a| a.device_index())
+                    .map_or(u32::MAX, |i| i as u32)
+            })
+            .collect();
         let index = (1..).find(|i| !used.contains(i)).expect("a free index");
         let inst = self.id.instance_id.clone();
         let out = self
@@ -800,27 +1145,77 @@ impl AwsProvider {
                     .device_index(index as i32)
                     .send()
             })
-            .await?;
-        if let Some(att) = out.attachment_id() {
-            let att = att.to_string();
-            let r = self
-                .call("ModifyNetworkInterfaceAttribute", || {
-                    self.ec2
-                        .modify_network_interface_attribute()
-                        .network_interface_id(eni)
-                        .attachment(
-                            NetworkInterfaceAttachmentChanges::builder()
-                                .attachment_id(att.as_str())
-                                .delete_on_termination(true)
-                                .build(),
-                        )
-                        .send()
-                })
-                .await;
-            if let Err(e) = r {
-                warn!(interface = eni, error = %e, "could not set DeleteOnTermination");
+            .await;
+        match out {
+            Ok(o) => Ok((index, o.attachment_id().map(String::from))),
+            Err(e @ ProviderError::LimitExceeded(_)) => {
+                // EC2 knows better than our figures: never try above this again.
+                let now = attached.iter().filter(|n| card_of(n) == 0).count() as u32;
+                self.learned_max_interfaces
+                    .fetch_min(now.max(1), Ordering::Relaxed);
+                warn!(interfaces = now, error = %e, "EC2 refused one more interface; lowering the interface limit to what is attached");
+                Err(e)
             }
+            Err(e) => Err(e),
         }
-        Ok(index)
+    }
+
+    /// ModifyNetworkInterfaceAttribute DeleteOnTermination=true, so the
+    /// interface goes with the instance. Transient errors are retried by
+    /// `call`; whatever remains is the caller's to act on.
+    async fn set_delete_on_termination(&self, eni: &str, attachment: Option<String>) -> Result<()> {
+        let att = match attachment {
+            Some(a) => a,
+            // An answer without the attachment id: read it back.
+            None => self
+                .interface(eni)
+                .await?
+                .attachment()
+                .and_then(|a| a.attachment_id())
+                .map(String::from)
+                .ok_or_else(|| {
+                    ProviderError::Server(format!(
+                        "{eni} shows no attachment after AttachNetworkInterface"
+                    ))
+                })?,
+        };
+        self.call("ModifyNetworkInterfaceAttribute", || {
+            self.ec2
+                .modify_network_interface_attribute()
+                .network_interface_id(eni)
+                .attachment(
+                    NetworkInterfaceAttachmentChanges::builder()
+                        .attachment_id(att.as_str())
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .send()
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Undoes a create whose `step` failed with `cause`: detaches (waiting
+    /// as `detach_interface` does; nothing to do if it never attached) and
+    /// deletes the interface. Returns the error to report, of `cause`'s
+    /// kind, naming the step, the cause and how the rollback went. If the
+    /// rollback fails, the interface carries our tags, so leaked-interface GC
+    /// deletes it once it is detached.
+    async fn roll_back(&self, eni: &str, step: &str, cause: ProviderError) -> ProviderError {
+        let undone = match self.detach_interface(eni).await {
+            Ok(()) => self.delete_interface(eni).await,
+            Err(e) => Err(e),
+        };
+        let outcome = match &undone {
+            Ok(()) => "the interface was detached and deleted".to_string(),
+            Err(d) => {
+                warn!(interface = eni, error = %d, "could not roll back a half-created interface");
+                format!("rolling the interface back failed too: {d}")
+            }
+        };
+        warn!(interface = eni, step, error = %cause, "creating an interface failed; rolled back");
+        with_context(cause, |m| {
+            format!("creating interface {eni}: {step} failed: {m}; {outcome}")
+        })
     }
 }
