@@ -303,16 +303,14 @@ async fn serve_fast(
                                 return;
                             }
                         };
-                        let answered = answer.is_ok();
                         let result = ipamd_api::fast::result_of(answer);
+                        // Left between the commit and the answer: the address
+                        // is not released here, since a repeated ADD answers a
+                        // live pod's own address. The runtime's DEL after a
+                        // failed ADD, or the reclaim of a gone namespace,
+                        // releases a new one.
                         if let Err(e) = ipamd_api::fast::write_frame(&mut conn, &result).await {
-                            debug!(error = %e, "fast path: the client left before its answer");
-                            if answered {
-                                // Nobody will wire or DEL this attachment.
-                                if let Err(e) = service.ipam.del(attachment).await {
-                                    warn!(error = %e, "could not release an unanswered ADD");
-                                }
-                            }
+                            debug!(pod = %attachment, error = %e, "fast path: the client left before its answer");
                         }
                     });
                 }
