@@ -735,22 +735,10 @@ pub async fn check(host: &Handle, pod: &Handle, w: &Wire<'_>) -> Result<(), Vec<
     };
     let host_mac = mac_of(&host_link);
     let mut bad = check_pod(pod, w.pod_ifname, w.ip, &host_mac).await;
-    let host_routes: Vec<RouteMessage> = host
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
+    let route_ok = pod_route_links(host, w.ip)
         .await
-        .unwrap_or_default();
-    let route_ok = host_routes.iter().any(|r| {
-        r.header.destination_prefix_length == 32
-            && r.attributes.iter().any(
-                |a| matches!(a, RouteAttribute::Destination(RouteAddress::Inet(d)) if *d == w.ip),
-            )
-            && r.attributes
-                .iter()
-                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == host_link.header.index))
-    });
+        .unwrap_or_default()
+        .contains(&host_link.header.index);
     if !route_ok {
         bad.push(format!(
             "the host has no route to {} via {}",

@@ -190,7 +190,9 @@ struct State {
     frozen: BTreeSet<String>,
     /// Acknowledged assignments whose address the cloud's last answer
     /// lacked: held (in the journal too) until the address is seen again or
-    /// the pod is deleted, never given to another pod on one answer.
+    /// the pod is deleted, never given to another pod on one answer. A key
+    /// is never both here and in the datastore: a new assignment of it
+    /// removes it here, and a restore moves it there.
     unconfirmed: BTreeMap<PodKey, Ipv4Addr>,
     appends_since_compact: u64,
     last_resync: Instant,
@@ -259,23 +261,19 @@ impl Ipam {
         let now = Instant::now();
         let mut ds = Datastore::new(settings.cooldown);
         let held: BTreeSet<Ipv4Addr> = replayed.assignments.values().copied().collect();
-        let mut foreign = BTreeMap::new();
         let mut frozen = BTreeSet::new();
-        for i in provider.describe_interfaces().await? {
-            if crate::ownership::managed(&i, &instance.id) {
-                ds.add_interface(i, now);
-            } else if holds_any(&i, &held) {
-                // Ours once (an older ipamd, or tagged no_manage since):
-                // kept for the pods on it, never given new ones or freed.
-                warn!(interface = %i.id, "interface is not ipamd's to manage but holds pods' addresses; keeping them, adding none");
-                frozen.insert(i.id.clone());
-                let id = i.id.clone();
-                ds.add_interface(i, now);
-                ds.set_draining(&id);
-            } else {
-                info!(interface = %i.id, device_index = i.device_index, "leaving an interface ipamd does not own alone");
-                foreign.insert(i.id.clone(), i);
-            }
+        let (pool, foreign) = crate::ownership::split(
+            provider.describe_interfaces().await?,
+            &instance.id,
+            |i| holds_any(i, &held),
+            &mut frozen,
+        );
+        crate::ownership::log_new_foreign(&foreign, &BTreeMap::new());
+        for i in pool {
+            ds.add_interface(i, now);
+        }
+        for id in &frozen {
+            ds.set_draining(id);
         }
         for id in &replayed.pending_deletes {
             ds.set_draining(id);
@@ -888,23 +886,16 @@ impl Ipam {
             let mut st = self.lock();
             st.last_resync = Instant::now();
             let known: BTreeSet<String> = st.ds.interfaces().map(|e| e.info.id.clone()).collect();
-            // Interfaces ipamd does not manage stay out of the pool; one it
-            // managed until now (tagged no_manage since) is frozen for the
-            // pods it holds.
-            let mut cloud = vec![];
-            st.foreign.clear();
-            for i in all {
-                if crate::ownership::managed(&i, &self.instance.id) {
-                    cloud.push(i);
-                } else if known.contains(&i.id) {
-                    if st.frozen.insert(i.id.clone()) {
-                        warn!(interface = %i.id, "interface is no longer ipamd's to manage; keeping its pods, adding none");
-                    }
-                    cloud.push(i);
-                } else {
-                    st.foreign.insert(i.id.clone(), i);
-                }
-            }
+            // One it managed until now (tagged no_manage since) is frozen
+            // for the pods it holds.
+            let (cloud, foreign) = crate::ownership::split(
+                all,
+                &self.instance.id,
+                |i| known.contains(&i.id),
+                &mut st.frozen,
+            );
+            crate::ownership::log_new_foreign(&foreign, &st.foreign);
+            st.foreign = foreign;
             let vanished = st.ds.resync(&cloud, Instant::now());
             let frozen: Vec<String> = st.frozen.iter().cloned().collect();
             for id in frozen {
@@ -935,10 +926,7 @@ impl Ipam {
                 .map(|(k, ip)| (k.clone(), *ip))
                 .collect();
             for (key, ip) in pending {
-                if st.ds.lookup(&key).is_some() {
-                    // Assigned anew since (a repeated ADD): that one counts.
-                    st.unconfirmed.remove(&key);
-                } else if st.ds.restore(&key, ip) {
+                if st.ds.restore(&key, ip) {
                     info!(pod = %key, %ip, "the pod's address is seen again; assignment confirmed");
                     st.unconfirmed.remove(&key);
                 }
@@ -1103,7 +1091,8 @@ impl Ipam {
         for subnet_id in self.candidate_subnets().await {
             let mut spec = CreateInterface {
                 subnet_id: subnet_id.clone(),
-                security_groups: self.instance.security_groups.clone(),
+                // The node's groups, read by the provider as they are now.
+                security_groups: vec![],
                 tags: tags.clone(),
                 initial,
             };
@@ -1328,12 +1317,7 @@ fn snapshot(st: &State, settings: &Settings, now: Instant) -> Vec<Record> {
             .ds
             .assignments()
             .map(|(k, p)| (k.clone(), p.ip))
-            .chain(
-                st.unconfirmed
-                    .iter()
-                    .filter(|(k, _)| st.ds.lookup(k).is_none())
-                    .map(|(k, ip)| (k.clone(), *ip)),
-            )
+            .chain(st.unconfirmed.iter().map(|(k, ip)| (k.clone(), *ip)))
             .collect(),
         released_at,
         pending_deletes: st.pending_deletes.clone(),

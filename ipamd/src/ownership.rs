@@ -5,8 +5,11 @@
 //! addresses are never handed out or counted, it is never shrunk, detached
 //! or deleted. It still takes one of the instance's attachment slots.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use providers::tags::{INSTANCE, NO_MANAGE, OWNER, OWNER_VALUE};
 use providers::Interface;
+use tracing::{info, warn};
 
 /// Whether ipamd may use and change `i`, an interface of instance
 /// `instance_id`.
@@ -19,6 +22,42 @@ pub fn managed(i: &Interface, instance_id: &str) -> bool {
         return false;
     }
     tag(OWNER) == Some(OWNER_VALUE) && tag(INSTANCE).is_none_or(|id| id == instance_id)
+}
+
+/// Splits the cloud's interfaces into those for the pool and the foreign
+/// ones (by id). An unmanaged interface that `keep` still wants (it holds
+/// pods' addresses, or ipamd managed it until now) goes to the pool and
+/// joins `frozen`: its pods keep their addresses, it gets no new ones and
+/// is never freed.
+pub fn split(
+    all: Vec<Interface>,
+    instance_id: &str,
+    keep: impl Fn(&Interface) -> bool,
+    frozen: &mut BTreeSet<String>,
+) -> (Vec<Interface>, BTreeMap<String, Interface>) {
+    let mut pool = vec![];
+    let mut foreign = BTreeMap::new();
+    for i in all {
+        if managed(&i, instance_id) {
+            pool.push(i);
+        } else if keep(&i) {
+            if frozen.insert(i.id.clone()) {
+                warn!(interface = %i.id, "interface is not ipamd's to manage but holds pods' addresses; keeping them, adding none");
+            }
+            pool.push(i);
+        } else {
+            foreign.insert(i.id.clone(), i);
+        }
+    }
+    (pool, foreign)
+}
+
+/// Logs the foreign interfaces not in `before` (once each, not at every
+/// resync).
+pub fn log_new_foreign(now: &BTreeMap<String, Interface>, before: &BTreeMap<String, Interface>) {
+    for (id, i) in now.iter().filter(|(id, _)| !before.contains_key(*id)) {
+        info!(interface = %id, device_index = i.device_index, "leaving an interface ipamd does not own alone");
+    }
 }
 
 #[cfg(test)]

@@ -742,20 +742,37 @@ impl Lab {
 
     /// vpc-cni DEL with prevResult, then the namespace goes, as a runtime does.
     pub fn del_pod(&self, pod: Pod) -> Invocation {
-        let mut conf = self.netconf(pod.node, "1.0.0");
-        conf["prevResult"] = pod.result.clone();
-        let r = self.invoke(
+        let r = self.del_attachment(
             pod.node,
-            &self.bins.vpc_cni(),
-            "DEL",
             &pod.container_id,
             &pod.ns.path().display().to_string(),
-            "eth0",
-            &conf,
-            &[],
+            &pod.result,
         );
         drop(pod);
         r
+    }
+
+    /// vpc-cni DEL of an attachment with its `prevResult`, as a runtime
+    /// sends it (also again, later: runtimes retry DELs).
+    pub fn del_attachment(
+        &self,
+        node: usize,
+        container_id: &str,
+        netns: &str,
+        prev: &Value,
+    ) -> Invocation {
+        let mut conf = self.netconf(node, "1.0.0");
+        conf["prevResult"] = prev.clone();
+        self.invoke(
+            node,
+            &self.bins.vpc_cni(),
+            "DEL",
+            container_id,
+            netns,
+            "eth0",
+            &conf,
+            &[],
+        )
     }
 
     /// What a node's ipamd holds for an attachment (GetNetwork).

@@ -20,23 +20,6 @@ fn has_from_rule(rules: &str, ip: std::net::Ipv4Addr) -> bool {
     rules.contains(&format!("from {ip} lookup "))
 }
 
-/// DEL of `pod` as a runtime retries it: its cached prevResult, its (maybe
-/// gone) namespace path.
-fn late_del(lab: &Lab, node: usize, container_id: &str, netns: &str, prev: &Value) -> Invocation {
-    let mut conf = lab.netconf(node, "1.0.0");
-    conf["prevResult"] = prev.clone();
-    lab.invoke(
-        node,
-        &lab.bins.vpc_cni(),
-        "DEL",
-        container_id,
-        netns,
-        "eth0",
-        &conf,
-        &[],
-    )
-}
-
 fn check(lab: &Lab, pod: &Pod) -> Invocation {
     let mut conf = lab.netconf(pod.node, "1.0.0");
     conf["prevResult"] = pod.result.clone();
@@ -94,7 +77,7 @@ async fn a_late_del_leaves_the_addresses_new_holder_alone() {
     assert!(r.ok, "CHECK new before the late DEL: {}", r.stdout);
 
     // The runtime retries old's DEL.
-    let r = late_del(&lab, a, &old_id, &old_netns, &old_result);
+    let r = lab.del_attachment(a, &old_id, &old_netns, &old_result);
     assert!(r.ok, "late DEL must succeed: {} {}", r.stdout, r.stderr);
     let rules = rules_of(&lab, a);
     assert!(
@@ -106,7 +89,7 @@ async fn a_late_del_leaves_the_addresses_new_holder_alone() {
 
     // Again with ipamd down: the plugin tears down from prevResult alone.
     lab.stop_ipamd(a);
-    let r = late_del(&lab, a, &old_id, &old_netns, &old_result);
+    let r = lab.del_attachment(a, &old_id, &old_netns, &old_result);
     assert!(r.ok, "late DEL with ipamd down: {} {}", r.stdout, r.stderr);
     let rules = rules_of(&lab, a);
     assert!(
