@@ -113,6 +113,9 @@ pub struct Assigned {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateInterface {
     pub subnet_id: String,
+    /// Empty: the node's own groups, those of its primary interface as they
+    /// are when the interface is created (a group replaced on the node is
+    /// followed). Named groups are used as given (e.g. an ENIConfig's).
     pub security_groups: Vec<String>,
     pub tags: BTreeMap<String, String>,
     /// Addresses to assign in the same call as the create.

@@ -1030,11 +1030,11 @@ async fn a_replaced_node_group_is_followed() {
         security_groups: g.to_vec(),
         ..spec("subnet-1", &[], AssignRequest::Ips(1))
     };
-    p.create_interface(&with(&node_groups)).await.unwrap();
-    // The node's group is replaced while ipamd runs; ipamd still passes
-    // what it read at start.
+    // ipamd names no groups: the node's, as they are at each create.
+    p.create_interface(&with(&[])).await.unwrap();
+    // The node's group is replaced while ipamd runs.
     m.with_eni("eni-primary", |e| e.groups = vec!["sg-2".into()]);
-    p.create_interface(&with(&node_groups)).await.unwrap();
+    p.create_interface(&with(&[])).await.unwrap();
     assert_eq!(
         create_groups(&m),
         vec![vec!["sg-1".to_string()], vec!["sg-2".to_string()]]

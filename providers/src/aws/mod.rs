@@ -76,29 +76,13 @@ struct NodeGroups {
     /// The latest groups known (IMDS at start, then the primary interface's
     /// `groupSet` each time it is read); empty while unknown.
     current: Vec<String>,
-    /// Every group set (sorted) ever reported as the node's. A create whose
-    /// spec names one of these asks for "the node's groups", which are then
-    /// re-read; any other non-empty set is the caller's explicit choice.
-    seen: Vec<Vec<String>>,
 }
 
 impl NodeGroups {
     fn learn(&mut self, groups: &[String]) {
-        if groups.is_empty() {
-            return;
+        if !groups.is_empty() {
+            self.current = groups.to_vec();
         }
-        let mut sorted = groups.to_vec();
-        sorted.sort();
-        if !self.seen.contains(&sorted) {
-            self.seen.push(sorted);
-        }
-        self.current = groups.to_vec();
-    }
-
-    fn is_node_groups(&self, groups: &[String]) -> bool {
-        let mut sorted = groups.to_vec();
-        sorted.sort();
-        self.seen.contains(&sorted)
     }
 }
 
@@ -593,19 +577,17 @@ impl AwsProvider {
         Ok(g)
     }
 
-    /// The groups for a new interface. A spec naming no groups, or the
-    /// node's groups as reported before, gets the primary interface's groups
-    /// as they are now (from `attached`, a fresh answer, or else read by id),
-    /// so a replaced group is followed; other groups are the caller's choice
-    /// and used as given. Never empty.
+    /// The groups for a new interface. A spec naming no groups (the node's,
+    /// see [`CreateInterface::security_groups`]) gets the primary
+    /// interface's groups as they are now (from `attached`, a fresh answer,
+    /// or else read by id), so a replaced group is followed; named groups
+    /// are used as given. Never empty.
     async fn groups_for_create(
         &self,
         requested: &[String],
         attached: &[NetworkInterface],
     ) -> Result<Vec<String>> {
-        let explicit =
-            !requested.is_empty() && !self.groups.lock().expect("lock").is_node_groups(requested);
-        if explicit {
+        if !requested.is_empty() {
             return Ok(requested.to_vec());
         }
         let fresh = attached
@@ -930,7 +912,7 @@ impl CloudProvider for AwsProvider {
             })?
             .clone();
         let eni = n.network_interface_id().unwrap_or_default().to_string();
-        let (index, attachment) = match self.attach(&eni).await {
+        let (index, attachment) = match self.attach(&eni, &attached).await {
             Ok(a) => a,
             Err(e) => return Err(self.roll_back(&eni, "AttachNetworkInterface", e).await),
         };
@@ -1117,10 +1099,14 @@ impl AwsProvider {
     }
 
     /// AttachNetworkInterface on the default network card at its lowest
-    /// free device index. Returns the index and the attachment id.
-    async fn attach(&self, eni: &str) -> Result<(u32, Option<String>)> {
-        let attached = self.attached().await?;
-        self.room_for_one(&attached)?;
+    /// free device index among `attached` (the instance's interfaces as
+    /// described just before the create, which checked there is room).
+    /// Returns the index and the attachment id.
+    async fn attach(
+        &self,
+        eni: &str,
+        attached: &[NetworkInterface],
+    ) -> Result<(u32, Option<String>)> {
         // Device indexes are numbered per network card.
         let used: Vec<u32> = attached
             .iter()

@@ -365,6 +365,12 @@ impl VpcState {
         tags: BTreeMap<String, String>,
     ) -> Result<String> {
         let primary = self.subnet_mut(subnet_id)?.take_ips(1)?[0];
+        // None named: the node's, which in this VPC is its one group.
+        let security_groups = if security_groups.is_empty() {
+            vec![self.security_group.clone()]
+        } else {
+            security_groups
+        };
         let id = self.new_id("eni");
         let mac = self.new_mac();
         self.interfaces.insert(
