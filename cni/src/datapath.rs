@@ -596,13 +596,24 @@ async fn pod_route_links(host: &Handle, ip: Ipv4Addr) -> Result<Vec<u32>, rtnetl
         .collect())
 }
 
-/// Whether the host routes `ip` to a link other than `host_veth`: then
-/// another pod holds `ip` on this node, and its rules are not ours.
-pub async fn routed_to_another_link(
+/// Whether something else on this host holds `ip`: the host routes it to a
+/// link other than `host_veth` (another pod), or it is an address of a host
+/// link (an interface's own primary address, whose `from` rule is ipamd's).
+/// Then its rules are not this attachment's.
+pub async fn held_elsewhere_on_host(
     host: &Handle,
     host_veth: &str,
     ip: Ipv4Addr,
 ) -> Result<bool, rtnetlink::Error> {
+    let local: Vec<_> = host.address().get().execute().try_collect().await?;
+    let on_a_link = local.iter().any(|a| {
+        a.attributes.iter().any(|x| {
+            matches!(x, AddressAttribute::Address(IpAddr::V4(v)) | AddressAttribute::Local(IpAddr::V4(v)) if *v == ip)
+        })
+    });
+    if on_a_link {
+        return Ok(true);
+    }
     let ours = if host_veth.is_empty() {
         None
     } else {

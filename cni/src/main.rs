@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use vpc_cni::netns::Pod;
 use vpc_cni::plugin;
-use vpc_cni::spec::{code, CniError, Command, Env, NetConf, DEFAULT_LOG_FILE};
+use vpc_cni::spec::{code, CniError, Command, Env, NetConf, DEFAULT_LOG_FILE, SUPPORTED};
 
 /// Writes each log line to the log file (when it can be opened) and stderr.
 struct Tee(Option<Mutex<std::fs::File>>);
@@ -66,6 +66,14 @@ fn fail(version: &str, e: &CniError) -> ! {
     std::process::exit(1);
 }
 
+/// The `cniVersion` the input names, if it is JSON that names one.
+fn asked_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
 fn main() {
     let cmd = match Command::parse(&std::env::var("CNI_COMMAND").unwrap_or_default()) {
         Ok(c) => c,
@@ -78,11 +86,7 @@ fn main() {
     let read = std::io::stdin().read_to_end(&mut stdin);
     if cmd == Command::Version {
         // VERSION may come with only {"cniVersion": ...} on stdin.
-        let asked = serde_json::from_slice::<serde_json::Value>(&stdin)
-            .ok()
-            .and_then(|v| v.get("cniVersion")?.as_str().map(String::from))
-            .unwrap_or_default();
-        println!("{}", plugin::version(&asked));
+        println!("{}", plugin::version(&asked_version(&stdin)));
         return;
     }
     if let Err(e) = read {
@@ -96,7 +100,16 @@ fn main() {
         Ok(c) => c,
         Err(e) => {
             init_logging(None);
-            fail("1.1.0", &e);
+            // Answer in the configuration's version when it names one.
+            let asked = asked_version(&stdin);
+            fail(
+                if SUPPORTED.contains(&asked.as_str()) {
+                    &asked
+                } else {
+                    "1.1.0"
+                },
+                &e,
+            );
         }
     };
     let env = match Env::load(cmd, |k| std::env::var(k).ok()) {

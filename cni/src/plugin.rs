@@ -190,20 +190,33 @@ fn add_request(env: &Env, conf: &NetConf, netns: (u64, u64)) -> AddNetworkReques
     }
 }
 
-/// The pod's namespace must exist before ipamd is asked for anything: its
+/// The pod's namespace must be one before ipamd is asked for anything: its
 /// identity (device, inode) lets ipamd tell later whether the pod is gone
 /// (see the proto's `netns_dev`), and a bad path must not cost an address.
+/// Refused (code 4): a path that does not exist, that is not a namespace
+/// (nsfs), or that is the plugin's own network namespace (the node's: the
+/// pod's end would be wired into the node).
 fn netns_identity(netns: &str) -> Result<(u64, u64), CniError> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(netns)
+    let bad = |why: String| {
+        CniError::new(
+            code::INVALID_ENV,
+            "CNI_NETNS is not a pod's network namespace",
+            format!("{netns}: {why}"),
+        )
+    };
+    let id = std::fs::metadata(netns)
         .map(|m| (m.dev(), m.ino()))
-        .map_err(|e| {
-            CniError::new(
-                code::INVALID_ENV,
-                "CNI_NETNS cannot be opened",
-                format!("{netns}: {e}"),
-            )
-        })
+        .map_err(|e| bad(e.to_string()))?;
+    let fs = nix::sys::statfs::statfs(netns).map_err(|e| bad(e.to_string()))?;
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        return Err(bad("not a namespace (nsfs)".into()));
+    }
+    let own = std::fs::metadata("/proc/self/ns/net").map(|m| (m.dev(), m.ino()));
+    if own.is_ok_and(|own| own == id) {
+        return Err(bad("the plugin's own (the node's) network namespace".into()));
+    }
+    Ok(id)
 }
 
 /// The first half of ADD: sends AddNetwork and returns with the answer
@@ -406,10 +419,10 @@ async fn ours(
         info!(%ip, "another attachment holds this address now; leaving its rules and route");
         return None;
     }
-    match datapath::routed_to_another_link(host, host_veth, ip).await {
+    match datapath::held_elsewhere_on_host(host, host_veth, ip).await {
         Ok(false) => Some(ip),
         Ok(true) => {
-            info!(%ip, "the host routes this address to another pod; leaving its rules and route");
+            info!(%ip, "another pod or a host interface holds this address; leaving its rules and route");
             None
         }
         Err(e) => {

@@ -131,6 +131,21 @@ impl Env {
         if !netns.is_empty() && !netns.starts_with('/') {
             bad.push(format!("CNI_NETNS {netns:?} is not an absolute path"));
         }
+        if netns.len() > PATH_MAX {
+            bad.push(format!("CNI_NETNS is longer than {PATH_MAX} bytes"));
+        }
+        let args: HashMap<String, String> = get("CNI_ARGS")
+            .unwrap_or_default()
+            .split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // Kubernetes names stop at 253 bytes; ipamd journals these.
+        for k in ["K8S_POD_NAMESPACE", "K8S_POD_NAME"] {
+            if args.get(k).is_some_and(|v| v.len() > K8S_NAME_MAX) {
+                bad.push(format!("CNI_ARGS {k} is longer than {K8S_NAME_MAX} bytes"));
+            }
+        }
         if !bad.is_empty() {
             return Err(CniError::new(
                 code::INVALID_ENV,
@@ -138,12 +153,6 @@ impl Env {
                 bad.join("; "),
             ));
         }
-        let args = get("CNI_ARGS")
-            .unwrap_or_default()
-            .split(';')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
         Ok(Self {
             container_id,
             netns,
@@ -195,6 +204,11 @@ pub struct ValidAttachment {
     pub container_id: String,
     pub ifname: String,
 }
+
+/// Longest `CNI_NETNS` path (Linux's PATH_MAX).
+pub const PATH_MAX: usize = 4096;
+/// Longest Kubernetes object name (a DNS subdomain, RFC 1123).
+pub const K8S_NAME_MAX: usize = 253;
 
 pub const DEFAULT_MTU: u32 = 9001;
 pub const DEFAULT_VETH_PREFIX: &str = "eni";
@@ -403,6 +417,24 @@ mod tests {
                 && e.details.contains("CNI_NETNS"),
             "{e}"
         );
+        // Sizes a runtime never sends, refused before they reach ipamd.
+        let long = "a".repeat(300);
+        let args = format!("K8S_POD_NAMESPACE={long};K8S_POD_NAME=p");
+        for (k, v) in [
+            ("CNI_CONTAINERID", long.as_str()),
+            ("CNI_NETNS", &format!("/{}", "a".repeat(PATH_MAX))),
+            ("CNI_ARGS", &args),
+        ] {
+            let mut vars = vec![
+                ("CNI_CONTAINERID", "c"),
+                ("CNI_NETNS", "/var/run/netns/x"),
+                ("CNI_IFNAME", "eth0"),
+            ];
+            vars.retain(|(n, _)| *n != k);
+            vars.push((k, v));
+            let e = Env::load(Command::Add, env(&vars)).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{k}: {e}");
+        }
         // A network name outside the spec's pattern is configuration: 7.
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"my net"}"#).unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG, "{e}");

@@ -67,6 +67,9 @@ pub enum IpamError {
 struct InFlight {
     adds: u32,
     dels: u64,
+    /// One of them answered with the address: a caller holds it, so another
+    /// one's caller leaving does not release it.
+    answered: bool,
 }
 
 /// One ADD's claim on its attachment: counts it in flight and waiting, and
@@ -104,6 +107,7 @@ impl Drop for AddGuard<'_> {
             self.ipam.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         let mut st = self.ipam.lock();
+        let answered = st.inflight.get(&self.key).is_some_and(|f| f.answered);
         if let Some(f) = st.inflight.get_mut(&self.key) {
             f.adds -= 1;
             if f.adds == 0 {
@@ -111,7 +115,7 @@ impl Drop for AddGuard<'_> {
             }
         }
         let Some(ip) = self.pending else { return };
-        if st.ds.lookup(&self.key).map(|p| p.ip) != Some(ip) {
+        if answered || st.ds.lookup(&self.key).map(|p| p.ip) != Some(ip) {
             return;
         }
         warn!(pod = %self.key, %ip, "the caller of ADD went away before its answer; releasing the address");
@@ -580,12 +584,14 @@ impl Ipam {
                 let failure = match durable.wait().await {
                     Ok(()) => {
                         // A DEL may have released it while we waited.
-                        let st = self.lock();
+                        let mut st = self.lock();
+                        guard.pending = None;
                         if st.ds.lookup(&key).map(|p| p.ip) != Some(wiring.ip) {
-                            guard.pending = None;
                             break Err(IpamError::Cancelled);
                         }
-                        guard.pending = None;
+                        if let Some(f) = st.inflight.get_mut(&key) {
+                            f.answered = true;
+                        }
                         break Ok(wiring);
                     }
                     Err(e) => e,
@@ -595,6 +601,16 @@ impl Ipam {
                     st.ds.unassign(&key);
                     st.netns.remove(&key);
                     guard.pending = None;
+                    // A snapshot written meanwhile may hold the assignment:
+                    // say it is gone (a snapshot itself while still broken).
+                    let _ = self.append(
+                        &mut st,
+                        vec![Record::Release {
+                            key: key.clone(),
+                            ip: wiring.ip,
+                            at_ms: now_ms(),
+                        }],
+                    );
                 }
                 break Err(IpamError::Journal(failure));
             }
@@ -699,16 +715,19 @@ impl Ipam {
         network: &str,
         valid: &std::collections::HashSet<(String, String)>,
     ) -> Result<Vec<(PodKey, Wiring)>, IpamError> {
-        let stale: Vec<PodKey> = self
-            .lock()
-            .ds
-            .assignments()
-            .map(|(k, _)| k)
-            .filter(|k| {
-                k.network == network && !valid.contains(&(k.container_id.clone(), k.ifname.clone()))
-            })
-            .cloned()
-            .collect();
+        let stale: Vec<PodKey> = {
+            let st = self.lock();
+            st.ds
+                .assignments()
+                .map(|(k, _)| k)
+                .chain(st.unconfirmed.keys())
+                .filter(|k| {
+                    k.network == network
+                        && !valid.contains(&(k.container_id.clone(), k.ifname.clone()))
+                })
+                .cloned()
+                .collect()
+        };
         let mut released = vec![];
         for key in stale {
             info!(pod = %key, "garbage-collecting an attachment the runtime no longer has");
@@ -920,17 +939,7 @@ impl Ipam {
                 warn!(pod = %key, %ip, "the cloud's answer lacks this pod's address; holding the assignment until it is seen again");
                 st.unconfirmed.insert(key, ip);
             }
-            let pending: Vec<(PodKey, Ipv4Addr)> = st
-                .unconfirmed
-                .iter()
-                .map(|(k, ip)| (k.clone(), *ip))
-                .collect();
-            for (key, ip) in pending {
-                if st.ds.restore(&key, ip) {
-                    info!(pod = %key, %ip, "the pod's address is seen again; assignment confirmed");
-                    st.unconfirmed.remove(&key);
-                }
-            }
+            confirm_seen(&mut st);
             if self.host.get().is_some() {
                 // Interfaces found only now wait for their node side, and the
                 // SNAT table is re-applied in case something removed it.
@@ -1023,7 +1032,10 @@ impl Ipam {
             prefixes = got.prefixes.len(),
             "pool grew"
         );
-        self.lock().ds.add_addresses(interface_id, &got);
+        let mut st = self.lock();
+        st.ds.add_addresses(interface_id, &got);
+        // The cloud may give back an address a pod still holds unconfirmed.
+        confirm_seen(&mut st);
         Ok(())
     }
 
@@ -1120,6 +1132,7 @@ impl Ipam {
                         let mut st = self.lock();
                         let id = iface.id.clone();
                         st.ds.add_interface(iface, Instant::now());
+                        confirm_seen(&mut st);
                         if self.host.get().is_some() {
                             st.ds.set_ready(&id, false);
                             st.host_pending.insert(id);
@@ -1274,6 +1287,24 @@ impl Ipam {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// Restores every unconfirmed assignment whose address the pool holds now
+/// (seen again at a resync, or given back by an Assign or a Create), before
+/// anything else can hand that address out: call under the same lock that
+/// added the addresses.
+fn confirm_seen(st: &mut State) {
+    let pending: Vec<(PodKey, Ipv4Addr)> = st
+        .unconfirmed
+        .iter()
+        .map(|(k, ip)| (k.clone(), *ip))
+        .collect();
+    for (key, ip) in pending {
+        if st.ds.restore(&key, ip) {
+            info!(pod = %key, %ip, "the pod's address is seen again; assignment confirmed");
+            st.unconfirmed.remove(&key);
+        }
     }
 }
 

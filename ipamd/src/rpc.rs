@@ -64,6 +64,11 @@ impl Ipamd for IpamdService {
         let started = std::time::Instant::now();
         let r = request.into_inner();
         let key = key(r.network_name, r.container_id, r.ifname);
+        if r.netns.len() > 4096 {
+            return Err(Status::invalid_argument(
+                "netns is longer than PATH_MAX (4096 bytes)",
+            ));
+        }
         let netns = (!r.netns.is_empty())
             .then(|| crate::netns::NetnsRef::at_add(r.netns, r.netns_dev, r.netns_ino));
         let w = self.ipam.add_in(key.clone(), netns).await.map_err(|e| {

@@ -345,3 +345,71 @@ async fn a_nearly_full_subnet_still_serves_pods() {
     }
     node.stop().await;
 }
+
+/// Takes `ip` off `interface_id` behind ipamd's back, as another actor (or
+/// a lost answer) would.
+async fn unassign_behind(vpc: &Vpc, interface_id: &str, ip: std::net::Ipv4Addr) {
+    call(
+        vpc,
+        Request::Unassign {
+            interface_id: interface_id.into(),
+            release: providers::Assigned {
+                ips: vec![ip],
+                prefixes: vec![],
+            },
+        },
+    )
+    .await;
+}
+
+/// An address held unconfirmed that the cloud gives back through an Assign
+/// (not a resync) goes back to its holder, never to a new pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_address_given_back_by_a_grow_goes_to_its_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    let env = [("WARM_IP_TARGET", "1"), ("IP_COOLDOWN_PERIOD", "0")];
+    let node = Node::start(&vpc, "t3.small", &env, &dir.path().join("j")).await;
+    warm(&node.ipam, 1).await;
+    node.ipam.add(key("p0")).await.unwrap();
+    let held = node.ipam.add(key("p1")).await.unwrap();
+    unassign_behind(&vpc, &held.interface_id, held.ip).await;
+    node.ipam.resync().await.unwrap();
+    assert_eq!(node.ipam.summary()["unconfirmed_assignments"], 1);
+    for i in 0..6 {
+        let w = node.ipam.add(key(&format!("n{i}"))).await.unwrap();
+        assert_ne!(w.ip, held.ip, "n{i} got p1's unconfirmed address");
+    }
+    // Whichever way it came back, it is p1's again, or still held for it.
+    let s = node.ipam.summary();
+    let confirmed = node.ipam.lookup(&key("p1")).map(|w| w.ip) == Some(held.ip);
+    assert!(confirmed || s["unconfirmed_assignments"] == 1, "{s}");
+    node.stop().await;
+}
+
+/// CNI GC releases an unconfirmed assignment the runtime says is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_releases_a_stale_unconfirmed_assignment() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("j");
+    let vpc = vpc(10);
+    let node = Node::start(&vpc, "m5.large", &[], &journal).await;
+    warm(&node.ipam, 2).await;
+    node.ipam.add(key("p0")).await.unwrap();
+    let gone = node.ipam.add(key("p1")).await.unwrap();
+    unassign_behind(&vpc, &gone.interface_id, gone.ip).await;
+    node.ipam.resync().await.unwrap();
+    assert_eq!(node.ipam.summary()["unconfirmed_assignments"], 1);
+    let valid = [("p0".to_string(), "eth0".to_string())]
+        .into_iter()
+        .collect();
+    node.ipam.gc("vpc-cni", &valid).await.unwrap();
+    assert_eq!(node.ipam.summary()["unconfirmed_assignments"], 0);
+    let replayed = ipamd::journal::replay(&journal).unwrap();
+    assert!(
+        !replayed.assignments.contains_key(&key("p1")),
+        "{replayed:?}"
+    );
+    assert!(replayed.assignments.contains_key(&key("p0")));
+    node.stop().await;
+}

@@ -105,6 +105,37 @@ async fn a_late_del_leaves_the_addresses_new_holder_alone() {
     let r = check(&lab, &new);
     assert!(r.ok, "CHECK new after both late DELs: {}", r.stdout);
 
+    // A DEL whose prevResult names an interface's own primary address (a
+    // bad or foreign prevResult) leaves ipamd's rule for that interface,
+    // with ipamd up and down.
+    let instance = lab.nodes[a].instance_id.clone();
+    let eth1 = lab
+        .vpc
+        .snapshot()
+        .interfaces
+        .values()
+        .find(|i| {
+            i.attachment
+                .as_ref()
+                .is_some_and(|t| t.instance_id == instance && t.device_index == 1)
+        })
+        .map(|i| i.primary_ip)
+        .expect("eth1");
+    let ghost = json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{eth1}/32")}]});
+    for down in [false, true] {
+        if down {
+            lab.stop_ipamd(a);
+        }
+        let r = lab.del_attachment(a, "ghost", "", &ghost);
+        assert!(r.ok, "DEL ghost: {} {}", r.stdout, r.stderr);
+        assert!(
+            has_from_rule(&rules_of(&lab, a), eth1),
+            "a DEL (ipamd down: {down}) removed the rule of eth1's own address:\n{}",
+            rules_of(&lab, a)
+        );
+    }
+    lab.restart_ipamd(a).await;
+
     // new's own DEL still removes everything of new.
     let r = lab.del_pod(new);
     assert!(r.ok, "DEL new: {}", r.stdout);
@@ -298,8 +329,20 @@ fn bad_names_are_refused_before_any_side_effect() {
     assert_eq!(e["code"], 4, "relative netns: {e}");
     let e = run("c1", "/nonexistent/netns", "eth0", "vpc-cni");
     assert_eq!(e["code"], 4, "missing netns: {e}");
+    // Paths that are not a pod's network namespace: a plain file, a
+    // directory, and the plugin's own namespace (the node's).
+    for ns in [netns.as_str(), "/tmp", "/proc/self/ns/net"] {
+        let e = run("c1", ns, "eth0", "vpc-cni");
+        assert_eq!(e["code"], 4, "netns {ns}: {e}");
+    }
+    let e = run("c1", &netns, "eth\u{a0}", "vpc-cni");
+    assert_eq!(e["code"], 4, "ifname with U+00A0: {e}");
+    let long = "c".repeat(300);
+    let e = run(&long, &netns, "eth0", "vpc-cni");
+    assert_eq!(e["code"], 4, "a 300-byte container id: {e}");
     let e = run("c1", &netns, "eth0", "my net");
     assert_eq!(e["code"], 7, "network name: {e}");
+    assert_eq!(e["cniVersion"], "1.0.0", "answered in another version: {e}");
     for l in [&grpc, &fast] {
         assert!(
             l.accept().is_err(),

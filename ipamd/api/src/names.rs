@@ -46,18 +46,27 @@ pub fn check_ifname(what: &'static str, name: &str) -> Result<(), BadName> {
     if name == "." || name == ".." {
         return bad("is not an interface name the kernel accepts");
     }
-    // The kernel refuses '/', ':' and whatever isspace() holds; control
-    // characters are refused here too, since no tool prints them usefully.
+    // The kernel refuses '/', ':' and whatever its isspace() holds: 9 to
+    // 13, 32 and, in its Latin-1 table (lib/ctype.c), 160 (the byte 0xA0,
+    // as in U+00A0 encoded as UTF-8). Control characters are refused here
+    // too, since no tool prints them usefully.
     if name
         .bytes()
-        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0x0b || b < 0x20)
+        .any(|b| b == b'/' || b == b':' || b == b' ' || b == 0xa0 || b < 0x20 || b == 0x7f)
     {
         return bad("contains '/', ':', whitespace or a control character");
     }
     Ok(())
 }
 
-/// A container id or network name: `[A-Za-z0-9][A-Za-z0-9_.-]*`.
+/// Longest container id or network name taken. The spec sets no limit;
+/// runtimes use 64 hex digits, and Kubernetes names stop at 253 bytes. A
+/// cap keeps every request far below ipamd's 64 KiB frame and the journal
+/// small.
+pub const ID_MAX: usize = 256;
+
+/// A container id or network name: `[A-Za-z0-9][A-Za-z0-9_.-]*`, at most
+/// [`ID_MAX`] bytes.
 pub fn check_id(what: &'static str, id: &str) -> Result<(), BadName> {
     let bad = |rule| {
         Err(BadName {
@@ -66,6 +75,9 @@ pub fn check_id(what: &'static str, id: &str) -> Result<(), BadName> {
             rule,
         })
     };
+    if id.len() > ID_MAX {
+        return bad("is longer than 256 bytes");
+    }
     let mut bytes = id.bytes();
     match bytes.next() {
         None => return bad("is empty"),
@@ -111,6 +123,7 @@ mod tests {
             "eth\x0c0",
             "eth\r0",
             "eth\x010",
+            "eth\u{a0}",
             "sixteen-bytes-xx",
         ] {
             assert!(check_ifname("ifname", bad).is_err(), "{bad:?} accepted");
@@ -138,6 +151,8 @@ mod tests {
         for good in ["a", "0", "abc-DEF_1.2", "9f86d081884c7d659a2feaa0c55ad015"] {
             assert!(check_id("container id", good).is_ok(), "{good:?} refused");
         }
+        assert!(check_id("container id", &"a".repeat(ID_MAX)).is_ok());
+        assert!(check_id("container id", &"a".repeat(ID_MAX + 1)).is_err());
         let e = check_attachment("", "-x", "eth:0");
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(e[2].to_string().contains("eth:0"), "{}", e[2]);
