@@ -577,6 +577,7 @@ mod tests {
             secondary_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             prefixes: vec![],
             tags: Default::default(),
+            delete_on_termination: None,
         }
     }
 

@@ -266,12 +266,11 @@ impl Ipam {
         let mut ds = Datastore::new(settings.cooldown);
         let held: BTreeSet<Ipv4Addr> = replayed.assignments.values().copied().collect();
         let mut frozen = BTreeSet::new();
-        let (pool, foreign) = crate::ownership::split(
-            provider.describe_interfaces().await?,
-            &instance.id,
-            |i| holds_any(i, &held),
-            &mut frozen,
-        );
+        let all = provider.describe_interfaces().await?;
+        // A failure is logged; the next resync tries again.
+        complete_half_made(&*provider, &instance.id, &all).await;
+        let (pool, foreign) =
+            crate::ownership::split(all, &instance.id, |i| holds_any(i, &held), &mut frozen);
         crate::ownership::log_new_foreign(&foreign, &BTreeMap::new());
         for i in pool {
             ds.add_interface(i, now);
@@ -901,6 +900,9 @@ impl Ipam {
     /// Compares the pool with the cloud's view of the instance.
     pub async fn resync(&self) -> Result<(), ProviderError> {
         let all = self.provider.describe_interfaces().await?;
+        if let Some(e) = complete_half_made(&*self.provider, &self.instance.id, &all).await {
+            self.lock().status.last_error = Some(e);
+        }
         {
             let mut st = self.lock();
             st.last_resync = Instant::now();
@@ -1288,6 +1290,35 @@ impl Ipam {
         v.sort();
         v
     }
+}
+
+/// Sets DeleteOnTermination on interfaces of ours that lack it (a create
+/// cut short between its Attach and the flag, by a crash or by a rollback
+/// that failed), so none outlives the instance. Returns the last failure;
+/// the caller tries again at its next resync.
+async fn complete_half_made(
+    provider: &dyn CloudProvider,
+    instance_id: &str,
+    all: &[providers::Interface],
+) -> Option<String> {
+    let mut failed = None;
+    let half_made = all.iter().filter(|i| {
+        !i.is_primary()
+            && i.delete_on_termination == Some(false)
+            && crate::ownership::managed(i, instance_id)
+    });
+    for i in half_made {
+        match provider.ensure_delete_on_termination(&i.id).await {
+            Ok(()) => {
+                info!(interface = %i.id, "set DeleteOnTermination on an interface whose create was cut short")
+            }
+            Err(e) => {
+                warn!(interface = %i.id, error = %e, "interface would outlive the instance: cannot set DeleteOnTermination");
+                failed = Some(format!("DeleteOnTermination of {}: {e}", i.id));
+            }
+        }
+    }
+    failed
 }
 
 /// Restores every unconfirmed assignment whose address the pool holds now

@@ -78,6 +78,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            delete_on_termination: None,
         }
     }
 

@@ -320,12 +320,23 @@ async fn azure_node_grows_its_existing_nic_and_never_attaches() {
     node.stop().await;
 }
 
-/// Answers "no free addresses" for creates in one subnet (as EC2 does when
-/// its free count was stale), and is the simulated VPC otherwise.
+/// The simulated VPC with EC2's answers that it does not model: "no free
+/// addresses" for creates in the `full` subnet (as EC2 does when its free
+/// count was stale), and interfaces reported without DeleteOnTermination
+/// (`half_made`) until it is set.
+#[derive(Default)]
 struct FullSubnet {
-    inner: SimProvider,
+    inner: Option<SimProvider>,
     full: String,
     tried: std::sync::Mutex<Vec<String>>,
+    half_made: std::sync::Mutex<Vec<String>>,
+    ensured: std::sync::Mutex<Vec<String>>,
+}
+
+impl FullSubnet {
+    fn sim(&self) -> &SimProvider {
+        self.inner.as_ref().expect("inner provider")
+    }
 }
 
 #[async_trait::async_trait]
@@ -334,23 +345,33 @@ impl providers::CloudProvider for FullSubnet {
         "sim"
     }
     fn capabilities(&self) -> providers::Capabilities {
-        self.inner.capabilities()
+        self.sim().capabilities()
     }
     async fn describe_instance(&self) -> providers::Result<providers::Instance> {
-        self.inner.describe_instance().await
+        self.sim().describe_instance().await
     }
     async fn describe_interfaces(&self) -> providers::Result<Vec<providers::Interface>> {
-        self.inner.describe_interfaces().await
+        let mut v = self.sim().describe_interfaces().await?;
+        let half = self.half_made.lock().unwrap();
+        for i in v.iter_mut().filter(|i| i.device_index > 0) {
+            i.delete_on_termination = Some(!half.contains(&i.id));
+        }
+        Ok(v)
+    }
+    async fn ensure_delete_on_termination(&self, id: &str) -> providers::Result<()> {
+        self.ensured.lock().unwrap().push(id.to_string());
+        self.half_made.lock().unwrap().retain(|h| h != id);
+        Ok(())
     }
     async fn assign(
         &self,
         id: &str,
         r: providers::AssignRequest,
     ) -> providers::Result<providers::Assigned> {
-        self.inner.assign(id, r).await
+        self.sim().assign(id, r).await
     }
     async fn release(&self, id: &str, r: &providers::Assigned) -> providers::Result<()> {
-        self.inner.release(id, r).await
+        self.sim().release(id, r).await
     }
     async fn create_interface(
         &self,
@@ -362,16 +383,16 @@ impl providers::CloudProvider for FullSubnet {
                 subnet: self.full.clone(),
             });
         }
-        self.inner.create_interface(spec).await
+        self.sim().create_interface(spec).await
     }
     async fn detach_interface(&self, id: &str) -> providers::Result<()> {
-        self.inner.detach_interface(id).await
+        self.sim().detach_interface(id).await
     }
     async fn delete_interface(&self, id: &str) -> providers::Result<()> {
-        self.inner.delete_interface(id).await
+        self.sim().delete_interface(id).await
     }
     async fn list_subnets(&self) -> providers::Result<Vec<providers::Subnet>> {
-        self.inner.list_subnets().await
+        self.sim().list_subnets().await
     }
 }
 
@@ -385,9 +406,9 @@ async fn a_full_subnet_moves_interface_creation_to_the_next_one() {
         .await
         .unwrap();
     let provider = Arc::new(FullSubnet {
-        inner,
+        inner: Some(inner),
         full: "subnet-0sim00000000pods".into(),
-        tried: Default::default(),
+        ..Default::default()
     });
     let m: HashMap<&str, &str> = [("IPAMD_ADD_WAIT_SECONDS", "5")].into_iter().collect();
     let ipam = Ipam::start(
@@ -430,4 +451,44 @@ async fn a_full_subnet_moves_interface_creation_to_the_next_one() {
     );
     stop.send(true).ok();
     task.await.ok();
+}
+
+/// An interface of ours that a crash (or a failed rollback) left attached
+/// without DeleteOnTermination gets the flag when ipamd starts, and at a
+/// resync for one found later; one that already has it is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_made_interface_is_completed_at_start_and_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("j");
+    let vpc = vpc(10);
+    // A first ipamd attaches a secondary interface (t3.small: 3 per interface).
+    let node = Node::start(&vpc, "t3.small", &[], &journal).await;
+    warm(&node.ipam, 3).await;
+    for i in 0..4 {
+        node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+    }
+    let eth1 = node.ipam.lookup(&key("p3")).unwrap().interface_id;
+    node.stop().await;
+
+    let inner = SimProvider::join(Backend::Local(vpc.clone()), "node-a", "t3.small")
+        .await
+        .unwrap();
+    let provider = Arc::new(FullSubnet {
+        inner: Some(inner),
+        half_made: std::sync::Mutex::new(vec![eth1.clone()]),
+        ..Default::default()
+    });
+    let ipam = Ipam::start(provider.clone(), Settings::default(), &journal)
+        .await
+        .unwrap();
+    assert_eq!(*provider.ensured.lock().unwrap(), vec![eth1.clone()]);
+    // Found half made again later (e.g. a rollback that could not detach).
+    provider.half_made.lock().unwrap().push(eth1.clone());
+    ipam.resync().await.unwrap();
+    ipam.resync().await.unwrap();
+    assert_eq!(
+        *provider.ensured.lock().unwrap(),
+        vec![eth1.clone(), eth1.clone()],
+        "completed once at start and once at the resync that found it"
+    );
 }

@@ -63,6 +63,13 @@ pub trait CloudProvider: Send + Sync + 'static {
         Ok(vec![])
     }
 
+    /// Makes an attached interface go with the instance (EC2's
+    /// DeleteOnTermination), for one whose create was cut short after its
+    /// attach. Clouds without the flag have nothing to do.
+    async fn ensure_delete_on_termination(&self, _interface_id: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Per-API call figures (calls, errors, throttles, latency), as JSON.
     fn api_stats(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -65,6 +65,11 @@ pub struct Interface {
     pub secondary_ips: Vec<Ipv4Addr>,
     pub prefixes: Vec<Ipv4Net>,
     pub tags: BTreeMap<String, String>,
+    /// The attachment's DeleteOnTermination flag, where the cloud has one
+    /// (EC2); `Some(false)` on an interface of ours means it would outlive
+    /// the instance (a create cut short between Attach and the flag).
+    #[serde(default)]
+    pub delete_on_termination: Option<bool>,
 }
 
 impl Interface {

@@ -1052,6 +1052,44 @@ async fn a_replaced_node_group_is_followed() {
     assert_eq!(create_groups(&m)[2], vec!["sg-pods".to_string()]);
 }
 
+/// An interface of ours left attached without DeleteOnTermination (a
+/// create cut short by a crash, or a rollback whose detach failed) is
+/// reported as such, and the flag can be set on it afterwards.
+#[tokio::test]
+async fn a_half_made_interface_is_reported_and_completed() {
+    let m = Arc::new(Mock::default());
+    let p = provider(&m).await;
+    m.add_eni(Eni {
+        id: "eni-half".into(),
+        subnet: "subnet-1".into(),
+        mac: "02:00:00:00:04:01".into(),
+        ip: "10.0.1.40".into(),
+        secondaries: vec![],
+        groups: vec!["sg-1".into()],
+        attachment: Some(Att {
+            id: "att-half".into(),
+            device_index: 1,
+            card: 0,
+            delete_on_termination: false,
+        }),
+        tags: vec![("vpc-cni.io/owner".into(), "vpc-cni".into())],
+    });
+    let listed = p.describe_interfaces().await.unwrap();
+    let half = listed.iter().find(|i| i.id == "eni-half").unwrap();
+    assert_eq!(half.delete_on_termination, Some(false));
+    p.ensure_delete_on_termination("eni-half").await.unwrap();
+    let modify = calls(&m, "ModifyNetworkInterfaceAttribute");
+    assert_eq!(modify.len(), 1);
+    assert_eq!(modify[0].0["Attachment.AttachmentId"], "att-half");
+    assert!(
+        m.eni("eni-half")
+            .unwrap()
+            .attachment
+            .unwrap()
+            .delete_on_termination
+    );
+}
+
 // ---- Instance limits.
 
 /// DescribeInstanceTypes' answer for one type: `total` interfaces over

@@ -335,6 +335,7 @@ fn interface_of(n: &NetworkInterface, cidr: Ipv4Net) -> Interface {
             .iter()
             .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
             .collect(),
+        delete_on_termination: n.attachment().and_then(|a| a.delete_on_termination()),
     }
 }
 
@@ -751,6 +752,10 @@ fn unix_now() -> u64 {
 impl CloudProvider for AwsProvider {
     fn name(&self) -> &'static str {
         "aws"
+    }
+
+    async fn ensure_delete_on_termination(&self, interface_id: &str) -> Result<()> {
+        self.set_delete_on_termination(interface_id, None).await
     }
 
     fn capabilities(&self) -> Capabilities {

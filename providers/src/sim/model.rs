@@ -355,6 +355,8 @@ impl VpcState {
             secondary_ips: e.secondary_ips.clone(),
             prefixes: e.prefixes.clone(),
             tags: e.tags.clone(),
+            // The simulated cloud has no such flag.
+            delete_on_termination: None,
         }
     }
 
