@@ -413,3 +413,49 @@ async fn gc_releases_a_stale_unconfirmed_assignment() {
     assert!(replayed.assignments.contains_key(&key("p0")));
     node.stop().await;
 }
+
+/// The real ipamd, asked over ADD's fast path by a caller that gives up
+/// (a runtime's timeout kills the plugin) while the ADD waits for an
+/// interface to attach: the ADD is abandoned and keeps no address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_path_add_whose_caller_left_keeps_no_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = support::SimServer::start(
+        dir.path(),
+        providers::sim::VpcConfig {
+            attach_latency: Duration::from_millis(3000),
+            ..Default::default()
+        },
+    )
+    .await;
+    let d = support::Daemon::start(&support::DaemonSpec {
+        dir: dir.path(),
+        sim: &sim.addr,
+        node: "node-a",
+        instance_type: "t3.small",
+        env: &[("WARM_IP_TARGET", "1"), ("IP_COOLDOWN_PERIOD", "0")],
+        introspection: support::free_port(),
+    })
+    .await;
+    let request = |id: &str| ipamd_api::v1::AddNetworkRequest {
+        network_name: "vpc-cni".into(),
+        container_id: id.into(),
+        ifname: "eth0".into(),
+        ..Default::default()
+    };
+    // Fill the primary interface (3 addresses); the next waits for eth1.
+    for i in 0..3 {
+        let sent = ipamd_api::fast::send(&d.socket, &request(&format!("p{i}"))).unwrap();
+        tokio::task::spawn_blocking(move || sent.answer())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let sent = ipamd_api::fast::send(&d.socket, &request("gone")).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(sent); // the plugin is killed: its end of the socket closes
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let held: Vec<String> = d.assignments().await.into_iter().map(|(c, _)| c).collect();
+    assert!(!held.contains(&"gone".to_string()), "{held:?}");
+    assert_eq!(held.len(), 3, "{held:?}");
+}
