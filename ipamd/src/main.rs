@@ -10,11 +10,11 @@ use clap::{Parser, ValueEnum};
 use ipamd::config::{Env, Settings};
 use ipamd::ipam::{Ipam, StartError};
 use ipamd::{introspect, rpc};
-use providers::sim::provider::Backend;
-use providers::sim::{SimClient, SimProvider, Vpc, VpcConfig};
 use providers::CloudProvider;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
+use vpc_sim::provider::Backend;
+use vpc_sim::{SimClient, SimProvider, Vpc, VpcConfig};
 
 /// EX_USAGE: bad configuration.
 const EXIT_CONFIG: i32 = 64;
@@ -156,12 +156,12 @@ async fn provider(cli: &Cli) -> Result<Arc<dyn CloudProvider>, (i32, String)> {
                 region: env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")),
                 endpoint_url: env("AWS_ENDPOINT_URL_EC2").or_else(|| env("AWS_ENDPOINT_URL")),
                 imds_endpoint: env("AWS_EC2_METADATA_SERVICE_ENDPOINT"),
-                max_attempts: 6,
                 static_credentials: None,
             };
-            let p = providers::aws::AwsProvider::connect(&settings)
-                .await
-                .map_err(|e| (EXIT_UNAVAILABLE, format!("AWS: {e}")))?;
+            let p =
+                providers::aws::AwsProvider::connect(&settings, providers::layer::CallLayer::ec2())
+                    .await
+                    .map_err(|e| (EXIT_UNAVAILABLE, format!("AWS: {e}")))?;
             Ok(Arc::new(p))
         }
         ProviderKind::Azure => Err((

@@ -8,9 +8,9 @@ mod support;
 use std::time::Duration;
 
 use ipamd::ipam::IpamError;
-use providers::sim::{Fault, FaultKind, Reply, Request, Vpc};
 use providers::tags::{NO_MANAGE, OWNER, OWNER_VALUE};
 use support::inproc::{key, vpc, warm, Node};
+use vpc_sim::{Fault, FaultKind, Reply, Request, Vpc};
 
 /// t3.small (3 addresses per interface) with the primary full and the next
 /// interface 3 s away: the next ADD has to wait.
@@ -422,7 +422,7 @@ async fn a_fast_path_add_whose_caller_left_keeps_no_address() {
     let dir = tempfile::tempdir().unwrap();
     let sim = support::SimServer::start(
         dir.path(),
-        providers::sim::VpcConfig {
+        vpc_sim::VpcConfig {
             attach_latency: Duration::from_millis(3000),
             ..Default::default()
         },

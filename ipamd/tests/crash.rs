@@ -137,7 +137,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let sim = SimServer::start(
         dir.path(),
-        providers::sim::VpcConfig {
+        vpc_sim::VpcConfig {
             attach_latency: Duration::from_millis(50),
             ..Default::default()
         },

@@ -10,10 +10,10 @@ mod support;
 
 use ipamd::config::Settings;
 use ipamd::ipam::{Ipam, IpamError};
-use providers::sim::provider::Backend;
-use providers::sim::{Fault, FaultKind, Request, SimProvider};
 use support::inproc::{key, vpc, warm, Node};
 use tokio::sync::watch;
+use vpc_sim::provider::Backend;
+use vpc_sim::{Fault, FaultKind, Request, SimProvider};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_on_an_empty_pool_waits_for_the_grow_in_flight() {

@@ -1,14 +1,16 @@
 //! The `CloudProvider` trait: the only door from ipamd to a cloud.
 //!
 //! Everything here speaks in the project's own types. An implementation turns
-//! them into SDK calls (aws, azure) or into operations on the simulated VPC
-//! (`sim`), and owns retries and throttling at this boundary.
+//! them into SDK calls (aws, azure; the simulated VPC lives in the `vpc-sim`
+//! crate), and sends each call through the shared [`layer::CallLayer`]
+//! (client-side buckets, retries, per-API figures).
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod bucket;
 pub mod error;
+pub mod layer;
 pub mod limits;
-pub mod sim;
 pub mod types;
 
 pub use error::{ProviderError, Result};
@@ -19,7 +21,7 @@ use async_trait::async_trait;
 /// A cloud as seen from one node (one instance).
 ///
 /// Object safe, so ipamd holds an `Arc<dyn CloudProvider>` chosen at start by
-/// [`sim::SimProvider`] or a cloud implementation.
+/// its provider factory (a cloud implementation, or the simulated VPC).
 #[async_trait]
 pub trait CloudProvider: Send + Sync + 'static {
     /// Short name for logs and metrics ("sim", "aws", "azure").

@@ -541,13 +541,21 @@ async fn provider(m: &Arc<Mock>) -> AwsProvider {
 
 async fn provider_with(m: &Arc<Mock>, max_attempts: u32) -> AwsProvider {
     let url = serve(m.clone()).await;
-    AwsProvider::connect(&AwsSettings {
-        region: Some("us-east-1".into()),
-        endpoint_url: Some(url.clone()),
-        imds_endpoint: Some(url),
-        max_attempts,
-        static_credentials: Some(("test".into(), "test".into())),
-    })
+    AwsProvider::connect(
+        &AwsSettings {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(url.clone()),
+            imds_endpoint: Some(url),
+            static_credentials: Some(("test".into(), "test".into())),
+        },
+        providers::layer::CallLayer::new(
+            providers::layer::RetryPolicy {
+                max_attempts,
+                ..Default::default()
+            },
+            Some(providers::bucket::ec2_bucket),
+        ),
+    )
     .await
     .expect("connect to the mock")
 }

@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use providers::sim::client::SimAddr;
-use providers::sim::fabric::{Fabric, NetnsFabric};
-use providers::sim::{server, Request, Vpc, VpcConfig, VpcState};
 use serde_json::{json, Value};
+use vpc_sim::client::SimAddr;
+use vpc_sim::fabric::{Fabric, NetnsFabric};
+use vpc_sim::{server, Request, Vpc, VpcConfig, VpcState};
 
 pub const INTERNET_HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 pub const EXCLUDED_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
@@ -530,7 +530,7 @@ impl Lab {
             .await
             .expect("launch instance")
         {
-            providers::sim::Reply::InstanceId(id) => id,
+            vpc_sim::Reply::InstanceId(id) => id,
             r => panic!("unexpected {r:?}"),
         };
         let primary_ip = self.vpc.snapshot().interfaces

@@ -8,9 +8,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use providers::sim::client::SimAddr;
-use providers::sim::{server, Vpc, VpcConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vpc_sim::client::SimAddr;
+use vpc_sim::{server, Vpc, VpcConfig};
 
 /// A simulated VPC served on a unix socket from the test process: it
 /// outlives every ipamd the test starts and kills.
@@ -248,9 +248,9 @@ pub mod inproc {
     use ipamd::config::Settings;
     use ipamd::datastore::PodKey;
     use ipamd::ipam::Ipam;
-    use providers::sim::provider::Backend;
-    use providers::sim::{SimProvider, Vpc, VpcConfig};
     use tokio::sync::watch;
+    use vpc_sim::provider::Backend;
+    use vpc_sim::{SimProvider, Vpc, VpcConfig};
 
     pub struct Node {
         pub ipam: Arc<Ipam>,

@@ -7,7 +7,6 @@
 //! its state in a file. Either way [`SimProvider`] reaches it through the same
 //! request type, so both paths run the same code.
 
-pub mod bucket;
 pub mod client;
 pub mod fabric;
 pub mod model;
@@ -26,9 +25,9 @@ pub use client::SimClient;
 pub use model::VpcState;
 pub use provider::SimProvider;
 
-use crate::error::{ProviderError, Result};
-use crate::types::{Assigned, Instance, Interface, Subnet};
-use bucket::Buckets;
+use providers::bucket::Buckets;
+use providers::error::{ProviderError, Result};
+use providers::types::{Assigned, Instance, Interface, Subnet};
 
 /// One call to the simulated cloud: EC2's API shape, plus admin calls a test
 /// harness makes (launch a node, inject a fault, read the whole state).

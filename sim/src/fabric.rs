@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 
 use ipnet::Ipv4Net;
 
-use crate::types::{subnet_gateway, Assigned};
+use providers::types::{subnet_gateway, Assigned};
 
 /// What the fabric needs to know of an interface.
 #[derive(Debug, Clone)]

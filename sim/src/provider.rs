@@ -4,10 +4,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use providers::layer::CallLayer;
+
 use super::{Reply, Request, SimClient, Vpc};
-use crate::error::{ProviderError, Result};
-use crate::types::*;
-use crate::CloudProvider;
+use providers::error::{ProviderError, Result};
+use providers::types::*;
+use providers::CloudProvider;
 
 #[derive(Debug, Clone)]
 pub enum Backend {
@@ -24,10 +26,13 @@ impl Backend {
     }
 }
 
-/// One node of the simulated VPC.
+/// One node of the simulated VPC. Its calls go through the same
+/// [`CallLayer`] as EC2's (client-side buckets, retries, figures), so the
+/// simulator's throttling and 5xx exercise the production retry code.
 #[derive(Debug, Clone)]
 pub struct SimProvider {
     backend: Backend,
+    layer: Arc<CallLayer>,
     instance_id: String,
     zone: String,
     caps: Capabilities,
@@ -42,20 +47,33 @@ fn unexpected(r: Reply) -> ProviderError {
 impl SimProvider {
     /// Finds the instance named `node_name`, launching it with
     /// `instance_type` the first time, as a node boots and reads its identity.
+    /// Its calls go through [`CallLayer::ec2`].
     pub async fn join(backend: Backend, node_name: &str, instance_type: &str) -> Result<Self> {
-        match backend
-            .call(Request::LaunchInstance {
-                name: node_name.into(),
-                instance_type: instance_type.into(),
-                subnet_id: None,
-            })
+        Self::join_with(backend, node_name, instance_type, CallLayer::ec2()).await
+    }
+
+    /// [`SimProvider::join`] with the given call layer.
+    pub async fn join_with(
+        backend: Backend,
+        node_name: &str,
+        instance_type: &str,
+        layer: CallLayer,
+    ) -> Result<Self> {
+        let layer = Arc::new(layer);
+        let launch = Request::LaunchInstance {
+            name: node_name.into(),
+            instance_type: instance_type.into(),
+            subnet_id: None,
+        };
+        match layer
+            .call("LaunchInstance", || backend.call(launch.clone()))
             .await?
         {
             Reply::InstanceId(instance_id) => {
                 // What the simulated cloud can do follows the instance's
                 // family: Azure sizes cannot hot-attach or delegate prefixes.
-                let caps = match crate::limits::lookup(instance_type).map(|t| t.family) {
-                    Some(crate::limits::Family::Azure) => Capabilities {
+                let caps = match providers::limits::lookup(instance_type).map(|t| t.family) {
+                    Some(providers::limits::Family::Azure) => Capabilities {
                         hot_attach: false,
                         prefixes: false,
                     },
@@ -66,6 +84,7 @@ impl SimProvider {
                 };
                 let mut p = Self {
                     backend,
+                    layer,
                     instance_id,
                     zone: String::new(),
                     caps,
@@ -84,6 +103,14 @@ impl SimProvider {
     pub fn backend(&self) -> &Backend {
         &self.backend
     }
+
+    /// One call to the simulated cloud through the layer.
+    async fn call(&self, req: Request) -> Result<Reply> {
+        let api = req.api().unwrap_or("Simulator");
+        self.layer
+            .call(api, || self.backend.call(req.clone()))
+            .await
+    }
 }
 
 #[async_trait]
@@ -98,7 +125,6 @@ impl CloudProvider for SimProvider {
 
     async fn describe_instance(&self) -> Result<Instance> {
         match self
-            .backend
             .call(Request::DescribeInstance {
                 instance_id: self.instance_id.clone(),
             })
@@ -111,7 +137,6 @@ impl CloudProvider for SimProvider {
 
     async fn describe_interfaces(&self) -> Result<Vec<Interface>> {
         match self
-            .backend
             .call(Request::DescribeInterfaces {
                 instance_id: self.instance_id.clone(),
             })
@@ -128,7 +153,6 @@ impl CloudProvider for SimProvider {
             AssignRequest::Prefixes(n) => (0, n),
         };
         match self
-            .backend
             .call(Request::Assign {
                 interface_id: interface_id.into(),
                 ips,
@@ -142,13 +166,12 @@ impl CloudProvider for SimProvider {
     }
 
     async fn release(&self, interface_id: &str, release: &Assigned) -> Result<()> {
-        self.backend
-            .call(Request::Unassign {
-                interface_id: interface_id.into(),
-                release: release.clone(),
-            })
-            .await
-            .map(drop)
+        self.call(Request::Unassign {
+            interface_id: interface_id.into(),
+            release: release.clone(),
+        })
+        .await
+        .map(drop)
     }
 
     async fn create_interface(&self, spec: &CreateInterface) -> Result<Interface> {
@@ -157,7 +180,6 @@ impl CloudProvider for SimProvider {
             AssignRequest::Prefixes(n) => (0, n),
         };
         let mut iface = match self
-            .backend
             .call(Request::CreateInterface {
                 subnet_id: spec.subnet_id.clone(),
                 security_groups: spec.security_groups.clone(),
@@ -171,7 +193,6 @@ impl CloudProvider for SimProvider {
             r => return Err(unexpected(r)),
         };
         let attached = self
-            .backend
             .call(Request::AttachInterface {
                 interface_id: iface.id.clone(),
                 instance_id: self.instance_id.clone(),
@@ -197,7 +218,6 @@ impl CloudProvider for SimProvider {
 
     async fn detach_interface(&self, interface_id: &str) -> Result<()> {
         match self
-            .backend
             .call(Request::DetachInterface {
                 interface_id: interface_id.into(),
             })
@@ -210,7 +230,6 @@ impl CloudProvider for SimProvider {
 
     async fn delete_interface(&self, interface_id: &str) -> Result<()> {
         match self
-            .backend
             .call(Request::DeleteInterface {
                 interface_id: interface_id.into(),
             })
@@ -221,9 +240,12 @@ impl CloudProvider for SimProvider {
         }
     }
 
+    fn api_stats(&self) -> serde_json::Value {
+        self.layer.stats_json()
+    }
+
     async fn list_subnets(&self) -> Result<Vec<Subnet>> {
         match self
-            .backend
             .call(Request::DescribeSubnets {
                 zone: Some(self.zone.clone()),
             })

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use providers::sim::provider::Backend;
-use providers::sim::{Fault, FaultKind, Request, SimProvider, Vpc, VpcConfig};
 use providers::{AssignRequest, CloudProvider, CreateInterface, ProviderError};
+use vpc_sim::provider::Backend;
+use vpc_sim::{Fault, FaultKind, Request, SimProvider, Vpc, VpcConfig};
 
 fn quiet() -> Arc<Vpc> {
     Arc::new(Vpc::with_config(VpcConfig {
@@ -377,7 +377,7 @@ async fn vpc_sim_server_keeps_its_state_across_restarts() {
     let mut server = start();
     ready(&mut server).await;
     let client = || {
-        Backend::Remote(Arc::new(providers::sim::SimClient::new(
+        Backend::Remote(Arc::new(vpc_sim::SimClient::new(
             format!("unix:{}", sock.display()).parse().unwrap(),
         )))
     };
@@ -409,7 +409,7 @@ async fn vpc_sim_server_keeps_its_state_across_restarts() {
     assert_eq!(found.secondary_ips, eni.secondary_ips);
     assert_eq!(found.device_index, 1);
     // Malformed requests get an error, not a dropped connection.
-    let raw = providers::sim::SimClient::new(format!("unix:{}", sock.display()).parse().unwrap());
+    let raw = vpc_sim::SimClient::new(format!("unix:{}", sock.display()).parse().unwrap());
     let err = raw
         .call(&Request::DescribeInstance {
             instance_id: "i-nope".into(),

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use providers::sim::client::SimAddr;
-use providers::sim::{server, Fault, FaultKind, Reply, Request, SimClient, Vpc, VpcConfig};
+use vpc_sim::client::SimAddr;
+use vpc_sim::{server, Fault, FaultKind, Reply, Request, SimClient, Vpc, VpcConfig};
 
 #[derive(Parser)]
 #[command(version, about = "Simulated cloud VPC for vpc-cni")]
@@ -93,13 +93,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             let addr: SimAddr = listen.parse()?;
             let fabric = match fabric_vpc_netns {
                 Some(ns) => {
-                    let subnets: Vec<_> = providers::sim::VpcState::default()
+                    let subnets: Vec<_> = vpc_sim::VpcState::default()
                         .subnets
                         .values()
                         .map(|s| s.cidr)
                         .collect();
-                    let f = providers::sim::fabric::NetnsFabric::new(&ns, &subnets)?;
-                    Some(Arc::new(f) as Arc<dyn providers::sim::fabric::Fabric>)
+                    let f = vpc_sim::fabric::NetnsFabric::new(&ns, &subnets)?;
+                    Some(Arc::new(f) as Arc<dyn vpc_sim::fabric::Fabric>)
                 }
                 None => None,
             };

@@ -41,12 +41,28 @@ struct Bucket {
 }
 
 /// One account's buckets, keyed by API name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Buckets {
+    spec: fn(&str) -> BucketSpec,
     buckets: HashMap<String, Bucket>,
 }
 
+impl Default for Buckets {
+    /// EC2's buckets ([`ec2_bucket`]).
+    fn default() -> Self {
+        Self::with_spec(ec2_bucket)
+    }
+}
+
 impl Buckets {
+    /// Buckets sized per API by `spec`.
+    pub fn with_spec(spec: fn(&str) -> BucketSpec) -> Self {
+        Self {
+            spec,
+            buckets: HashMap::new(),
+        }
+    }
+
     /// Takes a token for `api` if there is one; otherwise says how long
     /// until there will be (a client waits that long instead of being
     /// throttled by the cloud).
@@ -63,8 +79,9 @@ impl Buckets {
 
     /// Takes a token for `api`; false means the call is throttled.
     pub fn try_take(&mut self, api: &str, now: Instant) -> bool {
+        let spec_of = self.spec;
         let b = self.buckets.entry(api.to_string()).or_insert_with(|| {
-            let spec = ec2_bucket(api);
+            let spec = spec_of(api);
             Bucket {
                 spec,
                 tokens: spec.burst,

@@ -7,7 +7,7 @@ use tracing::{debug, warn};
 
 use super::client::SimAddr;
 use super::{Request, Vpc};
-use crate::error::ProviderError;
+use providers::error::ProviderError;
 
 /// A bound listener; `local_addr` is known before serving (port 0 works).
 pub enum Listener {

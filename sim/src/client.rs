@@ -6,7 +6,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufStream
 use tokio::sync::Mutex;
 
 use super::{Reply, Request};
-use crate::error::{ProviderError, Result};
+use providers::error::{ProviderError, Result};
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}

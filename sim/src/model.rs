@@ -9,9 +9,9 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ProviderError, Result};
-use crate::limits;
-use crate::types::{Assigned, Instance, Interface, Limits, Subnet};
+use providers::error::{ProviderError, Result};
+use providers::limits;
+use providers::types::{Assigned, Instance, Interface, Limits, Subnet};
 
 /// Addresses AWS reserves in every subnet: network, router, DNS, future use,
 /// and the broadcast address.
