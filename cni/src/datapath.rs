@@ -32,11 +32,8 @@ use tracing::{debug, warn};
 use crate::netns::Pod;
 use crate::nlsync::{Answer, Netlink};
 
-/// The pod's gateway: link-local, answered by the host veth's MAC.
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-pub const PRIO_TO_POD: u32 = 512;
-pub const PRIO_FROM_POD: u32 = 1536;
-pub const MAIN_TABLE: u32 = 254;
+/// Shared with ipamd; defined and explained in [`ipamd_api::datapath`].
+pub use ipamd_api::datapath::{MAIN_TABLE, POD_GATEWAY, PRIO_FROM_POD, PRIO_TO_POD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -352,7 +349,7 @@ pub fn create_veth(
     neighbour.header.ifindex = pod_index;
     neighbour.header.state = NeighbourState::Permanent;
     neighbour.attributes = vec![
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(GATEWAY)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(POD_GATEWAY)),
         NeighbourAttribute::LinkLayerAddress(host_mac.to_vec()),
     ];
     let steps = [
@@ -367,14 +364,14 @@ pub fn create_veth(
             0,
         ),
         (
-            RouteNetlinkMessage::NewRoute(host_route(GATEWAY, pod_index)),
+            RouteNetlinkMessage::NewRoute(host_route(POD_GATEWAY, pod_index)),
             CREATE,
         ),
         (
             RouteNetlinkMessage::NewRoute(
                 RouteMessageBuilder::<Ipv4Addr>::new()
                     .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                    .gateway(GATEWAY)
+                    .gateway(POD_GATEWAY)
                     .output_interface(pod_index)
                     .build(),
             ),
@@ -709,10 +706,10 @@ async fn check_pod(pod: &Handle, ifname: &str, ip: Ipv4Addr, host_mac: &[u8]) ->
                 .unwrap_or_default();
             let default_ok = routes.iter().any(|r| {
                 r.header.destination_prefix_length == 0
-                    && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == GATEWAY))
+                    && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == POD_GATEWAY))
             });
             if !default_ok {
-                bad.push(format!("the pod has no default route via {GATEWAY}"));
+                bad.push(format!("the pod has no default route via {POD_GATEWAY}"));
             }
             let neighbours: Vec<_> = pod
                 .neighbours()
@@ -724,12 +721,12 @@ async fn check_pod(pod: &Handle, ifname: &str, ip: Ipv4Addr, host_mac: &[u8]) ->
             let neigh_ok = neighbours.iter().any(|n| {
                 n.header.ifindex == pi
                     && n.header.state == NeighbourState::Permanent
-                    && n.attributes.iter().any(|a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(g)) if *g == GATEWAY))
+                    && n.attributes.iter().any(|a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(g)) if *g == POD_GATEWAY))
                     && n.attributes.iter().any(|a| matches!(a, NeighbourAttribute::LinkLayerAddress(m) if *m == host_mac))
             });
             if !neigh_ok {
                 bad.push(format!(
-                    "no permanent neighbour entry {GATEWAY} -> {} in the pod",
+                    "no permanent neighbour entry {POD_GATEWAY} -> {} in the pod",
                     fmt_mac(host_mac)
                 ));
             }

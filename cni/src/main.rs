@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use vpc_cni::netns::Pod;
 use vpc_cni::plugin;
-use vpc_cni::spec::{code, CniError, Command, Env, NetConf, DEFAULT_LOG_FILE, SUPPORTED};
+use vpc_cni::spec::{CniError, Command, Env, Msg, NetConf, DEFAULT_LOG_FILE, SUPPORTED};
 
 /// Writes each log line to the log file (when it can be opened) and stderr.
 struct Tee(Option<Mutex<std::fs::File>>);
@@ -61,7 +61,7 @@ fn init_logging(conf: Option<&NetConf>) {
 }
 
 fn fail(version: &str, e: &CniError) -> ! {
-    tracing::error!(code = e.code, "{e}");
+    tracing::error!(code = e.code(), "{e}");
     println!("{}", e.to_json(version));
     std::process::exit(1);
 }
@@ -93,7 +93,7 @@ fn main() {
         init_logging(None);
         fail(
             "1.1.0",
-            &CniError::new(code::IO_FAILURE, "cannot read stdin", e),
+            &CniError::IoFailure(Msg::new("cannot read stdin", e)),
         );
     }
     let conf = match NetConf::parse(&stdin) {
@@ -131,7 +131,7 @@ fn main() {
                 init_logging(Some(&conf));
                 match pod {
                     Ok(pod) => plugin::add(&env, &conf, pod, ask).map(Some),
-                    Err(e) => Err(CniError::new(code::IO_FAILURE, "network namespace", e)),
+                    Err(e) => Err(CniError::IoFailure(Msg::new("network namespace", e))),
                 }
             }
             Err(e) => {
@@ -149,7 +149,7 @@ fn main() {
                 init_logging(Some(&conf));
                 fail(
                     &conf.cni_version,
-                    &CniError::new(code::IO_FAILURE, "cannot start the runtime", e),
+                    &CniError::IoFailure(Msg::new("cannot start the runtime", e)),
                 )
             }
         };
@@ -159,7 +159,7 @@ fn main() {
         init_logging(Some(&conf));
         match pod {
             Ok(pod) => runtime.block_on(plugin::run(cmd, &env, &conf, pod)),
-            Err(e) => Err(CniError::new(code::IO_FAILURE, "network namespace", e)),
+            Err(e) => Err(CniError::IoFailure(Msg::new("network namespace", e))),
         }
     };
     match out {

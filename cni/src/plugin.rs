@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::datapath::{self, DatapathError, Wire};
 use crate::netns::{Pod, Stranded};
 use crate::nlsync::Netlink;
-use crate::spec::{code, host_veth_name, AddResult, CniError, Command, Env, NetConf, SUPPORTED};
+use crate::spec::{host_veth_name, AddResult, CniError, Command, Env, Msg, NetConf, SUPPORTED};
 
 fn socket(conf: &NetConf) -> &str {
     conf.ipamd_socket
@@ -33,28 +33,25 @@ async fn ipamd(conf: &NetConf) -> Result<IpamdClient<Connection>, CniError> {
 async fn ipamd_at(socket: &str) -> Result<IpamdClient<Connection>, CniError> {
     ipamd_api::client_once(socket)
         .await
-        .map_err(|e| CniError::new(code::TRY_AGAIN_LATER, "ipamd is not reachable", e))
+        .map_err(|e| CniError::IpamdUnreachable(Msg::new("ipamd is not reachable", e)))
 }
 
 fn from_status(what: &str, s: tonic::Status) -> CniError {
-    let c = match s.code() {
+    let m = Msg::new(format!("{what} failed"), s.message());
+    match s.code() {
         // Pool empty past its wait, or ipamd draining: the runtime retries.
         tonic::Code::ResourceExhausted
         | tonic::Code::Unavailable
-        | tonic::Code::DeadlineExceeded => code::TRY_AGAIN_LATER,
-        tonic::Code::InvalidArgument => code::INVALID_CONFIG,
-        _ => code::PLUGIN,
-    };
-    CniError::new(c, format!("{what} failed"), s.message())
+        | tonic::Code::DeadlineExceeded => CniError::TryAgainLater(m),
+        tonic::Code::InvalidArgument => CniError::InvalidConfig(m),
+        _ => CniError::Ipamd(m),
+    }
 }
 
 fn dp_err(msg: &str) -> impl FnOnce(datapath::DatapathError) -> CniError + '_ {
-    move |e| {
-        let c = match &e {
-            datapath::DatapathError::Netns { .. } => code::IO_FAILURE,
-            _ => code::PLUGIN,
-        };
-        CniError::new(c, msg, e)
+    move |e| match &e {
+        datapath::DatapathError::Netns { .. } => CniError::IoFailure(Msg::new(msg, e)),
+        _ => CniError::Datapath(Msg::new(msg, e)),
     }
 }
 
@@ -81,11 +78,10 @@ pub async fn run(
     pod: Option<Result<Pod, DatapathError>>,
 ) -> Result<Option<Value>, CniError> {
     match cmd {
-        Command::Add => Err(CniError::new(
-            code::PLUGIN,
+        Command::Add => Err(CniError::Internal(Msg::new(
             "ADD runs without the runtime (plugin::add)",
             "",
-        )),
+        ))),
         Command::Del => del(env, conf).await.map(|_| None),
         Command::Check => {
             let pod = pod
@@ -114,11 +110,10 @@ pub fn version(asked: &str) -> Value {
 
 fn needs_1_1(cmd: &str, conf: &NetConf) -> Result<(), CniError> {
     if conf.cni_version != "1.1.0" {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
+        return Err(CniError::IncompatibleVersion(Msg::new(
             format!("{cmd} needs cniVersion 1.1.0"),
             format!("config has {}", conf.cni_version),
-        ));
+        )));
     }
     Ok(())
 }
@@ -158,16 +153,16 @@ impl Ask {
             Ask::Fast(sent) => sent.answer().map_err(|e| match e {
                 FastError::Status(s) => from_status("AddNetwork", s),
                 FastError::Io(e) => {
-                    CniError::new(code::TRY_AGAIN_LATER, "the call to ipamd failed", e)
+                    CniError::IpamdUnreachable(Msg::new("the call to ipamd failed", e))
                 }
                 FastError::Unavailable(e) => {
-                    CniError::new(code::TRY_AGAIN_LATER, "ipamd is not reachable", e)
+                    CniError::IpamdUnreachable(Msg::new("ipamd is not reachable", e))
                 }
             }),
             Ask::Grpc(g) => match (g.answered, g.waiting) {
                 (Some(answer), _) => answer,
                 (None, Some(call)) => g.runtime.block_on(call),
-                (None, None) => Err(CniError::new(code::PLUGIN, "no call to ipamd", "")),
+                (None, None) => Err(CniError::Internal(Msg::new("no call to ipamd", ""))),
             },
         }
     }
@@ -199,11 +194,10 @@ fn add_request(env: &Env, conf: &NetConf, netns: (u64, u64)) -> AddNetworkReques
 fn netns_identity(netns: &str) -> Result<(u64, u64), CniError> {
     use std::os::unix::fs::MetadataExt;
     let bad = |why: String| {
-        CniError::new(
-            code::INVALID_ENV,
+        CniError::InvalidEnv(Msg::new(
             "CNI_NETNS is not a pod's network namespace",
             format!("{netns}: {why}"),
-        )
+        ))
     };
     let id = std::fs::metadata(netns)
         .map(|m| (m.dev(), m.ino()))
@@ -230,17 +224,16 @@ pub fn start_add(env: &Env, conf: &NetConf) -> Result<Ask, CniError> {
         Ok(sent) => return Ok(Ask::Fast(sent)),
         Err(FastError::Unavailable(_)) => {}
         Err(e) => {
-            return Err(CniError::new(
-                code::TRY_AGAIN_LATER,
+            return Err(CniError::IpamdUnreachable(Msg::new(
                 "cannot send the request to ipamd",
                 e,
-            ))
+            )))
         }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| CniError::new(code::IO_FAILURE, "cannot start the runtime", e))?;
+        .map_err(|e| CniError::IoFailure(Msg::new("cannot start the runtime", e)))?;
     let (answered, waiting) = rt.block_on(send_grpc(socket(conf).to_string(), request));
     Ok(Ask::Grpc(Box::new(GrpcCall {
         runtime: rt,
@@ -340,11 +333,7 @@ pub fn add(
         Err(e) => {
             veth.remove(&mut host);
             release_now(env, conf);
-            return Err(CniError::new(
-                code::PLUGIN,
-                "ipamd answered a bad address",
-                e,
-            ));
+            return Err(CniError::Ipamd(Msg::new("ipamd answered a bad address", e)));
         }
     };
     let table = reply
@@ -375,7 +364,7 @@ pub fn add(
         pod_mac: wired.pod_mac,
         netns: env.netns.clone(),
         ip,
-        gateway: datapath::GATEWAY,
+        gateway: datapath::POD_GATEWAY,
     }
     .to_json(&conf.cni_version))
 }
@@ -468,11 +457,10 @@ async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     let ip = ours(&host, &host_veth, ip, held_elsewhere, &mut errors).await;
     errors.extend(datapath::del(&host, &host_veth, netns, ip, table).await);
     if !errors.is_empty() {
-        return Err(CniError::new(
-            code::PLUGIN,
+        return Err(CniError::Datapath(Msg::new(
             "DEL could not remove everything",
             errors.join("; "),
-        ));
+        )));
     }
     info!(container = %env.container_id, ip = ?ip, "pod unwired");
     Ok(())
@@ -480,11 +468,10 @@ async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
 
 async fn check(env: &Env, conf: &NetConf, pod: Pod) -> Result<(), CniError> {
     let ip = conf.prev_ipv4().ok_or_else(|| {
-        CniError::new(
-            code::INVALID_CONFIG,
+        CniError::InvalidConfig(Msg::new(
             "CHECK needs prevResult with the pod's address",
             "",
-        )
+        ))
     })?;
     let mut client = ipamd(conf).await?;
     let r = client
@@ -493,11 +480,10 @@ async fn check(env: &Env, conf: &NetConf, pod: Pod) -> Result<(), CniError> {
         .map_err(|s| from_status("GetNetwork", s))?
         .into_inner();
     if !r.found || r.ipv4_address != ip.to_string() {
-        return Err(CniError::new(
-            code::PLUGIN,
+        return Err(CniError::Ipamd(Msg::new(
             "ipamd does not hold the pod's address",
             format!("prevResult has {ip}; ipamd has {:?}", r.ipv4_address),
-        ));
+        )));
     }
     let host_veth = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
     let host = datapath::handle_here().map_err(dp_err("netlink"))?;
@@ -509,14 +495,13 @@ async fn check(env: &Env, conf: &NetConf, pod: Pod) -> Result<(), CniError> {
         fail_after: None,
     };
     let pod = pod.handle.ok_or_else(|| {
-        CniError::new(code::PLUGIN, "no netlink socket in the pod's namespace", "")
+        CniError::Datapath(Msg::new("no netlink socket in the pod's namespace", ""))
     })?;
     datapath::check(&host, &pod, &wire).await.map_err(|bad| {
-        CniError::new(
-            code::PLUGIN,
+        CniError::Datapath(Msg::new(
             "CHECK found the pod's network not as ADD left it",
             bad.join("; "),
-        )
+        ))
     })
 }
 
@@ -524,7 +509,7 @@ async fn status(conf: &NetConf) -> Result<(), CniError> {
     needs_1_1("STATUS", conf)?;
     let conn = ipamd_api::connect_once(socket(conf))
         .await
-        .map_err(|e| CniError::new(code::NOT_AVAILABLE, "ipamd is not reachable", e))?;
+        .map_err(|e| CniError::NotAvailable(Msg::new("ipamd is not reachable", e)))?;
     let mut health =
         tonic_health::pb::health_client::HealthClient::with_origin(conn, ipamd_api::origin());
     let r = health
@@ -532,21 +517,19 @@ async fn status(conf: &NetConf) -> Result<(), CniError> {
             service: "vpccni.ipamd.v1.Ipamd".into(),
         })
         .await
-        .map_err(|s| {
-            CniError::new(
-                code::NOT_AVAILABLE,
-                "ipamd health check failed",
-                s.message(),
-            )
-        })?;
+        .map_err(|s| CniError::NotAvailable(Msg::new("ipamd health check failed", s.message())))?;
     if r.into_inner().status
         != tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     {
-        return Err(CniError::new(
-            code::NOT_AVAILABLE,
-            "ipamd is not serving",
-            "",
-        ));
+        // Say why, as ipamd's readiness latch sees it.
+        let why = match ipamd(conf).await {
+            Ok(mut c) => match c.readiness(ipamd_api::v1::ReadinessRequest {}).await {
+                Ok(r) => r.into_inner().reasons.join("; "),
+                Err(s) => s.message().to_string(),
+            },
+            Err(_) => String::new(),
+        };
+        return Err(CniError::NotAvailable(Msg::new("ipamd is not ready", why)));
     }
     Ok(())
 }
@@ -556,11 +539,8 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
     // Only what the runtime positively says is stale goes: without its list
     // of valid attachments, every live pod would look stale.
     let valid = conf.valid_list().ok_or_else(|| {
-        CniError::new(
-            code::INVALID_CONFIG,
-            "GC needs the runtime's list of valid attachments (cni.dev/valid-attachments); nothing was released",
-            "",
-        )
+        CniError::InvalidConfig(Msg::new("GC needs the runtime's list of valid attachments (cni.dev/valid-attachments); nothing was released",
+            ""))
     })?;
     let mut client = ipamd(conf).await?;
     let released = client
@@ -596,11 +576,10 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
         info!(ip = ?ip, veth, "garbage-collected a stale attachment");
     }
     if !errors.is_empty() {
-        return Err(CniError::new(
-            code::PLUGIN,
+        return Err(CniError::Datapath(Msg::new(
             "GC could not remove everything",
             errors.join("; "),
-        ));
+        )));
     }
     Ok(())
 }

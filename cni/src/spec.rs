@@ -26,30 +26,122 @@ pub mod code {
     pub const PLUGIN: u32 = 999;
 }
 
-/// An error as the spec prints it on stdout.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{msg}{}", if details.is_empty() { String::new() } else { format!(": {details}") })]
-pub struct CniError {
-    pub code: u32,
+/// What an error says: the spec's `msg` and `details`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
     pub msg: String,
     pub details: String,
 }
 
-impl CniError {
-    pub fn new(code: u32, msg: impl Into<String>, details: impl std::fmt::Display) -> Self {
+impl Msg {
+    pub fn new(msg: impl Into<String>, details: impl std::fmt::Display) -> Self {
         Self {
-            code,
             msg: msg.into(),
             details: details.to_string(),
         }
+    }
+}
+
+impl std::fmt::Display for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.details.is_empty() {
+            write!(f, "{}", self.msg)
+        } else {
+            write!(f, "{}: {}", self.msg, self.details)
+        }
+    }
+}
+
+/// An error as the spec prints it on stdout. The variant says what went
+/// wrong; [`CniError::code`] alone turns that into the spec's code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CniError {
+    /// The configuration's `cniVersion` is not one this plugin speaks, or
+    /// the command needs a newer one (STATUS and GC need 1.1.0).
+    #[error("{0}")]
+    IncompatibleVersion(Msg),
+    /// A CNI_* variable is missing or malformed, or CNI_NETNS is not a
+    /// pod's network namespace.
+    #[error("{0}")]
+    InvalidEnv(Msg),
+    /// The plugin could not do its own I/O: read stdin, start its runtime,
+    /// enter the pod's network namespace.
+    #[error("{0}")]
+    IoFailure(Msg),
+    /// The network configuration is not JSON of the expected shape.
+    #[error("{0}")]
+    DecodingFailure(Msg),
+    /// The network configuration (or what the command needs of it, such as
+    /// prevResult or GC's list) is invalid; also ipamd's InvalidArgument.
+    #[error("{0}")]
+    InvalidConfig(Msg),
+    /// ipamd cannot be reached or the call to it broke off.
+    #[error("{0}")]
+    IpamdUnreachable(Msg),
+    /// ipamd answered that it cannot serve now (pool empty past its wait,
+    /// draining, deadline): the runtime retries.
+    #[error("{0}")]
+    TryAgainLater(Msg),
+    /// STATUS: the plugin cannot serve ADDs now.
+    #[error("{0}")]
+    NotAvailable(Msg),
+    /// ipamd refused otherwise, answered something unusable, or does not
+    /// hold what the pod was given.
+    #[error("{0}")]
+    Ipamd(Msg),
+    /// Wiring, checking or removing the pod's network failed.
+    #[error("{0}")]
+    Datapath(Msg),
+    /// A bug of the plugin's own (a command reached a path it should not).
+    #[error("{0}")]
+    Internal(Msg),
+}
+
+impl CniError {
+    /// The spec's error code for this failure: the one place it is chosen.
+    pub fn code(&self) -> u32 {
+        match self {
+            Self::IncompatibleVersion(_) => code::INCOMPATIBLE_VERSION,
+            Self::InvalidEnv(_) => code::INVALID_ENV,
+            Self::IoFailure(_) => code::IO_FAILURE,
+            Self::DecodingFailure(_) => code::DECODE_FAILURE,
+            Self::InvalidConfig(_) => code::INVALID_CONFIG,
+            Self::IpamdUnreachable(_) | Self::TryAgainLater(_) => code::TRY_AGAIN_LATER,
+            Self::NotAvailable(_) => code::NOT_AVAILABLE,
+            Self::Ipamd(_) | Self::Datapath(_) | Self::Internal(_) => code::PLUGIN,
+        }
+    }
+
+    fn text(&self) -> &Msg {
+        match self {
+            Self::IncompatibleVersion(m)
+            | Self::InvalidEnv(m)
+            | Self::IoFailure(m)
+            | Self::DecodingFailure(m)
+            | Self::InvalidConfig(m)
+            | Self::IpamdUnreachable(m)
+            | Self::TryAgainLater(m)
+            | Self::NotAvailable(m)
+            | Self::Ipamd(m)
+            | Self::Datapath(m)
+            | Self::Internal(m) => m,
+        }
+    }
+
+    pub fn msg(&self) -> &str {
+        &self.text().msg
+    }
+
+    pub fn details(&self) -> &str {
+        &self.text().details
     }
 
     pub fn to_json(&self, version: &str) -> Value {
         json!({
             "cniVersion": version,
-            "code": self.code,
-            "msg": self.msg,
-            "details": self.details,
+            "code": self.code(),
+            "msg": self.msg(),
+            "details": self.details(),
         })
     }
 }
@@ -74,11 +166,10 @@ impl Command {
             "GC" => Self::Gc,
             "VERSION" => Self::Version,
             other => {
-                return Err(CniError::new(
-                    code::INVALID_ENV,
+                return Err(CniError::InvalidEnv(Msg::new(
                     "unknown CNI_COMMAND",
                     format!("{other:?}"),
-                ))
+                )))
             }
         })
     }
@@ -111,11 +202,10 @@ impl Env {
         let netns = need("CNI_NETNS", matches!(cmd, Command::Add | Command::Check));
         let ifname = need("CNI_IFNAME", per_container);
         if !missing.is_empty() {
-            return Err(CniError::new(
-                code::INVALID_ENV,
+            return Err(CniError::InvalidEnv(Msg::new(
                 "required environment variables are missing",
                 missing.join(", "),
-            ));
+            )));
         }
         let mut bad = vec![];
         if !container_id.is_empty() {
@@ -147,11 +237,10 @@ impl Env {
             }
         }
         if !bad.is_empty() {
-            return Err(CniError::new(
-                code::INVALID_ENV,
+            return Err(CniError::InvalidEnv(Msg::new(
                 "invalid CNI environment",
                 bad.join("; "),
-            ));
+            )));
         }
         Ok(Self {
             container_id,
@@ -219,22 +308,17 @@ impl NetConf {
     /// Parses and checks the configuration, naming every bad field at once.
     pub fn parse(bytes: &[u8]) -> Result<Self, CniError> {
         let conf: NetConf = serde_json::from_slice(bytes).map_err(|e| {
-            CniError::new(
-                code::DECODE_FAILURE,
-                "cannot decode the network configuration",
-                e,
-            )
+            CniError::DecodingFailure(Msg::new("cannot decode the network configuration", e))
         })?;
         if !SUPPORTED.contains(&conf.cni_version.as_str()) {
-            return Err(CniError::new(
-                code::INCOMPATIBLE_VERSION,
+            return Err(CniError::IncompatibleVersion(Msg::new(
                 "incompatible CNI version",
                 format!(
                     "config asks for {}; this plugin supports {}",
                     conf.cni_version,
                     SUPPORTED.join(", ")
                 ),
-            ));
+            )));
         }
         let mut bad = vec![];
         if let Err(e) = names::check_id("name", &conf.name) {
@@ -256,11 +340,10 @@ impl NetConf {
             }
         }
         if !bad.is_empty() {
-            return Err(CniError::new(
-                code::INVALID_CONFIG,
+            return Err(CniError::InvalidConfig(Msg::new(
                 "invalid network configuration",
                 bad.join("; "),
-            ));
+            )));
         }
         Ok(conf)
     }
@@ -331,18 +414,9 @@ impl AddResult {
     }
 }
 
-/// The name of the pod's veth peer in the host: prefix and a stable hash of
-/// the attachment (FNV-1a, fixed across builds so a DEL by a newer binary
-/// finds what an older ADD made).
-pub fn host_veth_name(prefix: &str, container_id: &str, ifname: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container_id.bytes().chain([b'/']).chain(ifname.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let hex = format!("{h:016x}");
-    format!("{prefix}{}", &hex[..15 - prefix.len()])
-}
+/// The name of the pod's veth peer in the host; shared with ipamd and kept
+/// here under its old path.
+pub use ipamd_api::datapath::host_veth_name;
 
 #[cfg(test)]
 mod tests {
@@ -359,9 +433,9 @@ mod tests {
     #[test]
     fn missing_environment_is_listed_with_code_4() {
         let e = Env::load(Command::Add, env(&[("CNI_IFNAME", "eth0")])).unwrap_err();
-        assert_eq!(e.code, code::INVALID_ENV);
+        assert_eq!(e.code(), code::INVALID_ENV);
         assert!(
-            e.details.contains("CNI_CONTAINERID") && e.details.contains("CNI_NETNS"),
+            e.details().contains("CNI_CONTAINERID") && e.details().contains("CNI_NETNS"),
             "{e}"
         );
         // DEL does not need a netns: the runtime may have removed it already.
@@ -384,8 +458,8 @@ mod tests {
                 ]),
             )
             .unwrap_err();
-            assert_eq!(e.code, code::INVALID_ENV, "{ifname:?}: {e}");
-            assert!(e.details.contains("CNI_IFNAME"), "{e}");
+            assert_eq!(e.code(), code::INVALID_ENV, "{ifname:?}: {e}");
+            assert!(e.details().contains("CNI_IFNAME"), "{e}");
         }
         for id in ["-x", "a b", "a/b", "a:b", "x\u{e9}"] {
             for cmd in [Command::Add, Command::Del, Command::Check] {
@@ -398,7 +472,7 @@ mod tests {
                     ]),
                 )
                 .unwrap_err();
-                assert_eq!(e.code, code::INVALID_ENV, "{id:?}: {e}");
+                assert_eq!(e.code(), code::INVALID_ENV, "{id:?}: {e}");
             }
         }
         // Every problem at once.
@@ -412,9 +486,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            e.details.contains("CNI_CONTAINERID")
-                && e.details.contains("CNI_IFNAME")
-                && e.details.contains("CNI_NETNS"),
+            e.details().contains("CNI_CONTAINERID")
+                && e.details().contains("CNI_IFNAME")
+                && e.details().contains("CNI_NETNS"),
             "{e}"
         );
         // Sizes a runtime never sends, refused before they reach ipamd.
@@ -433,11 +507,11 @@ mod tests {
             vars.retain(|(n, _)| *n != k);
             vars.push((k, v));
             let e = Env::load(Command::Add, env(&vars)).unwrap_err();
-            assert_eq!(e.code, code::INVALID_ENV, "{k}: {e}");
+            assert_eq!(e.code(), code::INVALID_ENV, "{k}: {e}");
         }
         // A network name outside the spec's pattern is configuration: 7.
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"my net"}"#).unwrap_err();
-        assert_eq!(e.code, code::INVALID_CONFIG, "{e}");
+        assert_eq!(e.code(), code::INVALID_CONFIG, "{e}");
     }
 
     #[test]
@@ -476,21 +550,21 @@ mod tests {
     #[test]
     fn config_errors() {
         assert_eq!(
-            NetConf::parse(b"{not json").unwrap_err().code,
+            NetConf::parse(b"{not json").unwrap_err().code(),
             code::DECODE_FAILURE
         );
         let e = NetConf::parse(br#"{"cniVersion":"0.3.1","name":"n"}"#).unwrap_err();
-        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+        assert_eq!(e.code(), code::INCOMPATIBLE_VERSION);
         let e = NetConf::parse(
             br#"{"cniVersion":"1.0.0","name":"","mtu":10,"vethPrefix":"toolong","vethQueues":0}"#,
         )
         .unwrap_err();
-        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert_eq!(e.code(), code::INVALID_CONFIG);
         assert!(
-            e.details.contains("name")
-                && e.details.contains("mtu")
-                && e.details.contains("vethPrefix")
-                && e.details.contains("vethQueues"),
+            e.details().contains("name")
+                && e.details().contains("mtu")
+                && e.details().contains("vethPrefix")
+                && e.details().contains("vethQueues"),
             "{e}"
         );
         let ok = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","vethQueues":8}"#).unwrap();
@@ -526,12 +600,66 @@ mod tests {
         assert_eq!(conf.prev_ipv4(), Some("10.0.0.5".parse().unwrap()));
     }
 
+    type Make = fn(Msg) -> CniError;
+
+    /// Every variant and the code the spec (and earlier releases of this
+    /// plugin, for the same situation) gives it.
+    const CODES: &[(Make, u32)] = &[
+        (CniError::IncompatibleVersion, 1),
+        (CniError::InvalidEnv, 4),
+        (CniError::IoFailure, 5),
+        (CniError::DecodingFailure, 6),
+        (CniError::InvalidConfig, 7),
+        (CniError::IpamdUnreachable, 11),
+        (CniError::TryAgainLater, 11),
+        (CniError::NotAvailable, 50),
+        (CniError::Ipamd, 999),
+        (CniError::Datapath, 999),
+        (CniError::Internal, 999),
+    ];
+
     #[test]
-    fn veth_names_are_stable_and_fit() {
-        let a = host_veth_name("eni", "abcdef", "eth0");
-        assert_eq!(a.len(), 15);
-        assert_eq!(a, host_veth_name("eni", "abcdef", "eth0"));
-        assert_ne!(a, host_veth_name("eni", "abcdef", "eth1"));
-        assert_eq!(host_veth_name("v", "x", "eth0").len(), 15);
+    fn every_error_has_its_spec_code() {
+        for (i, (make, want)) in CODES.iter().enumerate() {
+            let e = make(Msg::new("m", "d"));
+            assert_eq!(e.code(), *want, "{e:?}");
+            assert_eq!(e.to_json("1.1.0")["code"], *want, "{e:?}");
+            // The table names every variant once, in this order: the match
+            // has no wildcard, so a new variant does not compile without a
+            // row number, and its row must then be in CODES.
+            let row = match e {
+                CniError::IncompatibleVersion(_) => 0,
+                CniError::InvalidEnv(_) => 1,
+                CniError::IoFailure(_) => 2,
+                CniError::DecodingFailure(_) => 3,
+                CniError::InvalidConfig(_) => 4,
+                CniError::IpamdUnreachable(_) => 5,
+                CniError::TryAgainLater(_) => 6,
+                CniError::NotAvailable(_) => 7,
+                CniError::Ipamd(_) => 8,
+                CniError::Datapath(_) => 9,
+                CniError::Internal(_) => 10,
+            };
+            assert_eq!(row, i, "{e:?}");
+        }
+        assert_eq!(CODES.len(), 11, "a variant is missing from CODES");
+    }
+
+    #[test]
+    fn error_json_and_text_are_unchanged() {
+        // As the struct-based error printed them.
+        let e = CniError::InvalidConfig(Msg::new("m \"x\"", "d"));
+        assert_eq!(
+            e.to_json("1.0.0").to_string(),
+            r#"{"cniVersion":"1.0.0","code":7,"details":"d","msg":"m \"x\""}"#
+        );
+        assert_eq!(e.to_string(), "m \"x\": d");
+        let e = CniError::Datapath(Msg::new("m", ""));
+        assert_eq!(
+            e.to_json("0.4.0").to_string(),
+            r#"{"cniVersion":"0.4.0","code":999,"details":"","msg":"m"}"#
+        );
+        assert_eq!(e.to_string(), "m");
+        assert_eq!((e.msg(), e.details()), ("m", ""));
     }
 }

@@ -8,6 +8,7 @@ pub mod v1 {
     tonic::include_proto!("vpccni.ipamd.v1");
 }
 
+pub mod datapath;
 pub mod fast;
 pub mod names;
 
