@@ -44,14 +44,8 @@ pub enum Slot {
 }
 
 /// Route table for traffic from a secondary interface's addresses; the
-/// primary interface uses the main table. aws-node's numbering.
-pub fn route_table(device_index: u32) -> u32 {
-    if device_index == 0 {
-        254
-    } else {
-        device_index + 1
-    }
-}
+/// primary interface uses the main table. Shared with the plugin.
+pub use ipamd_api::datapath::route_table;
 
 #[derive(Debug, Clone)]
 pub struct IfaceEntry {
@@ -110,6 +104,9 @@ pub struct Counts {
     pub assigned: u32,
     pub cooling: u32,
     pub available: u32,
+    /// Available on an interface whose node side is in place: what an ADD
+    /// can be given right now.
+    pub assignable: u32,
     pub prefixes: u32,
 }
 
@@ -506,6 +503,7 @@ impl Datastore {
             assigned: 0,
             cooling: 0,
             available: 0,
+            assignable: 0,
             prefixes: 0,
         };
         for e in self.ifaces.values().filter(|e| !e.draining) {
@@ -515,7 +513,12 @@ impl Datastore {
                 c.total += 1;
                 match s {
                     Slot::Assigned(_) => c.assigned += 1,
-                    s if is_free(s, now) => c.available += 1,
+                    s if is_free(s, now) => {
+                        c.available += 1;
+                        if e.ready {
+                            c.assignable += 1;
+                        }
+                    }
                     _ => c.cooling += 1,
                 }
             }

@@ -22,10 +22,10 @@ use tracing::{debug, info};
 
 use crate::datastore::route_table;
 
-/// Rule priority of the connmark rule: before the pods' `from` rules (1536).
-pub const PRIO_CONNMARK: u32 = 1024;
-/// Rule priority of an interface's own `from <interface IP>` rule.
-pub const PRIO_INTERFACE: u32 = 1536;
+/// Rule priorities of the connmark rule and of an interface's own `from
+/// <interface IP>` rule, shared with the plugin (see
+/// [`ipamd_api::datapath`]).
+pub use ipamd_api::datapath::{PRIO_CONNMARK, PRIO_INTERFACE};
 pub const SNAT_MARK: u32 = 0x80;
 pub const NFT_TABLE: &str = "vpc-cni";
 

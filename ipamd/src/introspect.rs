@@ -1,4 +1,6 @@
-//! Introspection over HTTP on loopback: the pool as JSON.
+//! Introspection over HTTP on loopback: the pool as JSON, built from
+//! read-only views of the pool and the reconciler; `/healthz` (liveness)
+//! and `/readyz` (the readiness latch, see [`Ipam::readiness`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +9,89 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 
+use crate::datastore::{route_table, Slot};
 use crate::ipam::Ipam;
+use crate::pool::Pool;
+
+/// Pool figures and reconciler status, for `/v1/pool`.
+pub fn summary(ipam: &Ipam) -> serde_json::Value {
+    let r = &ipam.reconciler;
+    let instance = r.instance();
+    let provider = r.provider();
+    let ready = ipam.readiness();
+    let status = r.status();
+    let (counts, waiting, pending_deletes, unconfirmed) = ipam.pool.read(|p| {
+        (
+            p.ds.counts(tokio::time::Instant::now()),
+            p.waiting,
+            p.pending_deletes.clone(),
+            p.unconfirmed.len(),
+        )
+    });
+    serde_json::json!({
+        "instance": {
+            "id": instance.id,
+            "type": instance.instance_type,
+            "zone": instance.zone,
+            "primary_ip": instance.primary_ip,
+            "max_interfaces": instance.limits.max_interfaces,
+            "ipv4_per_interface": instance.limits.ipv4_per_interface,
+        },
+        "provider": provider.name(),
+        "provider_api": provider.api_stats(),
+        "node_side": r.node().side().name(),
+        "ready": ready.is_ok(),
+        "not_ready_because": ready.err().unwrap_or_default(),
+        "counts": counts,
+        "waiting": waiting,
+        "pending_deletes": pending_deletes,
+        "foreign_interfaces": r.foreign(),
+        "frozen_interfaces": r.frozen(),
+        "unconfirmed_assignments": unconfirmed,
+        "status": status,
+        "config": ipam.settings(),
+    })
+}
+
+/// Interfaces with every address and its state, for `/v1/interfaces`.
+pub fn interfaces(pool: &Pool) -> serde_json::Value {
+    let now = tokio::time::Instant::now();
+    pool.read(|p| {
+        let list: Vec<serde_json::Value> =
+            p.ds.interfaces()
+                .map(|e| {
+                    let addrs: Vec<serde_json::Value> = e
+                        .addrs
+                        .iter()
+                        .map(|(ip, s)| {
+                            let (state, pod) = match s {
+                                Slot::Free => ("free", None),
+                                Slot::Assigned(k) => ("assigned", Some(k.to_string())),
+                                Slot::Cooling { until } if *until > now => ("cooling", None),
+                                Slot::Cooling { .. } => ("free", None),
+                                Slot::Releasing => ("releasing", None),
+                            };
+                            serde_json::json!({"ip": ip, "state": state, "pod": pod})
+                        })
+                        .collect();
+                    serde_json::json!({
+                        "id": e.info.id,
+                        "mac": e.info.mac,
+                        "device_index": e.info.device_index,
+                        "route_table": route_table(e.info.device_index),
+                        "subnet_id": e.info.subnet_id,
+                        "subnet_cidr": e.info.subnet_cidr,
+                        "primary_ip": e.info.primary_ip,
+                        "draining": e.draining,
+                        "ready": e.ready,
+                        "prefixes": e.prefixes,
+                        "addresses": addrs,
+                    })
+                })
+                .collect();
+        serde_json::Value::Array(list)
+    })
+}
 
 #[derive(serde::Deserialize)]
 struct LatencyQuery {
@@ -49,8 +133,8 @@ pub fn router(ipam: Arc<Ipam>) -> Router {
                 |State(i): State<Arc<Ipam>>, Query(q): Query<LatencyQuery>| async move {
                     let reset = q.reset.unwrap_or(false);
                     Json(serde_json::json!({
-                        "add_network": i.add_latency.percentiles(reset),
-                        "del_network": i.del_latency.percentiles(reset),
+                        "add_network": i.pool.add_latency.percentiles(reset),
+                        "del_network": i.pool.del_latency.percentiles(reset),
                     }))
                 },
             ),
@@ -61,6 +145,18 @@ pub fn router(ipam: Arc<Ipam>) -> Router {
                 match i.health() {
                     Ok(()) => (axum::http::StatusCode::OK, "ok".to_string()),
                     Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, e),
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(|State(i): State<Arc<Ipam>>| async move {
+                match i.readiness() {
+                    Ok(()) => (axum::http::StatusCode::OK, "ready".to_string()),
+                    Err(why) => (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {}", why.join("; ")),
+                    ),
                 }
             }),
         )

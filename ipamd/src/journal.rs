@@ -9,6 +9,9 @@
 //! queue under the same lock) and wait until the batch holding theirs is
 //! synced: group commit, so 64 concurrent ADDs cost a few fsyncs, not 64,
 //! and an uncontended ADD pays no thread hop.
+//!
+//! Where the bytes go is a [`Store`]: a file ([`FileStore`], the daemon's),
+//! or memory ([`MemStore`], for simulations of many nodes in one process).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -154,6 +157,115 @@ pub enum JournalError {
     },
     #[error("journal {path} has format version {found}; this ipamd reads version {VERSION}")]
     Version { path: PathBuf, found: u32 },
+    /// A write or sync failed (ENOSPC, EIO): what was queued is not durable.
+    #[error("journal {path}: write failed: {reason}")]
+    Write { path: PathBuf, reason: String },
+    /// An earlier write failed and no snapshot has replaced the file yet.
+    #[error(
+        "journal {path} is unusable after a failed write ({reason}) until a snapshot replaces it"
+    )]
+    Unusable { path: PathBuf, reason: String },
+}
+
+/// Where the journal's bytes are kept. Each call is durable when it
+/// returns `Ok` (a file is synced).
+pub trait Store: Send + std::fmt::Debug + 'static {
+    /// Names the store in messages (a file's path).
+    fn path(&self) -> &Path;
+    /// Appends `bytes` and makes them durable.
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// Replaces everything with `bytes`, atomically: after a crash either
+    /// the old content or the new one is there, never a mix.
+    fn rewrite(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+/// The journal in a file: appends are `write` + `fdatasync`; a rewrite
+/// goes to a temporary file that is synced and renamed over it.
+#[derive(Debug)]
+pub struct FileStore {
+    path: PathBuf,
+    file: File,
+}
+
+impl FileStore {
+    /// Opens `path` (creating its directory), its content replaced by `initial`.
+    pub fn create(path: &Path, initial: &[u8]) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: rewrite_file(path, initial)?,
+        })
+    }
+}
+
+impl Store for FileStore {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.file.sync_data()
+    }
+
+    fn rewrite(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file = rewrite_file(&self.path, bytes)?;
+        Ok(())
+    }
+}
+
+/// The journal in memory, shared with whoever holds a clone (a simulated
+/// node that "restarts" replays it with [`MemStore::replay`]).
+#[derive(Debug, Clone, Default)]
+pub struct MemStore {
+    bytes: Arc<Mutex<Vec<u8>>>,
+}
+
+impl MemStore {
+    /// What a new ipamd on this store would restore.
+    pub fn replay(&self) -> Result<Replayed, JournalError> {
+        let bytes = self.bytes.lock().expect("memory journal lock").clone();
+        let len = bytes.len() as u64;
+        let (out, good_end) = replay_from(Path::new(MEMORY), &bytes[..], len)?;
+        self.bytes
+            .lock()
+            .expect("memory journal lock")
+            .truncate(good_end as usize);
+        Ok(out)
+    }
+
+    /// Bytes held now.
+    pub fn len(&self) -> usize {
+        self.bytes.lock().expect("memory journal lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a [`MemStore`] is named in messages.
+const MEMORY: &str = "<memory>";
+
+impl Store for MemStore {
+    fn path(&self) -> &Path {
+        Path::new(MEMORY)
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.bytes
+            .lock()
+            .expect("memory journal lock")
+            .extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn rewrite(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        *self.bytes.lock().expect("memory journal lock") = bytes.to_vec();
+        Ok(())
+    }
 }
 
 /// Reads the journal, cutting off a torn last line.
@@ -162,14 +274,34 @@ pub fn replay(path: &Path) -> Result<Replayed, JournalError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut out = Replayed::default();
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Replayed::default()),
         Err(e) => return Err(io(e)),
     };
     let len = file.metadata().map_err(io)?.len();
-    let mut reader = BufReader::new(file);
+    let (mut out, good_end) = replay_from(path, BufReader::new(file), len)?;
+    if good_end < len {
+        out.truncated = len - good_end;
+        let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+        f.set_len(good_end).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    Ok(out)
+}
+
+/// Replays `len` bytes from `reader`; returns the state and where the last
+/// whole record ends (a torn last record is left out, not an error).
+fn replay_from(
+    path: &Path,
+    mut reader: impl BufRead,
+    len: u64,
+) -> Result<(Replayed, u64), JournalError> {
+    let io = |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut out = Replayed::default();
     let mut good_end = 0u64;
     let mut line_no = 0u64;
     let mut buf = Vec::new();
@@ -219,11 +351,8 @@ pub fn replay(path: &Path) -> Result<Replayed, JournalError> {
     }
     if good_end < len {
         out.truncated = len - good_end;
-        let f = OpenOptions::new().write(true).open(path).map_err(io)?;
-        f.set_len(good_end).map_err(io)?;
-        f.sync_all().map_err(io)?;
     }
-    Ok(out)
+    Ok((out, good_end))
 }
 
 /// Handle to the journal: appends queue bytes in order, commits make them
@@ -258,7 +387,7 @@ struct Queue {
 
 #[derive(Debug)]
 struct FileState {
-    file: File,
+    store: Box<dyn Store>,
     /// Everything up to this sequence number is on disk.
     synced: u64,
     /// A failed write leaves the file in an unknown state: every later
@@ -278,24 +407,24 @@ impl Durable {
     /// Waiters queue on an async lock, so none blocks a worker while another
     /// syncs. The sync itself runs inline: microseconds on tmpfs, where the
     /// journal belongs; on a disk each sync holds one worker for its length.
-    pub async fn wait(self) -> Result<(), String> {
+    pub async fn wait(self) -> Result<(), JournalError> {
         let mut f = self.shared.file.lock().await;
         self.shared.flush_upto(&mut f, self.seq)
     }
 }
 
 impl Shared {
-    fn flush_upto(&self, f: &mut FileState, seq: u64) -> Result<(), String> {
+    fn flush_upto(&self, f: &mut FileState, seq: u64) -> Result<(), JournalError> {
         if f.synced >= seq {
             return Ok(());
         }
         if let Some(e) = &f.broken {
             // Only a whole snapshot can follow a torn write.
             if !self.queue.lock().expect("journal queue lock").rewrite {
-                return Err(format!(
-                    "journal {} is unusable after a failed write ({e}) until a snapshot replaces it",
-                    self.path.display()
-                ));
+                return Err(JournalError::Unusable {
+                    path: self.path.clone(),
+                    reason: e.clone(),
+                });
             }
         }
         let (bytes, last, rewrite) = {
@@ -312,12 +441,12 @@ impl Shared {
             .is_ok();
         let result = if injected {
             let half = &bytes[..bytes.len() / 2];
-            let _ = f.file.write_all(half);
+            let _ = f.store.append(half);
             Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
         } else if rewrite {
-            rewrite_file(&self.path, &bytes).map(|file| f.file = file)
+            f.store.rewrite(&bytes)
         } else {
-            f.file.write_all(&bytes).and_then(|_| f.file.sync_data())
+            f.store.append(&bytes)
         };
         match result {
             Ok(()) => {
@@ -334,7 +463,10 @@ impl Shared {
                 self.broken.store(true, Ordering::SeqCst);
                 // What was taken from the queue is lost: whoever waits for
                 // it fails, and the next snapshot says it all again.
-                Err(format!("journal {}: {e}", self.path.display()))
+                Err(JournalError::Write {
+                    path: self.path.clone(),
+                    reason: e,
+                })
             }
         }
     }
@@ -344,29 +476,37 @@ impl Journal {
     /// Opens the journal at `path`, first rewriting it to `initial`
     /// (usually the replayed state, which compacts it at every start).
     pub fn open(path: &Path, initial: Vec<Record>) -> Result<Self, JournalError> {
-        let io = |source| JournalError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
         let mut buf = Vec::new();
         encode(&initial, &mut buf);
-        let file = rewrite_file(path, &buf).map_err(io)?;
-        Ok(Self {
+        let store = FileStore::create(path, &buf).map_err(|source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self::with_store(Box::new(store)))
+    }
+
+    /// A journal in memory, its content replaced by `initial`.
+    pub fn in_memory(mut store: MemStore, initial: Vec<Record>) -> Self {
+        let mut buf = Vec::new();
+        encode(&initial, &mut buf);
+        store.rewrite(&buf).expect("memory never fails");
+        Self::with_store(Box::new(store))
+    }
+
+    fn with_store(store: Box<dyn Store>) -> Self {
+        Self {
             shared: Arc::new(Shared {
-                path: path.to_path_buf(),
+                path: store.path().to_path_buf(),
                 queue: Mutex::new(Queue::default()),
                 file: tokio::sync::Mutex::new(FileState {
-                    file,
+                    store,
                     synced: 0,
                     broken: None,
                 }),
                 broken: AtomicBool::new(false),
                 fail_writes: AtomicU32::new(0),
             }),
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -2,12 +2,17 @@
 
 pub mod config;
 pub mod datastore;
+pub mod exit;
+pub mod factory;
 pub mod hostnet;
 pub mod introspect;
 pub mod ipam;
 pub mod journal;
 pub mod latency;
 pub mod netns;
+pub mod node;
 pub mod ownership;
 pub mod policy;
+pub mod pool;
+pub mod reconciler;
 pub mod rpc;

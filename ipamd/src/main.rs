@@ -3,30 +3,19 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use ipamd::config::{Env, Settings};
+use ipamd::exit::Fatal;
+use ipamd::factory::{self, ProviderConfig, ProviderKind, SimOptions};
 use ipamd::ipam::{Ipam, StartError};
+use ipamd::node::NodeTracker;
+use ipamd::pool::JournalAt;
 use ipamd::{introspect, rpc};
-use providers::CloudProvider;
+use rand::Rng;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-use vpc_sim::provider::Backend;
-use vpc_sim::{SimClient, SimProvider, Vpc, VpcConfig};
-
-/// EX_USAGE: bad configuration.
-const EXIT_CONFIG: i32 = 64;
-/// EX_UNAVAILABLE: the cloud or a local resource is not there.
-const EXIT_UNAVAILABLE: i32 = 69;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ProviderKind {
-    Sim,
-    Aws,
-    Azure,
-}
 
 /// Pool settings (WARM_ENI_TARGET, WARM_IP_TARGET, MINIMUM_IP_TARGET,
 /// WARM_PREFIX_TARGET, ENABLE_PREFIX_DELEGATION, MAX_ENI, MAX_PODS,
@@ -36,9 +25,10 @@ enum ProviderKind {
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Which cloud the node runs in.
-    #[arg(long, env = "IPAMD_PROVIDER", value_enum, default_value = "sim")]
-    provider: ProviderKind,
+    /// Which cloud the node runs in. Required: a node on a real cloud must
+    /// never run the simulated VPC because the setting was forgotten.
+    #[arg(long, env = "IPAMD_PROVIDER", value_enum)]
+    provider: Option<ProviderKind>,
     /// Unix socket the CNI plugin calls.
     #[arg(long, env = "IPAMD_SOCKET", default_value = ipamd_api::DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -80,6 +70,7 @@ struct Cli {
 }
 
 fn main() {
+    // 1. Logging.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("IPAMD_LOG")
@@ -87,131 +78,180 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    // 2. Configuration, read once: every bad setting at once.
     let cli = Cli::parse();
-    let settings = match Settings::from_source(&Env) {
-        Ok(s) => s,
+    let config = match Config::read(cli) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("ipamd: {e}");
-            std::process::exit(EXIT_CONFIG);
+            std::process::exit(e.code());
         }
-    };
-    let introspection: Option<SocketAddr> = match cli.introspection.as_str() {
-        "off" | "" => None,
-        a => match a.parse() {
-            Ok(a) => Some(a),
-            Err(e) => {
-                eprintln!("ipamd: invalid configuration:\n  --introspection {a:?}: {e}");
-                std::process::exit(EXIT_CONFIG);
-            }
-        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = runtime.block_on(run(cli, settings, introspection));
+    let code = match runtime.block_on(run(config)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ipamd: {e}");
+            e.code()
+        }
+    };
     std::process::exit(code);
 }
 
-async fn provider(cli: &Cli) -> Result<Arc<dyn CloudProvider>, (i32, String)> {
-    match cli.provider {
-        ProviderKind::Sim => {
-            let backend = match &cli.sim_server {
-                Some(addr) => Backend::Remote(Arc::new(SimClient::new(
-                    addr.parse().map_err(|e| (EXIT_CONFIG, e))?,
-                ))),
-                None => {
-                    let state = cli
-                        .sim_state
-                        .clone()
-                        .unwrap_or_else(|| cli.state_dir.join("sim-vpc.json"));
-                    std::fs::create_dir_all(&cli.state_dir).map_err(|e| {
-                        (
-                            EXIT_UNAVAILABLE,
-                            format!("{}: {e}", cli.state_dir.display()),
-                        )
-                    })?;
-                    let vpc = Vpc::open(VpcConfig {
-                        attach_latency: Duration::from_millis(cli.sim_attach_latency_ms),
-                        state_path: Some(state),
-                        ..VpcConfig::default()
-                    })
-                    .map_err(|e| (EXIT_UNAVAILABLE, format!("embedded simulated VPC: {e}")))?;
-                    info!("running an embedded simulated VPC");
-                    Backend::Local(Arc::new(vpc))
+/// Everything ipamd is told, checked.
+struct Config {
+    cli: Cli,
+    provider: ProviderConfig,
+    settings: Settings,
+    introspection: Option<SocketAddr>,
+    configure_host: bool,
+}
+
+impl Config {
+    fn read(cli: Cli) -> Result<Self, Fatal> {
+        let mut bad = vec![];
+        let settings = match Settings::from_source(&Env) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                bad.extend(e.problems);
+                None
+            }
+        };
+        let introspection = match cli.introspection.as_str() {
+            "off" | "" => None,
+            a => match a.parse() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    bad.push(format!(
+                        "--introspection / IPAMD_INTROSPECTION_ADDR {a:?}: {e}"
+                    ));
+                    None
                 }
-            };
-            let p = SimProvider::join(backend, &cli.node_name, &cli.sim_instance_type)
-                .await
-                .map_err(|e| match e {
-                    providers::ProviderError::Invalid(_) => (EXIT_CONFIG, e.to_string()),
-                    _ => (EXIT_UNAVAILABLE, e.to_string()),
-                })?;
-            info!(instance = p.instance_id(), node = %cli.node_name, "joined the simulated VPC");
-            Ok(Arc::new(p))
+            },
+        };
+        if cli.provider.is_none() {
+            bad.push(
+                "--provider / IPAMD_PROVIDER is not set: say which cloud this node runs in (aws, or sim for the simulated VPC)"
+                    .into(),
+            );
         }
-        ProviderKind::Aws => {
-            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-            let settings = providers::aws::AwsSettings {
-                region: env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")),
-                endpoint_url: env("AWS_ENDPOINT_URL_EC2").or_else(|| env("AWS_ENDPOINT_URL")),
-                imds_endpoint: env("AWS_EC2_METADATA_SERVICE_ENDPOINT"),
-                static_credentials: None,
-            };
-            let p =
-                providers::aws::AwsProvider::connect(&settings, providers::layer::CallLayer::ec2())
-                    .await
-                    .map_err(|e| (EXIT_UNAVAILABLE, format!("AWS: {e}")))?;
-            Ok(Arc::new(p))
-        }
-        ProviderKind::Azure => Err((
-            EXIT_CONFIG,
-            format!(
-                "provider {:?} is not built into this ipamd; only sim is available",
-                cli.provider
-            ),
-        )),
+        let (Some(settings), Some(kind), true) = (settings, cli.provider, bad.is_empty()) else {
+            return Err(Fatal::Config(bad));
+        };
+        let provider = ProviderConfig {
+            kind,
+            sim: SimOptions {
+                server: cli.sim_server.clone(),
+                node_name: cli.node_name.clone(),
+                instance_type: cli.sim_instance_type.clone(),
+                attach_latency: Duration::from_millis(cli.sim_attach_latency_ms),
+                state: cli
+                    .sim_state
+                    .clone()
+                    .unwrap_or_else(|| cli.state_dir.join("sim-vpc.json")),
+            },
+        };
+        let configure_host = cli.configure_host.unwrap_or(kind != ProviderKind::Sim);
+        Ok(Self {
+            cli,
+            provider,
+            settings,
+            introspection,
+            configure_host,
+        })
     }
 }
 
-async fn run(cli: Cli, settings: Settings, introspection: Option<SocketAddr>) -> i32 {
-    let provider = match provider(&cli).await {
-        Ok(p) => p,
-        Err((code, msg)) => {
-            eprintln!("ipamd: {msg}");
-            return code;
-        }
-    };
-    let journal = cli.state_dir.join("ipamd.journal");
-    let ipam = match Ipam::start(provider, settings, &journal).await {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("ipamd: {e}");
-            return match e {
-                StartError::Config(_) => EXIT_CONFIG,
-                _ => EXIT_UNAVAILABLE,
-            };
-        }
-    };
-    let configure_host = cli
-        .configure_host
-        .unwrap_or(!matches!(cli.provider, ProviderKind::Sim));
-    if configure_host {
-        match ipamd::hostnet::HostNet::new() {
-            Ok(h) => ipam.configure_host(h),
-            Err(e) => {
-                eprintln!("ipamd: {e}");
-                return EXIT_UNAVAILABLE;
+/// Retries `attempt` while it fails transiently (throttling, 5xx,
+/// timeouts: never fatal at start), with jittered exponential backoff up to
+/// 30 s, until SIGTERM/SIGINT.
+async fn with_retries<T, E: std::fmt::Display>(
+    what: &str,
+    transient: impl Fn(&E) -> bool,
+    mut attempt: impl AsyncFnMut() -> Result<T, E>,
+) -> Result<Option<T>, E> {
+    let mut delay = Duration::from_millis(500);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if transient(&e) => {
+                let ms = delay.as_millis() as u64;
+                let wait = Duration::from_millis(rand::rng().random_range(ms / 2..=ms));
+                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: the cloud answered with a transient error; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = term.recv() => return Ok(None),
+                    _ = tokio::signal::ctrl_c() => return Ok(None),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
             }
+            Err(e) => return Err(e),
         }
     }
-    let listener = match rpc::bind_socket(&cli.socket) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("ipamd: cannot listen on {}: {e}", cli.socket.display());
-            return EXIT_UNAVAILABLE;
-        }
+}
+
+/// Start-up in a fixed order: provider, pool restore, node side, servers;
+/// then signals and drain.
+async fn run(config: Config) -> Result<(), Fatal> {
+    let Config {
+        cli,
+        provider,
+        settings,
+        introspection,
+        configure_host,
+    } = config;
+    // 3. The provider.
+    let built = with_retries(
+        "provider",
+        factory::FactoryError::is_transient,
+        async || factory::build(&provider).await,
+    )
+    .await
+    .map_err(|e| match e {
+        factory::FactoryError::Config(m) => Fatal::config(m),
+        e => Fatal::Unavailable(e.to_string()),
+    })?;
+    let Some(provider) = built else {
+        info!("stopped before start-up finished");
+        return Ok(());
     };
+    // 4. The pool, restored from the journal onto what the cloud says;
+    // 5. the node side around it.
+    let journal = cli.state_dir.join("ipamd.journal");
+    let started = with_retries("pool restore", StartError::is_transient, async || {
+        let node = if configure_host {
+            let host = ipamd::hostnet::HostNet::new()
+                .map_err(|e| StartError::Config(format!("node side: {e}")))?;
+            NodeTracker::new(Box::new(host))
+        } else {
+            NodeTracker::nothing()
+        };
+        Ipam::start_with(
+            provider.clone(),
+            settings.clone(),
+            JournalAt::File(&journal),
+            node,
+        )
+        .await
+    })
+    .await
+    .map_err(|e| match e {
+        StartError::Config(m) => Fatal::config(m),
+        e => Fatal::Unavailable(e.to_string()),
+    })?;
+    let Some(ipam) = started else {
+        info!("stopped before start-up finished");
+        return Ok(());
+    };
+    // 6. The servers.
+    let listener = rpc::bind_socket(&cli.socket).map_err(|e| {
+        Fatal::Unavailable(format!("cannot listen on {}: {e}", cli.socket.display()))
+    })?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         rx.wait_for(|s| *s).await.ok();
@@ -230,9 +270,8 @@ async fn run(cli: Cli, settings: Settings, introspection: Option<SocketAddr>) ->
                 });
             }
             Err(e) => {
-                eprintln!("ipamd: introspection on {addr}: {e}");
                 std::fs::remove_file(&cli.socket).ok();
-                return EXIT_UNAVAILABLE;
+                return Err(Fatal::Unavailable(format!("introspection on {addr}: {e}")));
             }
         }
     }
@@ -241,22 +280,26 @@ async fn run(cli: Cli, settings: Settings, introspection: Option<SocketAddr>) ->
     let fast = match rpc::bind_socket(&fast_socket) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("ipamd: cannot listen on {}: {e}", fast_socket.display());
             std::fs::remove_file(&cli.socket).ok();
-            return EXIT_UNAVAILABLE;
+            return Err(Fatal::Unavailable(format!(
+                "cannot listen on {}: {e}",
+                fast_socket.display()
+            )));
         }
     };
     let server = match rpc::spawn_server(ipam.clone(), listener, fast, stop_rx.clone()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("ipamd: cannot start the rpc server: {e}");
             std::fs::remove_file(&cli.socket).ok();
             std::fs::remove_file(&fast_socket).ok();
-            return EXIT_UNAVAILABLE;
+            return Err(Fatal::Unavailable(format!(
+                "cannot start the rpc server: {e}"
+            )));
         }
     };
-    info!(socket = %cli.socket.display(), journal = %journal.display(), "ipamd ready");
+    info!(socket = %cli.socket.display(), journal = %journal.display(), "ipamd serving; ready once the pool has an address (GET /readyz)");
 
+    // 7. Signals and drain.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
     let mut server = server;
@@ -293,9 +336,10 @@ async fn run(cli: Cli, settings: Settings, introspection: Option<SocketAddr>) ->
     std::fs::remove_file(&cli.socket).ok();
     std::fs::remove_file(&fast_socket).ok();
     info!("ipamd stopped");
-    if failed.is_some() {
-        EXIT_UNAVAILABLE
-    } else {
-        0
+    match failed {
+        Some(why) => Err(Fatal::ServerStopped(format!(
+            "the rpc server stopped: {why}"
+        ))),
+        None => Ok(()),
     }
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use ipamd_api::v1::ipamd_server::{Ipamd, IpamdServer};
 use ipamd_api::v1::{
     AddNetworkReply, AddNetworkRequest, Attachment, DelNetworkReply, DelNetworkRequest,
-    GarbageCollectReply, GarbageCollectRequest, InterfaceInfo, SnatMode,
+    GarbageCollectReply, GarbageCollectRequest, InterfaceInfo, ReadinessReply, ReadinessRequest,
+    SnatMode,
 };
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
@@ -75,7 +76,7 @@ impl Ipamd for IpamdService {
             warn!(pod = %key, error = %e, "AddNetwork failed");
             to_status(e)
         })?;
-        self.ipam.add_latency.record(started.elapsed());
+        self.ipam.pool.add_latency.record(started.elapsed());
         let inst = self.ipam.instance();
         let s = self.ipam.settings();
         Ok(Response::new(AddNetworkReply {
@@ -105,7 +106,7 @@ impl Ipamd for IpamdService {
         check_key(&key).map_err(to_status)?;
         let started = std::time::Instant::now();
         let found = self.ipam.del(key.clone()).await.map_err(to_status)?;
-        self.ipam.del_latency.record(started.elapsed());
+        self.ipam.pool.del_latency.record(started.elapsed());
         let mut reply = Self::found(found);
         if !reply.found {
             // A late or repeated DEL: the address its prevResult names may
@@ -130,6 +131,17 @@ impl Ipamd for IpamdService {
         let key = key(r.network_name, r.container_id, r.ifname);
         check_key(&key).map_err(to_status)?;
         Ok(Response::new(Self::found(self.ipam.lookup(&key))))
+    }
+
+    async fn readiness(
+        &self,
+        _: Request<ReadinessRequest>,
+    ) -> Result<Response<ReadinessReply>, Status> {
+        let r = self.ipam.readiness();
+        Ok(Response::new(ReadinessReply {
+            ready: r.is_ok(),
+            reasons: r.err().unwrap_or_default(),
+        }))
     }
 
     async fn garbage_collect(
@@ -347,25 +359,39 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<IpamdServer<IpamdService>>().await;
-    // NOT_SERVING (and CNI STATUS "not available") while every call would
-    // fail, e.g. the journal cannot be written.
+    // The readiness latch (see `Ipam::readiness`): NOT_SERVING, and CNI
+    // STATUS "not available", until the pool has an assignable address and
+    // the node side is in place, and while every call would fail (the
+    // journal cannot be written). Both the service and "" (the server).
+    reporter
+        .set_not_serving::<IpamdServer<IpamdService>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let watched = ipam.clone();
     let health_task = tokio::spawn(async move {
-        let mut serving = true;
+        let mut serving = false;
+        let mut changes = watched.subscribe();
         loop {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            let ok = watched.health().is_ok();
+            let ok = watched.readiness().is_ok();
             if ok != serving {
                 serving = ok;
-                if ok {
-                    reporter.set_serving::<IpamdServer<IpamdService>>().await;
+                let status = if ok {
+                    tonic_health::ServingStatus::Serving
                 } else {
-                    reporter
-                        .set_not_serving::<IpamdServer<IpamdService>>()
-                        .await;
-                }
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter
+                    .set_service_status("vpccni.ipamd.v1.Ipamd", status)
+                    .await;
+                reporter.set_service_status("", status).await;
             }
+            // Pool changes, or every 500 ms (a journal that heals changes
+            // nothing the pool publishes).
+            tokio::time::timeout(std::time::Duration::from_millis(500), changes.changed())
+                .await
+                .ok();
         }
     });
     info!("serving AddNetwork/DelNetwork");

@@ -154,6 +154,18 @@ async fn throttling_is_backed_off_and_the_pool_still_grows() {
     let (calls, throttled) = vpc.call_counts();
     assert_eq!(throttled["AssignPrivateIpAddresses"], 3);
     assert!(calls["AssignPrivateIpAddresses"] >= 4);
+    // The simulator's throttling went through the shared retry layer, the
+    // one that runs against EC2: retried there, not by the reconciler, and
+    // counted in /v1/pool.
+    let api = &node.ipam.summary()["provider_api"]["AssignPrivateIpAddresses"];
+    assert_eq!(api["throttles"], 3, "{api}");
+    assert_eq!(api["retries"], 3, "{api}");
+    assert_eq!(api["calls"], calls["AssignPrivateIpAddresses"], "{api}");
+    assert_eq!(
+        node.ipam.summary()["status"]["consecutive_errors"],
+        0,
+        "the reconciler never saw the throttling"
+    );
     node.stop().await;
 }
 

@@ -72,6 +72,13 @@ pub trait CloudProvider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// What keeps this provider from growing the pool at all right now
+    /// (e.g. the node's security groups are unknown, so no interface may
+    /// be created), for readiness; `None` when nothing does.
+    fn blocker(&self) -> Option<String> {
+        None
+    }
+
     /// Per-API call figures (calls, errors, throttles, latency), as JSON.
     fn api_stats(&self) -> serde_json::Value {
         serde_json::Value::Null

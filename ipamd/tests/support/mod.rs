@@ -87,7 +87,8 @@ impl Daemon {
             .open(&log)
             .unwrap();
         let mut cmd = tokio::process::Command::new(bin);
-        cmd.arg("--socket")
+        cmd.args(["--provider", "sim"])
+            .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
             .arg(&state_dir)
@@ -191,6 +192,24 @@ impl Daemon {
             .expect("ipamd exits on SIGTERM")
             .unwrap()
     }
+}
+
+/// A minimal HTTP/1.0 GET: the status code and the body, whatever they are.
+pub async fn get_any(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: ipamd\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, body.to_string())
 }
 
 /// A minimal HTTP/1.0 GET against the introspection server.

@@ -560,6 +560,16 @@ impl CloudProvider for AwsProvider {
         Ok(deleted)
     }
 
+    fn blocker(&self) -> Option<String> {
+        if self.groups.lock().expect("lock").current.is_empty() {
+            return Some(format!(
+                "security groups of the node's primary interface {} are unknown (neither IMDS nor DescribeNetworkInterfaces gave them); no interface is created without them",
+                self.id.primary_interface_id
+            ));
+        }
+        None
+    }
+
     fn api_stats(&self) -> serde_json::Value {
         self.layer.stats_json()
     }

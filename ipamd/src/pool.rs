@@ -1,0 +1,849 @@
+//! The pool: the datastore of addresses and who holds them, made durable
+//! in the journal, and the ADD/DEL/GC path the CNI plugin calls.
+//!
+//! It knows no cloud and no netlink: the reconciler ([`crate::reconciler`])
+//! feeds it interfaces and addresses through the methods under "for the
+//! reconciler", and tests build it from a journal and a list of interfaces.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use providers::{Assigned, Interface, Limits};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Settings;
+use crate::datastore::{route_table, Datastore, Placement, PodKey};
+use crate::journal::{self, Journal, JournalError, Record, Replayed};
+use crate::netns::{NetnsRef, Verdict};
+use crate::policy::PoolView;
+
+/// Journal records appended between two compactions.
+const COMPACT_AFTER: u64 = 20_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("no address available after waiting {}s: {reason}", waited.as_secs_f32())]
+    Exhausted { waited: Duration, reason: String },
+    #[error("could not record the assignment durably: {0}")]
+    Journal(#[source] JournalError),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("the attachment was deleted (DEL) while its ADD was in flight; no address was kept")]
+    Cancelled,
+}
+
+/// Refuses an attachment key the plugin would have refused (see
+/// [`ipamd_api::names`]): other clients of the socket get the same rules.
+pub fn check_key(key: &PodKey) -> Result<(), IpamError> {
+    let bad = ipamd_api::names::check_attachment(&key.network, &key.container_id, &key.ifname);
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(IpamError::Invalid(
+        bad.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    ))
+}
+
+/// Everything the CNI needs to wire a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Wiring {
+    pub ip: Ipv4Addr,
+    pub interface_id: String,
+    pub mac: String,
+    pub device_index: u32,
+    pub route_table: u32,
+    pub subnet_cidr: ipnet::Ipv4Net,
+    pub gateway: Ipv4Addr,
+}
+
+/// ADDs of one attachment in flight, and how many DELs came meanwhile.
+#[derive(Debug, Default)]
+struct InFlight {
+    adds: u32,
+    dels: u64,
+    /// One of them answered with the address: a caller holds it, so another
+    /// one's caller leaving does not release it.
+    answered: bool,
+}
+
+/// The pool's state, under one lock.
+struct State {
+    ds: Datastore,
+    /// Pods' network namespaces, for reclaiming addresses of pods that are
+    /// gone without a DEL.
+    netns: HashMap<PodKey, NetnsRef>,
+    /// Interfaces whose delete is journaled but not finished.
+    pending_deletes: BTreeSet<String>,
+    /// ADDs in flight per attachment (see [`Pool::add_in`]).
+    inflight: HashMap<PodKey, InFlight>,
+    /// Acknowledged assignments whose address the cloud's last answer
+    /// lacked: held (in the journal too) until the address is seen again or
+    /// the pod is deleted, never given to another pod on one answer. A key
+    /// is never both here and in the datastore: a new assignment of it
+    /// removes it here, and a restore moves it there.
+    unconfirmed: BTreeMap<PodKey, Ipv4Addr>,
+    appends_since_compact: u64,
+}
+
+/// What [`Pool::restore`] starts from.
+pub struct Restore {
+    pub replayed: Replayed,
+    /// The interfaces the pool manages, as the cloud describes them now.
+    pub interfaces: Vec<Interface>,
+    /// Of those, the ones that take no new assignments (frozen).
+    pub draining: BTreeSet<String>,
+}
+
+/// Where the journal is kept.
+pub enum JournalAt<'a> {
+    File(&'a std::path::Path),
+    Memory(journal::MemStore),
+}
+
+/// See the module documentation.
+pub struct Pool {
+    settings: Settings,
+    state: Mutex<State>,
+    journal: Journal,
+    /// Wakes the reconciler (an ADD waits, an address was used or freed).
+    wake: Notify,
+    changed: watch::Sender<u64>,
+    waiting: AtomicU32,
+    /// Why the pool cannot grow now, as the reconciler last said.
+    cannot_grow: Mutex<Option<String>>,
+    /// Time spent answering AddNetwork / DelNetwork, transport excluded.
+    pub add_latency: crate::latency::Recorder,
+    pub del_latency: crate::latency::Recorder,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One ADD's claim on its attachment: counts it in flight and waiting, and
+/// when the ADD ends without answering (its future dropped because the
+/// caller left), gives back what was assigned for it.
+struct AddGuard<'a> {
+    pool: &'a Pool,
+    key: PodKey,
+    /// DELs of this attachment seen when the ADD began.
+    dels: u64,
+    waiting: bool,
+    /// Assigned for this ADD but not yet answered.
+    pending: Option<Ipv4Addr>,
+}
+
+impl<'a> AddGuard<'a> {
+    fn enter(pool: &'a Pool, key: &PodKey) -> Self {
+        let mut st = pool.lock();
+        let f = st.inflight.entry(key.clone()).or_default();
+        f.adds += 1;
+        let dels = f.dels;
+        Self {
+            pool,
+            key: key.clone(),
+            dels,
+            waiting: false,
+            pending: None,
+        }
+    }
+}
+
+impl Drop for AddGuard<'_> {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.pool.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        let mut st = self.pool.lock();
+        let answered = st.inflight.get(&self.key).is_some_and(|f| f.answered);
+        if let Some(f) = st.inflight.get_mut(&self.key) {
+            f.adds -= 1;
+            if f.adds == 0 {
+                st.inflight.remove(&self.key);
+            }
+        }
+        let Some(ip) = self.pending else { return };
+        if answered || st.ds.lookup(&self.key).map(|p| p.ip) != Some(ip) {
+            return;
+        }
+        warn!(pod = %self.key, %ip, "the caller of ADD went away before its answer; releasing the address");
+        st.ds.release(&self.key, Instant::now());
+        st.netns.remove(&self.key);
+        // Queued behind the Assign; the next commit makes it durable.
+        let _ = self.pool.append(
+            &mut st,
+            vec![Record::Release {
+                key: self.key.clone(),
+                ip,
+                at_ms: now_ms(),
+            }],
+        );
+        drop(st);
+        self.pool.wake.notify_one();
+    }
+}
+
+/// A read-only look at the pool, for introspection and readiness.
+pub struct PoolRead<'a> {
+    pub ds: &'a Datastore,
+    pub unconfirmed: &'a BTreeMap<PodKey, Ipv4Addr>,
+    pub pending_deletes: &'a BTreeSet<String>,
+    pub waiting: u32,
+}
+
+impl Pool {
+    /// Restores every assignment of `from.replayed` onto `from.interfaces`
+    /// (those whose address the interfaces lack are held unconfirmed), and
+    /// opens the journal at `at`, compacted to the restored state.
+    pub fn restore(
+        settings: Settings,
+        from: Restore,
+        at: JournalAt<'_>,
+    ) -> Result<Self, JournalError> {
+        let Restore {
+            replayed,
+            interfaces,
+            draining,
+        } = from;
+        let now = Instant::now();
+        let mut ds = Datastore::new(settings.cooldown);
+        for i in interfaces {
+            ds.add_interface(i, now);
+        }
+        for id in draining.iter().chain(&replayed.pending_deletes) {
+            ds.set_draining(id);
+        }
+        let mut unconfirmed = BTreeMap::new();
+        for (key, ip) in &replayed.assignments {
+            if !ds.restore(key, *ip) {
+                // One Describe answer is not proof (EC2's are eventually
+                // consistent): the address stays the pod's until seen again.
+                warn!(pod = %key, %ip, "the cloud's answer lacks this pod's address; holding the assignment until it is seen again");
+                unconfirmed.insert(key.clone(), *ip);
+            }
+        }
+        let wall = now_ms();
+        for (ip, at) in &replayed.released_at {
+            let age = Duration::from_millis(wall.saturating_sub(*at));
+            if age < settings.cooldown {
+                ds.restore_cooling(*ip, now + (settings.cooldown - age));
+            }
+        }
+        let state = State {
+            ds,
+            netns: replayed.netns.clone().into_iter().collect(),
+            pending_deletes: replayed.pending_deletes.clone(),
+            inflight: HashMap::new(),
+            unconfirmed,
+            appends_since_compact: 0,
+        };
+        let snapshot = snapshot(&state, &settings, now);
+        let journal = match at {
+            JournalAt::File(path) => Journal::open(path, snapshot)?,
+            JournalAt::Memory(store) => Journal::in_memory(store, snapshot),
+        };
+        info!(
+            restored = state.ds.assignments().count(),
+            unconfirmed = state.unconfirmed.len(),
+            replayed_records = replayed.records,
+            "pool state restored"
+        );
+        Ok(Self {
+            settings,
+            state: Mutex::new(state),
+            journal,
+            wake: Notify::new(),
+            changed: watch::channel(0).0,
+            waiting: AtomicU32::new(0),
+            cannot_grow: Mutex::new(None),
+            add_latency: Default::default(),
+            del_latency: Default::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("pool state lock poisoned")
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Tells watchers (waiting ADDs, tests) that the pool changed.
+    pub fn publish(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Subscribes to pool changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Resolves when an ADD, DEL or release wants the reconciler to look.
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    /// ADDs waiting for an address now.
+    pub fn waiting(&self) -> u32 {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Liveness: `Err` with the reason while ipamd cannot record
+    /// assignments (every ADD and DEL would fail). It recovers by itself
+    /// once a write succeeds again (the next call rewrites the journal).
+    pub fn health(&self) -> Result<(), String> {
+        if self.journal.needs_rewrite() {
+            return Err(format!(
+                "journal {} cannot be written (disk full?); ADD and DEL fail until a write succeeds",
+                self.journal.path().display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Test hook: see [`Journal::fail_next_writes`].
+    #[doc(hidden)]
+    pub fn fail_next_journal_writes(&self, n: u32) {
+        self.journal.fail_next_writes(n);
+    }
+
+    /// A read-only look at the pool under its lock.
+    pub fn read<R>(&self, f: impl FnOnce(&PoolRead<'_>) -> R) -> R {
+        let st = self.lock();
+        f(&PoolRead {
+            ds: &st.ds,
+            unconfirmed: &st.unconfirmed,
+            pending_deletes: &st.pending_deletes,
+            waiting: self.waiting(),
+        })
+    }
+
+    fn wiring(st: &State, p: &Placement) -> Wiring {
+        let e = st.ds.interface(&p.interface_id);
+        Wiring {
+            ip: p.ip,
+            interface_id: p.interface_id.clone(),
+            mac: e.map(|e| e.info.mac.clone()).unwrap_or_default(),
+            device_index: e.map_or(0, |e| e.info.device_index),
+            route_table: route_table(e.map_or(0, |e| e.info.device_index)),
+            subnet_cidr: e.map(|e| e.info.subnet_cidr).unwrap_or_default(),
+            gateway: e.map_or(Ipv4Addr::UNSPECIFIED, |e| e.info.gateway()),
+        }
+    }
+
+    /// Queues records under the state lock so the journal's order is the
+    /// state's order; compacts now and then.
+    fn append(&self, st: &mut State, records: Vec<Record>) -> journal::Durable {
+        if self.journal.needs_rewrite() {
+            // After a failed write (a full disk) the file may end torn: the
+            // state so far, this change included, goes out as a snapshot.
+            st.appends_since_compact = 0;
+            return self
+                .journal
+                .compact(snapshot(st, &self.settings, Instant::now()));
+        }
+        st.appends_since_compact += records.len() as u64;
+        let durable = self.journal.append(records);
+        if st.appends_since_compact >= COMPACT_AFTER {
+            st.appends_since_compact = 0;
+            let done = self
+                .journal
+                .compact(snapshot(st, &self.settings, Instant::now()));
+            tokio::spawn(async move {
+                if let Err(e) = done.wait().await {
+                    error!(error = %e, "journal compaction failed");
+                }
+            });
+        }
+        durable
+    }
+
+    /// After a failed write, tries to record again (the disk may have room
+    /// now) without waiting for the next ADD or DEL.
+    pub async fn heal_journal(&self) {
+        if !self.journal.needs_rewrite() {
+            return;
+        }
+        let durable = {
+            let mut st = self.lock();
+            self.append(&mut st, vec![])
+        };
+        if let Err(e) = durable.wait().await {
+            debug!(error = %e, "journal still cannot be written");
+        }
+    }
+
+    /// Gives the attachment an address, waiting (bounded) for the pool to
+    /// grow if none is free. Answers only once the assignment is durable.
+    pub async fn add(&self, key: PodKey) -> Result<Wiring, IpamError> {
+        self.add_in(key, None).await
+    }
+
+    /// [`Pool::add`] for a pod whose network namespace is `netns`.
+    ///
+    /// Operations on one attachment are ordered: a DEL that comes while
+    /// this ADD waits cancels it ([`IpamError::Cancelled`]), and one that
+    /// releases the address before this ADD answers makes it fail rather
+    /// than hand out a released address. If the caller goes away (the
+    /// future is dropped, as tonic does when the client resets the call),
+    /// an address assigned for it is released again.
+    pub async fn add_in(&self, key: PodKey, netns: Option<NetnsRef>) -> Result<Wiring, IpamError> {
+        check_key(&key)?;
+        let started = Instant::now();
+        let deadline = started + self.settings.add_wait;
+        let mut changes = self.changed.subscribe();
+        let mut guard = AddGuard::enter(self, &key);
+        let outcome = loop {
+            let now = Instant::now();
+            let attempt = {
+                let mut st = self.lock();
+                if st.inflight.get(&key).map(|f| f.dels) != Some(guard.dels) {
+                    break Err(IpamError::Cancelled);
+                }
+                match st.ds.assign(&key, now) {
+                    Some((p, new)) => {
+                        let record = if new {
+                            guard.pending = Some(p.ip);
+                            // Supersedes an assignment held unconfirmed.
+                            st.unconfirmed.remove(&key);
+                            if let Some(n) = &netns {
+                                st.netns.insert(key.clone(), n.clone());
+                            }
+                            vec![Record::Assign {
+                                key: key.clone(),
+                                ip: p.ip,
+                                netns: netns.as_ref().map(|n| n.path.clone()),
+                                netns_id: netns
+                                    .as_ref()
+                                    .filter(|n| (n.dev, n.ino) != (0, 0))
+                                    .map(|n| (n.dev, n.ino)),
+                            }]
+                        } else {
+                            // Same answer as before; still wait until what
+                            // was queued before us is on disk.
+                            vec![]
+                        };
+                        Some((Self::wiring(&st, &p), new, self.append(&mut st, record)))
+                    }
+                    None => None,
+                }
+            };
+            if let Some((wiring, new, durable)) = attempt {
+                let failure = match durable.wait().await {
+                    Ok(()) => {
+                        // A DEL may have released it while we waited.
+                        let mut st = self.lock();
+                        guard.pending = None;
+                        if st.ds.lookup(&key).map(|p| p.ip) != Some(wiring.ip) {
+                            break Err(IpamError::Cancelled);
+                        }
+                        if let Some(f) = st.inflight.get_mut(&key) {
+                            f.answered = true;
+                        }
+                        break Ok(wiring);
+                    }
+                    Err(e) => e,
+                };
+                if new {
+                    let mut st = self.lock();
+                    st.ds.unassign(&key);
+                    st.netns.remove(&key);
+                    guard.pending = None;
+                    // A snapshot written meanwhile may hold the assignment:
+                    // say it is gone (a snapshot itself while still broken).
+                    let _ = self.append(
+                        &mut st,
+                        vec![Record::Release {
+                            key: key.clone(),
+                            ip: wiring.ip,
+                            at_ms: now_ms(),
+                        }],
+                    );
+                }
+                break Err(IpamError::Journal(failure));
+            }
+            if !guard.waiting {
+                guard.waiting = true;
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                debug!(pod = %key, "pool empty, waiting for it to grow");
+            }
+            self.wake.notify_one();
+            if now >= deadline {
+                break Err(IpamError::Exhausted {
+                    waited: now - started,
+                    reason: self.exhaustion_reason(),
+                });
+            }
+            // Woken by pool changes; also look again now and then, since a
+            // cooldown ending changes nothing the reconciler publishes.
+            let nap = (deadline - now).min(Duration::from_millis(100));
+            tokio::time::timeout(nap, changes.changed()).await.ok();
+        };
+        drop(guard);
+        // Using an address may take the pool below its warm target.
+        self.wake.notify_one();
+        outcome
+    }
+
+    /// Releases the attachment's address. Unknown attachments are not an
+    /// error: DEL must be idempotent.
+    pub async fn del(&self, key: PodKey) -> Result<Option<Wiring>, IpamError> {
+        let (found, durable) = {
+            let mut st = self.lock();
+            // An ADD of this attachment still in flight is cancelled.
+            let cancelled = st.inflight.get_mut(&key).map(|f| f.dels += 1).is_some();
+            if cancelled {
+                info!(pod = %key, "DEL while its ADD is in flight: the ADD is cancelled");
+                self.publish();
+            }
+            let released = match st.ds.release(&key, Instant::now()) {
+                Some(p) => Some((Some(Self::wiring(&st, &p)), p.ip)),
+                None => st.unconfirmed.remove(&key).map(|ip| (None, ip)),
+            };
+            match released {
+                Some((w, ip)) => {
+                    st.netns.remove(&key);
+                    let d = self.append(
+                        &mut st,
+                        vec![Record::Release {
+                            key: key.clone(),
+                            ip,
+                            at_ms: now_ms(),
+                        }],
+                    );
+                    (w, d)
+                }
+                None => (None, self.append(&mut st, vec![])),
+            }
+        };
+        durable.wait().await.map_err(IpamError::Journal)?;
+        if found.is_some() {
+            self.wake.notify_one();
+        }
+        Ok(found)
+    }
+
+    /// The attachment's address, without assigning one.
+    pub fn lookup(&self, key: &PodKey) -> Option<Wiring> {
+        let st = self.lock();
+        st.ds.lookup(key).map(|p| Self::wiring(&st, &p.clone()))
+    }
+
+    /// The attachment that holds `ip` now, if any.
+    pub fn holder_of(&self, ip: Ipv4Addr) -> Option<PodKey> {
+        let st = self.lock();
+        let holder = st
+            .ds
+            .assignments()
+            .find(|(_, p)| p.ip == ip)
+            .map(|(k, _)| k.clone());
+        holder.or_else(|| {
+            st.unconfirmed
+                .iter()
+                .find(|(_, held)| **held == ip)
+                .map(|(k, _)| k.clone())
+        })
+    }
+
+    /// Releases every attachment of `network` not in `valid` (CNI GC):
+    /// `valid` must be the runtime's complete list of valid attachments.
+    pub async fn gc(
+        &self,
+        network: &str,
+        valid: &HashSet<(String, String)>,
+    ) -> Result<Vec<(PodKey, Wiring)>, IpamError> {
+        let stale: Vec<PodKey> = {
+            let st = self.lock();
+            st.ds
+                .assignments()
+                .map(|(k, _)| k)
+                .chain(st.unconfirmed.keys())
+                .filter(|k| {
+                    k.network == network
+                        && !valid.contains(&(k.container_id.clone(), k.ifname.clone()))
+                })
+                .cloned()
+                .collect()
+        };
+        let mut released = vec![];
+        for key in stale {
+            info!(pod = %key, "garbage-collecting an attachment the runtime no longer has");
+            if let Some(w) = self.del(key.clone()).await? {
+                released.push((key, w));
+            }
+        }
+        Ok(released)
+    }
+
+    /// Releases addresses of pods whose network namespace is gone (judged
+    /// by its identity, see [`crate::netns`]): the DEL never reached us
+    /// (ipamd was down) and the runtime has moved on.
+    pub async fn reclaim_gone(&self) {
+        let watched: Vec<(PodKey, NetnsRef)> = self
+            .lock()
+            .netns
+            .iter()
+            .map(|(k, n)| (k.clone(), n.clone()))
+            .collect();
+        // stat(2) outside the lock: a hung mount must not stall ADDs.
+        let gone: Vec<(PodKey, NetnsRef)> = watched
+            .into_iter()
+            .filter(|(_, n)| n.judge() == Verdict::Gone)
+            .collect();
+        for (key, ns) in gone {
+            // Only if it is still the same assignment we looked at.
+            if self.lock().netns.get(&key) != Some(&ns) {
+                continue;
+            }
+            warn!(pod = %key, netns = %ns.path, "pod network namespace is gone without a DEL; releasing its address");
+            if let Err(e) = self.del(key).await {
+                error!(error = %e, "could not release the address of a gone pod");
+            }
+        }
+    }
+
+    /// Records why the pool cannot grow (`None`: it can), for the message
+    /// of an ADD that waited in vain.
+    pub fn set_cannot_grow(&self, why: Option<String>) {
+        *self.cannot_grow.lock().expect("lock") = why;
+    }
+
+    /// Why an ADD finds no address now.
+    pub fn exhaustion_reason(&self) -> String {
+        if let Some(why) = self.cannot_grow.lock().expect("lock").clone() {
+            return why;
+        }
+        if self.lock().ds.counts(Instant::now()).cooling > 0 {
+            return "every address is in use or cooling down after a release".into();
+        }
+        "the pool is still growing (the cloud has not answered yet)".into()
+    }
+
+    /// Every assignment: pod key -> address.
+    pub fn assignments(&self) -> Vec<(PodKey, Ipv4Addr)> {
+        let st = self.lock();
+        let mut v: Vec<_> = st
+            .ds
+            .assignments()
+            .map(|(k, p)| (k.clone(), p.ip))
+            .collect();
+        v.sort();
+        v
+    }
+
+    // ---- for the reconciler ----
+
+    /// The policy's view of the pool, at `limits`.
+    pub fn policy_view(&self, limits: Limits, hot_attach: bool, now: Instant) -> PoolView {
+        self.lock().ds.view(limits, hot_attach, self.waiting(), now)
+    }
+
+    /// Adds an attached interface; `ready` false holds its addresses back
+    /// until [`Pool::set_ready`].
+    pub fn add_interface(&self, iface: Interface, ready: bool) {
+        let mut st = self.lock();
+        let id = iface.id.clone();
+        st.ds.add_interface(iface, Instant::now());
+        if !ready {
+            st.ds.set_ready(&id, false);
+        }
+        confirm_seen(&mut st);
+    }
+
+    /// Adds what the cloud assigned to `interface_id`.
+    pub fn add_addresses(&self, interface_id: &str, got: &Assigned) {
+        let mut st = self.lock();
+        st.ds.add_addresses(interface_id, got);
+        // The cloud may give back an address a pod still holds unconfirmed.
+        confirm_seen(&mut st);
+    }
+
+    pub fn set_ready(&self, interface_id: &str, ready: bool) {
+        self.lock().ds.set_ready(interface_id, ready);
+    }
+
+    /// Takes free addresses of `want` out of use before giving them back.
+    pub fn claim_for_release(&self, interface_id: &str, want: &Assigned) -> Assigned {
+        self.lock()
+            .ds
+            .claim_for_release(interface_id, want, Instant::now())
+    }
+
+    /// The cloud took `released` back.
+    pub fn forget(&self, interface_id: &str, released: &Assigned) {
+        self.lock().ds.forget(interface_id, released);
+    }
+
+    /// The release failed: `claimed` is free again.
+    pub fn unclaim(&self, interface_id: &str, claimed: &Assigned) {
+        self.lock().ds.unclaim(interface_id, claimed);
+    }
+
+    /// The interface as last described.
+    pub fn interface(&self, interface_id: &str) -> Option<Interface> {
+        self.lock()
+            .ds
+            .interface(interface_id)
+            .map(|e| e.info.clone())
+    }
+
+    pub fn interface_ids(&self) -> BTreeSet<String> {
+        self.lock()
+            .ds
+            .interfaces()
+            .map(|e| e.info.id.clone())
+            .collect()
+    }
+
+    /// The primary interface, once known.
+    pub fn primary(&self) -> Option<Interface> {
+        self.lock()
+            .ds
+            .interfaces()
+            .find(|e| e.info.is_primary())
+            .map(|e| e.info.clone())
+    }
+
+    /// Starts deleting an interface: drains it and journals the intent.
+    /// `None` when it has been taken into use since the plan.
+    pub fn begin_delete(&self, interface_id: &str) -> Option<journal::Durable> {
+        let mut st = self.lock();
+        if !st.ds.start_draining(interface_id, Instant::now()) {
+            return None;
+        }
+        st.pending_deletes.insert(interface_id.to_string());
+        Some(self.append(
+            &mut st,
+            vec![Record::PendingDelete {
+                interface_id: interface_id.to_string(),
+            }],
+        ))
+    }
+
+    /// The intent could not be journaled: the interface stays.
+    pub fn abort_delete(&self, interface_id: &str) {
+        let mut st = self.lock();
+        st.pending_deletes.remove(interface_id);
+        st.ds.stop_draining(interface_id);
+    }
+
+    /// The cloud deleted the interface.
+    pub fn deleted(&self, interface_id: &str) -> journal::Durable {
+        let mut st = self.lock();
+        st.ds.remove_interface(interface_id);
+        st.pending_deletes.remove(interface_id);
+        self.append(
+            &mut st,
+            vec![Record::Deleted {
+                interface_id: interface_id.to_string(),
+            }],
+        )
+    }
+
+    pub fn pending_deletes(&self) -> Vec<String> {
+        self.lock().pending_deletes.iter().cloned().collect()
+    }
+
+    /// Compares the pool with the cloud's answer `cloud` (the interfaces
+    /// the pool manages). Addresses missing from it keep their pods, held
+    /// unconfirmed until seen again; `frozen` interfaces take no new pods
+    /// while they hold some, and those that hold none any more are removed
+    /// and returned.
+    pub fn apply_cloud(&self, cloud: &[Interface], frozen: &BTreeSet<String>) -> Vec<Interface> {
+        let mut st = self.lock();
+        let vanished = st.ds.resync(cloud, Instant::now());
+        let mut emptied = vec![];
+        for id in frozen {
+            let holds = st.ds.interface(id).is_some_and(|e| {
+                e.addrs
+                    .values()
+                    .any(|s| matches!(s, crate::datastore::Slot::Assigned(_)))
+            });
+            if holds {
+                st.ds.set_draining(id);
+            } else if let Some(e) = st.ds.interface(id) {
+                emptied.push(e.info.clone());
+                st.ds.remove_interface(id);
+            }
+        }
+        // An address missing from one answer is not proof it is gone.
+        for (key, ip) in vanished {
+            warn!(pod = %key, %ip, "the cloud's answer lacks this pod's address; holding the assignment until it is seen again");
+            st.unconfirmed.insert(key, ip);
+        }
+        confirm_seen(&mut st);
+        let pending: Vec<String> = st.pending_deletes.iter().cloned().collect();
+        for id in pending {
+            st.ds.set_draining(&id);
+        }
+        emptied
+    }
+
+    /// Assignments held until the cloud shows their address again.
+    pub fn unconfirmed(&self) -> usize {
+        self.lock().unconfirmed.len()
+    }
+}
+
+/// Restores every unconfirmed assignment whose address the pool holds now
+/// (seen again at a resync, or given back by an Assign or a Create), before
+/// anything else can hand that address out: call under the same lock that
+/// added the addresses.
+fn confirm_seen(st: &mut State) {
+    let pending: Vec<(PodKey, Ipv4Addr)> = st
+        .unconfirmed
+        .iter()
+        .map(|(k, ip)| (k.clone(), *ip))
+        .collect();
+    for (key, ip) in pending {
+        if st.ds.restore(&key, ip) {
+            info!(pod = %key, %ip, "the pod's address is seen again; assignment confirmed");
+            st.unconfirmed.remove(&key);
+        }
+    }
+}
+
+/// The journal's view of the current state: what compaction writes.
+fn snapshot(st: &State, settings: &Settings, now: Instant) -> Vec<Record> {
+    let wall = now_ms();
+    let released_at = st
+        .ds
+        .cooling(now)
+        .into_iter()
+        .map(|(ip, until)| {
+            let left = until.saturating_duration_since(now);
+            let age = settings.cooldown.saturating_sub(left);
+            (ip, wall.saturating_sub(age.as_millis() as u64))
+        })
+        .collect();
+    Replayed {
+        netns: st
+            .netns
+            .iter()
+            .map(|(k, n)| (k.clone(), n.clone()))
+            .collect(),
+        assignments: st
+            .ds
+            .assignments()
+            .map(|(k, p)| (k.clone(), p.ip))
+            .chain(st.unconfirmed.iter().map(|(k, ip)| (k.clone(), *ip)))
+            .collect(),
+        released_at,
+        pending_deletes: st.pending_deletes.clone(),
+        records: 0,
+        truncated: 0,
+    }
+    .to_records()
+}

@@ -1,0 +1,710 @@
+//! The reconciler: keeps the pool at its targets through the cloud
+//! provider. Each step finishes pending deletes, compares the pool with the
+//! cloud now and then, asks the policy for a plan and carries it out, with
+//! backoff after failures.
+//!
+//! It owns what it learned from the cloud that the pool does not need:
+//! interfaces ipamd does not manage ([`crate::ownership`]), the reconciler's
+//! status, and its timers. Tests drive it with a scripted provider.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use providers::{
+    AssignRequest, Assigned, Capabilities, CloudProvider, CreateInterface, Instance, Interface,
+    ProviderError,
+};
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::Settings;
+use crate::journal::JournalError;
+use crate::node::NodeTracker;
+use crate::policy::{self, Action, Blocked};
+use crate::pool::{now_ms, Pool};
+
+/// How often the pool is compared with what the cloud reports.
+const RESYNC_EVERY: Duration = Duration::from_secs(60);
+/// How often the reconciler looks at the pool when nothing wakes it.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// An unattached interface of ours younger than this may still be on its
+/// way to being attached; older ones are leaked.
+const LEAKED_MIN_AGE: Duration = Duration::from_secs(300);
+/// How often pods' network namespaces are checked (when enabled).
+const RECLAIM_EVERY: Duration = Duration::from_secs(10);
+/// How long the reconciler lets wake-ups gather when no ADD is waiting.
+const WAKE_DEBOUNCE: Duration = Duration::from_millis(20);
+
+use providers::tags::{
+    CLUSTER as TAG_CLUSTER, CREATED as TAG_CREATED, INSTANCE as TAG_INSTANCE, OWNER as TAG_OWNER,
+    OWNER_VALUE, SUBNET_ROLE as TAG_SUBNET_ROLE,
+};
+
+/// `d` give or take a fifth, so nodes of one account do not call together.
+pub(crate) fn jittered(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(ms * 4 / 5..=ms * 6 / 5 + 1))
+}
+
+/// Why a step failed: the cloud, or the journal (which is neither
+/// reported nor backed off as a cloud error).
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Cloud(#[from] ProviderError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+impl StepError {
+    /// A low-cardinality label for metrics and `/v1/pool`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Cloud(e) => e.metric_label(),
+            Self::Journal(_) => "journal",
+        }
+    }
+}
+
+/// What the reconciler last saw, for error messages and introspection.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub blocked: Option<Blocked>,
+    pub last_error: Option<String>,
+    pub last_error_kind: Option<&'static str>,
+    pub consecutive_errors: u32,
+    pub actions_done: u64,
+    /// Assignments whose address the cloud's last answer lacked (held
+    /// until seen again).
+    pub unconfirmed_assignments: u64,
+}
+
+/// The reconciler's own state.
+struct State {
+    status: Status,
+    /// Attached interfaces ipamd does not manage (see [`crate::ownership`]).
+    foreign: BTreeMap<String, Interface>,
+    /// Interfaces no longer ipamd's that still hold pods' addresses: kept
+    /// (draining, never deleted) until their last pod goes.
+    frozen: BTreeSet<String>,
+    last_resync: Instant,
+    next_leak_gc: Instant,
+    last_reclaim: Instant,
+}
+
+/// What [`Reconciler::new`] starts from.
+pub struct Start {
+    pub provider: Arc<dyn CloudProvider>,
+    pub instance: Instance,
+    pub caps: Capabilities,
+    pub foreign: BTreeMap<String, Interface>,
+    pub frozen: BTreeSet<String>,
+    pub node: Arc<NodeTracker>,
+}
+
+/// See the module documentation.
+pub struct Reconciler {
+    pool: Arc<Pool>,
+    provider: Arc<dyn CloudProvider>,
+    instance: Instance,
+    caps: Capabilities,
+    settings: Settings,
+    node: Arc<NodeTracker>,
+    state: Mutex<State>,
+}
+
+impl Reconciler {
+    pub fn new(pool: Arc<Pool>, start: Start) -> Self {
+        let now = Instant::now();
+        let settings = pool.settings().clone();
+        let r = Self {
+            provider: start.provider,
+            instance: start.instance,
+            caps: start.caps,
+            node: start.node,
+            state: Mutex::new(State {
+                status: Status::default(),
+                foreign: start.foreign,
+                frozen: start.frozen,
+                last_resync: now,
+                next_leak_gc: now + jittered(settings.leaked_gc_interval),
+                // The first pass looks at once: pods may have gone while
+                // ipamd was down, their DEL never reaching it.
+                last_reclaim: now.checked_sub(RECLAIM_EVERY).unwrap_or(now),
+            }),
+            settings,
+            pool,
+        };
+        // Every interface waits for its node side, when there is one.
+        for id in r.pool.interface_ids() {
+            if r.node.hold(&id) {
+                r.pool.set_ready(&id, false);
+            }
+        }
+        r.lock().status.unconfirmed_assignments = r.pool.unconfirmed() as u64;
+        r
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("reconciler lock poisoned")
+    }
+
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    pub fn provider(&self) -> &dyn CloudProvider {
+        &*self.provider
+    }
+
+    pub fn node(&self) -> &NodeTracker {
+        &self.node
+    }
+
+    pub fn status(&self) -> Status {
+        self.lock().status.clone()
+    }
+
+    pub fn foreign(&self) -> Vec<String> {
+        self.lock().foreign.keys().cloned().collect()
+    }
+
+    pub fn frozen(&self) -> BTreeSet<String> {
+        self.lock().frozen.clone()
+    }
+
+    /// Updates the status under its lock and tells the pool why it cannot
+    /// grow (for the message of an ADD that waited in vain).
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        let why = {
+            let mut st = self.lock();
+            f(&mut st.status);
+            let s = &st.status;
+            s.blocked.as_ref().map(ToString::to_string).or_else(|| {
+                s.last_error
+                    .as_ref()
+                    .map(|e| format!("the pool cannot grow: {e}"))
+            })
+        };
+        self.pool.set_cannot_grow(why);
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::default();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.step().await {
+                Ok(0) => {
+                    tokio::select! {
+                        _ = self.pool.woken() => {}
+                        _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    // Every ADD and DEL wakes us; under a burst, look once
+                    // per debounce instead of once per call. An ADD that is
+                    // waiting for an address is served at once.
+                    if self.pool.waiting() == 0 {
+                        tokio::select! {
+                            _ = tokio::time::sleep(WAKE_DEBOUNCE) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                }
+                Ok(_) => backoff.reset(),
+                Err(e) => {
+                    let delay = backoff.next(&e);
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "pool change failed");
+                    self.update(|s| {
+                        s.last_error = Some(e.to_string());
+                        s.last_error_kind = Some(e.label());
+                        s.consecutive_errors += 1;
+                    });
+                    self.pool.publish();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass: finish pending deletes, resync now and then, plan, act.
+    /// Returns how many actions were carried out.
+    pub async fn step(&self) -> Result<usize, StepError> {
+        self.pool.heal_journal().await;
+        self.node_step().await;
+        for id in self.pool.pending_deletes() {
+            self.finish_delete(&id).await?;
+        }
+        let resync_due = self.lock().last_resync.elapsed() >= RESYNC_EVERY;
+        if resync_due {
+            self.resync().await?;
+        }
+        let gc_due = Instant::now() >= self.lock().next_leak_gc;
+        if gc_due {
+            self.lock().next_leak_gc = Instant::now() + jittered(self.settings.leaked_gc_interval);
+            match self.provider.collect_leaked(LEAKED_MIN_AGE).await {
+                Ok(gone) if !gone.is_empty() => {
+                    info!(interfaces = ?gone, "leaked interfaces deleted")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "leaked-interface collection failed"),
+            }
+        }
+        let reclaim_due =
+            self.settings.reclaim_gone_netns && self.lock().last_reclaim.elapsed() >= RECLAIM_EVERY;
+        if reclaim_due {
+            self.lock().last_reclaim = Instant::now();
+            self.pool.reclaim_gone().await;
+        }
+        let plan = {
+            let now = Instant::now();
+            // Interfaces ipamd does not manage still take attachment slots.
+            let mut limits = self.instance.limits;
+            let unmanaged = {
+                let st = self.lock();
+                (st.foreign.len() + st.frozen.len()) as u32
+            };
+            limits.max_interfaces = limits.max_interfaces.saturating_sub(unmanaged);
+            let view = self.pool.policy_view(limits, self.caps.hot_attach, now);
+            let plan = policy::plan(&view, &self.settings.pool, now);
+            self.update(|s| s.blocked = plan.blocked.clone());
+            plan
+        };
+        let mut done = 0;
+        for action in plan.actions {
+            debug!(?action, "pool action");
+            self.execute(action).await?;
+            done += 1;
+            self.update(|s| {
+                s.actions_done += 1;
+                s.last_error = None;
+                s.last_error_kind = None;
+                s.consecutive_errors = 0;
+            });
+            self.pool.publish();
+        }
+        Ok(done)
+    }
+
+    /// Sets up what is pending on the node's side; what cannot be done yet
+    /// (the link has not appeared) is tried again on the next step.
+    async fn node_step(&self) {
+        if !self.node.active() {
+            return;
+        }
+        let side = self.node.side();
+        let mut changed = false;
+        for id in self.node.pending() {
+            let Some(iface) = self.pool.interface(&id) else {
+                self.node.done(&id);
+                continue;
+            };
+            match side.setup_interface(&iface).await {
+                Ok(()) => {
+                    self.pool.set_ready(&id, true);
+                    self.node.done(&id);
+                    changed = true;
+                }
+                Err(e @ crate::hostnet::HostError::NoLink { .. }) => {
+                    debug!(error = %e, "waiting for the link")
+                }
+                Err(e) => {
+                    warn!(interface = %id, error = %e, "cannot set up the interface on the node");
+                    self.update(|s| s.last_error = Some(format!("node setup of {id}: {e}")));
+                }
+            }
+        }
+        if !self.node.snat_done() {
+            if let Some(primary) = self.pool.primary() {
+                match side.setup_snat(&self.snat_config(), &primary).await {
+                    Ok(()) => {
+                        self.node.set_snat_done();
+                        changed = true;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot set up SNAT");
+                        self.update(|s| s.last_error = Some(format!("SNAT: {e}")));
+                    }
+                }
+            }
+        }
+        if changed {
+            self.pool.publish();
+        }
+    }
+
+    fn snat_config(&self) -> crate::hostnet::SnatConfig {
+        let mut no_snat = self.instance.vpc_cidrs.clone();
+        no_snat.extend(self.settings.exclude_snat_cidrs.iter().copied());
+        crate::hostnet::SnatConfig {
+            external: self.settings.external_snat,
+            node_ip: self.instance.primary_ip,
+            no_snat,
+            veth_prefix: self.settings.veth_prefix.clone(),
+        }
+    }
+
+    /// Compares the pool with the cloud's view of the instance.
+    pub async fn resync(&self) -> Result<(), ProviderError> {
+        let all = self.provider.describe_interfaces().await?;
+        if let Some(e) = complete_half_made(&*self.provider, &self.instance.id, &all).await {
+            self.update(|s| s.last_error = Some(e));
+        }
+        let known = self.pool.interface_ids();
+        let (cloud, frozen) = {
+            let mut st = self.lock();
+            st.last_resync = Instant::now();
+            // One it managed until now (tagged no_manage since) is frozen
+            // for the pods it holds.
+            let (cloud, foreign) = crate::ownership::split(
+                all,
+                &self.instance.id,
+                |i| known.contains(&i.id),
+                &mut st.frozen,
+            );
+            crate::ownership::log_new_foreign(&foreign, &st.foreign);
+            st.foreign = foreign;
+            (cloud, st.frozen.clone())
+        };
+        let emptied = self.pool.apply_cloud(&cloud, &frozen);
+        {
+            // Their last pod is gone: they are no longer ipamd's at all.
+            let mut st = self.lock();
+            for i in emptied {
+                st.frozen.remove(&i.id);
+                st.foreign.insert(i.id.clone(), i);
+            }
+        }
+        // Interfaces found only now wait for their node side, and SNAT is
+        // re-applied in case something removed it.
+        for c in cloud.iter().filter(|c| !known.contains(&c.id)) {
+            if self.node.hold(&c.id) {
+                self.pool.set_ready(&c.id, false);
+            }
+        }
+        self.node.redo_snat();
+        let unconfirmed = self.pool.unconfirmed() as u64;
+        self.update(|s| s.unconfirmed_assignments = unconfirmed);
+        self.pool.publish();
+        Ok(())
+    }
+
+    async fn execute(&self, action: Action) -> Result<(), StepError> {
+        match action {
+            Action::AssignIps {
+                interface_id,
+                count,
+            } => self.grow(&interface_id, AssignRequest::Ips(count)).await?,
+            Action::AssignPrefixes {
+                interface_id,
+                count,
+            } => {
+                match self
+                    .grow(&interface_id, AssignRequest::Prefixes(count))
+                    .await
+                {
+                    Err(ProviderError::InsufficientCidrBlocks { subnet }) => {
+                        warn!(%subnet, "no free /28 left in the subnet (fragmented); adding single addresses instead");
+                        self.grow(&interface_id, AssignRequest::Ips(count)).await?
+                    }
+                    other => other?,
+                }
+            }
+            Action::CreateInterface { initial } => self.create_interface(initial).await?,
+            Action::ReleaseIps { interface_id, ips } => {
+                self.shrink(
+                    &interface_id,
+                    Assigned {
+                        ips,
+                        prefixes: vec![],
+                    },
+                )
+                .await?
+            }
+            Action::ReleasePrefixes {
+                interface_id,
+                prefixes,
+            } => {
+                self.shrink(
+                    &interface_id,
+                    Assigned {
+                        ips: vec![],
+                        prefixes,
+                    },
+                )
+                .await?
+            }
+            Action::DeleteInterface { interface_id } => {
+                return self.delete_interface(&interface_id).await
+            }
+        }
+        Ok(())
+    }
+
+    async fn grow(&self, interface_id: &str, req: AssignRequest) -> Result<(), ProviderError> {
+        let mut req = req;
+        let got = loop {
+            match self.provider.assign(interface_id, req).await {
+                Ok(got) => break got,
+                // A nearly full subnet: ask for what it may still give.
+                Err(e @ ProviderError::SubnetExhausted { .. }) => match fewer(req) {
+                    Some(less) => {
+                        warn!(interface = interface_id, error = %e, asked = ?req, now = ?less, "subnet nearly full; asking for fewer addresses");
+                        req = less;
+                    }
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        };
+        info!(
+            interface = interface_id,
+            ips = got.ips.len(),
+            prefixes = got.prefixes.len(),
+            "pool grew"
+        );
+        self.pool.add_addresses(interface_id, &got);
+        Ok(())
+    }
+
+    async fn shrink(&self, interface_id: &str, want: Assigned) -> Result<(), ProviderError> {
+        let claimed = self.pool.claim_for_release(interface_id, &want);
+        if claimed.ips.is_empty() && claimed.prefixes.is_empty() {
+            return Ok(());
+        }
+        match self.provider.release(interface_id, &claimed).await {
+            Ok(()) => {
+                info!(
+                    interface = interface_id,
+                    ips = claimed.ips.len(),
+                    prefixes = claimed.prefixes.len(),
+                    "pool shrank"
+                );
+                self.pool.forget(interface_id, &claimed);
+                Ok(())
+            }
+            Err(e) => {
+                self.pool.unclaim(interface_id, &claimed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Subnets a new interface may go in: the node's own and same-zone ones
+    /// tagged for the CNI, most free addresses first; a tag of "0" excludes.
+    async fn candidate_subnets(&self) -> Vec<String> {
+        match self.provider.list_subnets().await {
+            Ok(subnets) => {
+                let mut c: Vec<_> = subnets
+                    .into_iter()
+                    .filter(|s| match s.tags.get(TAG_SUBNET_ROLE) {
+                        Some(v) => v != "0",
+                        None => s.id == self.instance.subnet_id,
+                    })
+                    .collect();
+                c.sort_by(|a, b| {
+                    b.free_addresses
+                        .cmp(&a.free_addresses)
+                        .then(a.id.cmp(&b.id))
+                });
+                c.into_iter().map(|s| s.id).collect()
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot list subnets; using the node's subnet");
+                vec![self.instance.subnet_id.clone()]
+            }
+        }
+    }
+
+    async fn create_interface(&self, initial: AssignRequest) -> Result<(), ProviderError> {
+        let mut tags = BTreeMap::new();
+        tags.insert(TAG_OWNER.to_string(), OWNER_VALUE.to_string());
+        tags.insert(TAG_INSTANCE.to_string(), self.instance.id.clone());
+        tags.insert(TAG_CLUSTER.to_string(), self.settings.cluster_name.clone());
+        tags.insert(TAG_CREATED.to_string(), (now_ms() / 1000).to_string());
+        let mut last = ProviderError::SubnetExhausted {
+            subnet: self.instance.subnet_id.clone(),
+        };
+        for subnet_id in self.candidate_subnets().await {
+            let mut spec = CreateInterface {
+                subnet_id: subnet_id.clone(),
+                // The node's groups, read by the provider as they are now.
+                security_groups: vec![],
+                tags: tags.clone(),
+                initial,
+            };
+            let mut result = self.provider.create_interface(&spec).await;
+            if let (Err(ProviderError::InsufficientCidrBlocks { .. }), AssignRequest::Prefixes(n)) =
+                (&result, initial)
+            {
+                warn!(subnet = %subnet_id, "no free /28 for a new interface; creating it with single addresses");
+                spec.initial = AssignRequest::Ips(n);
+                result = self.provider.create_interface(&spec).await;
+            }
+            // A nearly full subnet: ask for what it may still give.
+            while let Err(ProviderError::SubnetExhausted { .. }) = &result {
+                let Some(less) = fewer(spec.initial) else {
+                    break;
+                };
+                warn!(subnet = %subnet_id, asked = ?spec.initial, now = ?less, "subnet nearly full; creating the interface with fewer addresses");
+                spec.initial = less;
+                result = self.provider.create_interface(&spec).await;
+            }
+            match result {
+                Ok(iface) => {
+                    info!(interface = %iface.id, device_index = iface.device_index, subnet = %subnet_id, "interface attached");
+                    let id = iface.id.clone();
+                    let held = self.node.hold(&id);
+                    self.pool.add_interface(iface, !held);
+                    self.node_step().await;
+                    return Ok(());
+                }
+                Err(e @ ProviderError::SubnetExhausted { .. })
+                | Err(e @ ProviderError::InsufficientCidrBlocks { .. }) => {
+                    warn!(subnet = %subnet_id, error = %e, "subnet full, trying the next one");
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    async fn delete_interface(&self, interface_id: &str) -> Result<(), StepError> {
+        let Some(durable) = self.pool.begin_delete(interface_id) else {
+            return Ok(()); // taken into use since the plan
+        };
+        if let Err(e) = durable.wait().await {
+            // Without the intent on disk a crash could leak the interface:
+            // do not start.
+            self.pool.abort_delete(interface_id);
+            return Err(e.into());
+        }
+        Ok(self.finish_delete(interface_id).await?)
+    }
+
+    async fn finish_delete(&self, interface_id: &str) -> Result<(), ProviderError> {
+        if let Some(info) = self.pool.interface(interface_id) {
+            if let Err(e) = self.node.side().teardown_interface(&info).await {
+                warn!(interface = interface_id, error = %e, "could not remove the interface's rule");
+            }
+        }
+        self.provider.detach_interface(interface_id).await?;
+        self.provider.delete_interface(interface_id).await?;
+        self.node.done(interface_id);
+        if let Err(e) = self.pool.deleted(interface_id).wait().await {
+            // The interface is gone; replaying the intent later finds it
+            // gone and records the end then.
+            warn!(interface = interface_id, error = %e, "could not journal the finished delete");
+        }
+        info!(interface = interface_id, "interface detached and deleted");
+        Ok(())
+    }
+}
+
+/// Sets DeleteOnTermination on interfaces of ours that lack it (a create
+/// cut short between its Attach and the flag, by a crash or by a rollback
+/// that failed), so none outlives the instance. Returns the last failure;
+/// the caller tries again at its next resync.
+pub(crate) async fn complete_half_made(
+    provider: &dyn CloudProvider,
+    instance_id: &str,
+    all: &[Interface],
+) -> Option<String> {
+    let mut failed = None;
+    let half_made = all.iter().filter(|i| {
+        !i.is_primary()
+            && i.delete_on_termination == Some(false)
+            && crate::ownership::managed(i, instance_id)
+    });
+    for i in half_made {
+        match provider.ensure_delete_on_termination(&i.id).await {
+            Ok(()) => {
+                info!(interface = %i.id, "set DeleteOnTermination on an interface whose create was cut short")
+            }
+            Err(e) => {
+                warn!(interface = %i.id, error = %e, "interface would outlive the instance: cannot set DeleteOnTermination");
+                failed = Some(format!("DeleteOnTermination of {}: {e}", i.id));
+            }
+        }
+    }
+    failed
+}
+
+/// Half of a request for several single addresses (down to one), for a
+/// subnet that cannot give them all; `None` when there is nothing smaller.
+fn fewer(req: AssignRequest) -> Option<AssignRequest> {
+    match req {
+        AssignRequest::Ips(n) if n > 1 => Some(AssignRequest::Ips(n / 2)),
+        _ => None,
+    }
+}
+
+/// Jittered exponential backoff, longer for a full subnet or a limit.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    fn next(&mut self, e: &StepError) -> Duration {
+        self.failures = (self.failures + 1).min(16);
+        let (base, cap) = match e {
+            StepError::Cloud(
+                ProviderError::SubnetExhausted { .. }
+                | ProviderError::InsufficientCidrBlocks { .. }
+                | ProviderError::LimitExceeded(_),
+            ) => (Duration::from_secs(5), Duration::from_secs(60)),
+            // A full disk does not empty itself in milliseconds.
+            StepError::Journal(_) => (Duration::from_secs(1), Duration::from_secs(30)),
+            StepError::Cloud(_) => (Duration::from_millis(250), Duration::from_secs(30)),
+        };
+        let exp = base
+            .saturating_mul(1 << (self.failures - 1).min(10))
+            .min(cap);
+        // Full jitter over the upper half keeps nodes of one account apart.
+        let ms = exp.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_failure_is_not_backed_off_as_a_cloud_error() {
+        let journal = StepError::Journal(JournalError::Write {
+            path: "/x".into(),
+            reason: "No space left on device".into(),
+        });
+        assert_eq!(journal.label(), "journal");
+        let mut b = Backoff::default();
+        let first = b.next(&journal);
+        assert!(first >= Duration::from_millis(500), "{first:?}");
+        let cloud = StepError::Cloud(ProviderError::Server("500".into()));
+        assert_eq!(cloud.label(), "server");
+        let mut b = Backoff::default();
+        assert!(b.next(&cloud) <= Duration::from_millis(250));
+    }
+
+    #[test]
+    fn fewer_halves_down_to_one() {
+        assert_eq!(fewer(AssignRequest::Ips(3)), Some(AssignRequest::Ips(1)));
+        assert_eq!(fewer(AssignRequest::Ips(1)), None);
+        assert_eq!(fewer(AssignRequest::Prefixes(2)), None);
+    }
+}

@@ -1,0 +1,354 @@
+//! ipamd's parts on their own: the pool without any cloud provider or
+//! netlink (journal in memory), the reconciler driven by a scripted
+//! provider, a node side that is late, and the readiness latch over them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use ipamd::config::Settings;
+use ipamd::datastore::PodKey;
+use ipamd::hostnet::{HostError, SnatConfig};
+use ipamd::ipam::Ipam;
+use ipamd::journal::{MemStore, Replayed};
+use ipamd::node::{NodeSide, NodeTracker};
+use ipamd::pool::{JournalAt, Pool, Restore};
+use ipamd::reconciler::StepError;
+use providers::{
+    AssignRequest, Assigned, Capabilities, CloudProvider, CreateInterface, Instance, Interface,
+    Limits, ProviderError, Result, Subnet,
+};
+
+fn key(c: &str) -> PodKey {
+    PodKey {
+        network: "vpc-cni".into(),
+        container_id: c.into(),
+        ifname: "eth0".into(),
+    }
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn primary(secondary: &[&str]) -> Interface {
+    Interface {
+        id: "eni-primary".into(),
+        mac: "02:00:00:00:00:01".into(),
+        device_index: 0,
+        subnet_id: "subnet-1".into(),
+        subnet_cidr: "10.0.0.0/24".parse().unwrap(),
+        primary_ip: ip("10.0.0.5"),
+        secondary_ips: secondary.iter().map(|s| ip(s)).collect(),
+        prefixes: vec![],
+        tags: BTreeMap::new(),
+        delete_on_termination: Some(true),
+    }
+}
+
+fn settings(env: &[(&str, &str)]) -> Settings {
+    let m: HashMap<&str, &str> = env.iter().copied().collect();
+    Settings::from_source(&m).unwrap()
+}
+
+#[tokio::test]
+async fn the_pool_works_and_restarts_without_any_provider() {
+    let store = MemStore::default();
+    let restore = |replayed| Restore {
+        replayed,
+        interfaces: vec![primary(&["10.0.0.10", "10.0.0.11"])],
+        draining: BTreeSet::new(),
+    };
+    let pool = Pool::restore(
+        settings(&[("IPAMD_ADD_WAIT_SECONDS", "1")]),
+        restore(Replayed::default()),
+        JournalAt::Memory(store.clone()),
+    )
+    .unwrap();
+    let a = pool.add(key("a")).await.unwrap();
+    let b = pool.add(key("b")).await.unwrap();
+    assert_ne!(a.ip, b.ip);
+    assert_eq!(a.interface_id, "eni-primary");
+    assert_eq!(
+        a.route_table, 254,
+        "the primary interface uses the main table"
+    );
+    // Nothing left, and nobody to grow the pool: the ADD says so.
+    let err = pool.add(key("c")).await.unwrap_err().to_string();
+    assert!(err.contains("no address available"), "{err}");
+    pool.del(key("a")).await.unwrap();
+    drop(pool);
+
+    // A new pool on the same (memory) journal holds b's address for b,
+    // and a's address is cooling, not free.
+    let replayed = store.replay().unwrap();
+    assert_eq!(replayed.assignments.get(&key("b")), Some(&b.ip));
+    assert!(!replayed.assignments.contains_key(&key("a")));
+    let again = Pool::restore(
+        settings(&[("IPAMD_ADD_WAIT_SECONDS", "1")]),
+        restore(replayed),
+        JournalAt::Memory(store.clone()),
+    )
+    .unwrap();
+    assert_eq!(again.lookup(&key("b")).map(|w| w.ip), Some(b.ip));
+    assert_eq!(again.holder_of(a.ip), None);
+    let err = again.add(key("d")).await.unwrap_err().to_string();
+    assert!(err.contains("cooling"), "a's address was reissued: {err}");
+}
+
+/// A provider that answers what the test scripted, and records the calls.
+struct Scripted {
+    interfaces: Mutex<Vec<Interface>>,
+    assigns: Mutex<VecDeque<Result<Assigned>>>,
+    calls: Mutex<Vec<String>>,
+    blocker: Mutex<Option<String>>,
+}
+
+impl Scripted {
+    fn new(interfaces: Vec<Interface>) -> Arc<Self> {
+        Arc::new(Self {
+            interfaces: Mutex::new(interfaces),
+            assigns: Mutex::new(VecDeque::new()),
+            calls: Mutex::new(vec![]),
+            blocker: Mutex::new(None),
+        })
+    }
+
+    fn then_assign(&self, r: Result<Assigned>) {
+        self.assigns.lock().unwrap().push_back(r);
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl CloudProvider for Scripted {
+    fn name(&self) -> &'static str {
+        "scripted"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            hot_attach: true,
+            prefixes: false,
+        }
+    }
+
+    async fn describe_instance(&self) -> Result<Instance> {
+        Ok(Instance {
+            id: "i-1".into(),
+            instance_type: "t3.small".into(),
+            zone: "az-1".into(),
+            primary_ip: ip("10.0.0.5"),
+            primary_interface_id: "eni-primary".into(),
+            subnet_id: "subnet-1".into(),
+            vpc_id: "vpc-1".into(),
+            vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+            security_groups: vec!["sg-1".into()],
+            limits: Limits {
+                max_interfaces: 1,
+                ipv4_per_interface: 4,
+                prefix_delegation: false,
+            },
+        })
+    }
+
+    async fn describe_interfaces(&self) -> Result<Vec<Interface>> {
+        self.calls.lock().unwrap().push("describe".into());
+        Ok(self.interfaces.lock().unwrap().clone())
+    }
+
+    async fn assign(&self, interface_id: &str, request: AssignRequest) -> Result<Assigned> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("assign {interface_id} {request:?}"));
+        let r = self
+            .assigns
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Err(ProviderError::Server("nothing scripted".into())));
+        if let Ok(got) = &r {
+            let mut all = self.interfaces.lock().unwrap();
+            let i = all.iter_mut().find(|i| i.id == interface_id).unwrap();
+            i.secondary_ips.extend(&got.ips);
+        }
+        r
+    }
+
+    async fn release(&self, interface_id: &str, _: &Assigned) -> Result<()> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("release {interface_id}"));
+        Ok(())
+    }
+
+    async fn create_interface(&self, _: &CreateInterface) -> Result<Interface> {
+        Err(ProviderError::LimitExceeded(
+            "scripted: one interface".into(),
+        ))
+    }
+
+    async fn detach_interface(&self, _: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn delete_interface(&self, _: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn list_subnets(&self) -> Result<Vec<Subnet>> {
+        Ok(vec![])
+    }
+
+    fn blocker(&self) -> Option<String> {
+        self.blocker.lock().unwrap().clone()
+    }
+}
+
+fn reasons(ipam: &Ipam) -> String {
+    ipam.readiness().err().unwrap_or_default().join("; ")
+}
+
+#[tokio::test]
+async fn the_reconciler_follows_a_scripted_provider_and_readiness_latches() {
+    let cloud = Scripted::new(vec![primary(&[])]);
+    *cloud.blocker.lock().unwrap() = Some("security groups are unknown (scripted)".into());
+    let ipam = Ipam::start_with(
+        cloud.clone(),
+        settings(&[("WARM_IP_TARGET", "2"), ("IPAMD_ADD_WAIT_SECONDS", "1")]),
+        JournalAt::Memory(MemStore::default()),
+        NodeTracker::nothing(),
+    )
+    .await
+    .unwrap();
+    // Not ready: no address, and the provider says why it cannot grow.
+    let why = reasons(&ipam);
+    assert!(why.contains("no assignable address"), "{why}");
+    assert!(why.contains("security groups are unknown"), "{why}");
+
+    // The cloud refuses: the step fails with the cloud's error, still unready.
+    cloud.then_assign(Err(ProviderError::LimitExceeded("scripted".into())));
+    let err = ipam.step().await.unwrap_err();
+    assert!(
+        matches!(err, StepError::Cloud(ProviderError::LimitExceeded(_))),
+        "{err}"
+    );
+    assert!(ipam.readiness().is_err());
+    assert_eq!(
+        cloud.calls(),
+        vec![
+            "describe".to_string(), // at start
+            "assign eni-primary Ips(2)".to_string()
+        ],
+        "the policy asked for WARM_IP_TARGET addresses on the primary"
+    );
+
+    // The cloud gives two addresses; the provider's blocker is gone.
+    cloud.then_assign(Ok(Assigned {
+        ips: vec![ip("10.0.0.20"), ip("10.0.0.21")],
+        prefixes: vec![],
+    }));
+    *cloud.blocker.lock().unwrap() = None;
+    assert_eq!(ipam.step().await.unwrap(), 1);
+    assert_eq!(ipam.readiness(), Ok(()));
+    assert_eq!(ipam.summary()["ready"], true);
+
+    // Latched: using every address does not make ipamd unready.
+    ipam.add(key("a")).await.unwrap();
+    ipam.add(key("b")).await.unwrap();
+    assert_eq!(ipam.summary()["counts"]["assignable"], 0);
+    assert_eq!(ipam.readiness(), Ok(()));
+
+    // A journal that cannot be written does (every call would fail).
+    ipam.fail_next_journal_writes(1);
+    ipam.del(key("a")).await.unwrap_err();
+    let why = reasons(&ipam);
+    assert!(why.contains("cannot be written"), "{why}");
+    // It heals at the next step, and ipamd is ready again.
+    ipam.step().await.ok();
+    assert_eq!(ipam.readiness(), Ok(()));
+}
+
+/// A node side whose links appear only after `late` attempts; shared
+/// with the test, which looks at what was set up.
+#[derive(Default)]
+struct LateLinks {
+    late: Mutex<u32>,
+    set_up: Mutex<Vec<String>>,
+}
+
+struct Late(Arc<LateLinks>);
+
+#[async_trait]
+impl NodeSide for Late {
+    fn name(&self) -> &'static str {
+        "late"
+    }
+
+    async fn setup_interface(&self, iface: &Interface) -> std::result::Result<(), HostError> {
+        let mut late = self.0.late.lock().unwrap();
+        if *late > 0 {
+            *late -= 1;
+            return Err(HostError::NoLink {
+                mac: iface.mac.clone(),
+                id: iface.id.clone(),
+            });
+        }
+        self.0.set_up.lock().unwrap().push(iface.id.clone());
+        Ok(())
+    }
+
+    async fn teardown_interface(&self, _: &Interface) -> std::result::Result<(), HostError> {
+        Ok(())
+    }
+
+    async fn setup_snat(
+        &self,
+        _: &SnatConfig,
+        _: &Interface,
+    ) -> std::result::Result<(), HostError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn addresses_wait_for_the_node_side_and_so_does_readiness() {
+    let cloud = Scripted::new(vec![primary(&["10.0.0.10", "10.0.0.11"])]);
+    let side = Arc::new(LateLinks {
+        late: Mutex::new(1),
+        ..Default::default()
+    });
+    let ipam = Ipam::start_with(
+        cloud.clone(),
+        settings(&[("WARM_IP_TARGET", "1"), ("IPAMD_ADD_WAIT_SECONDS", "1")]),
+        JournalAt::Memory(MemStore::default()),
+        NodeTracker::new(Box::new(Late(side.clone()))),
+    )
+    .await
+    .unwrap();
+    // The addresses exist but their interface is not set up on the node.
+    assert_eq!(ipam.summary()["counts"]["available"], 2);
+    assert_eq!(ipam.summary()["counts"]["assignable"], 0);
+    let why = reasons(&ipam);
+    assert!(why.contains("node side"), "{why}");
+    assert!(why.contains("eni-primary"), "{why}");
+    // The link is not there at the first step...
+    ipam.step().await.unwrap();
+    assert!(side.set_up.lock().unwrap().is_empty());
+    assert!(ipam.readiness().is_err());
+    // ... and is at the next one.
+    ipam.step().await.unwrap();
+    assert_eq!(
+        *side.set_up.lock().unwrap(),
+        vec!["eni-primary".to_string()]
+    );
+    assert_eq!(ipam.readiness(), Ok(()));
+    assert_eq!(ipam.summary()["node_side"], "late");
+    ipam.add(key("a")).await.unwrap();
+}

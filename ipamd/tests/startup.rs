@@ -1,0 +1,174 @@
+//! Start-up as a DaemonSet would do it: no silent simulated cloud, every
+//! bad setting at once, and the readiness latch seen from outside (GET
+//! /readyz, the gRPC health service, CNI STATUS).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::{free_port, get_any, Daemon, DaemonSpec, SimServer};
+use vpc_sim::{Fault, FaultKind, Request, VpcConfig};
+
+fn ipamd_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ipamd"))
+}
+
+/// The plugin, built next to ipamd (`cargo build --workspace --bins`).
+fn plugin_bin() -> PathBuf {
+    let p = ipamd_bin().with_file_name("vpc-cni");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn without_a_provider_setting_ipamd_refuses_to_start_and_lists_every_bad_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    // As a DaemonSet that forgot IPAMD_PROVIDER would start it.
+    let out = std::process::Command::new(ipamd_bin())
+        .args(["--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_clear()
+        .env("WARM_IP_TARGET", "many")
+        .env("IPAMD_INTROSPECTION_ADDR", "not-an-address")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("IPAMD_PROVIDER is not set"), "{err}");
+    assert!(err.contains("WARM_IP_TARGET"), "{err}");
+    assert!(err.contains("IPAMD_INTROSPECTION_ADDR"), "{err}");
+    assert!(
+        !dir.path().join("state").join("sim-vpc.json").exists(),
+        "a simulated VPC was started anyway"
+    );
+    assert!(!dir.path().join("s.sock").exists());
+}
+
+async fn health(socket: &Path, service: &str) -> i32 {
+    let conn = ipamd_api::connect_once(socket).await.unwrap();
+    let mut c =
+        tonic_health::pb::health_client::HealthClient::with_origin(conn, ipamd_api::origin());
+    c.check(tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+}
+
+/// Runs the plugin's STATUS against `socket`: (exit ok, stdout).
+fn cni_status(socket: &Path) -> (bool, serde_json::Value) {
+    use std::io::Write;
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "vpc-cni",
+        "type": "vpc-cni",
+        "ipamdSocket": socket,
+    });
+    let mut child = std::process::Command::new(plugin_bin())
+        .env_clear()
+        .env("CNI_COMMAND", "STATUS")
+        .env("CNI_PATH", "/nonexistent")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    (
+        out.status.success(),
+        serde_json::from_str(&stdout).unwrap_or(serde_json::Value::String(stdout)),
+    )
+}
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_health_and_cni_status_wait_for_an_assignable_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(dir.path(), VpcConfig::default()).await;
+    // The pool cannot grow at first: every way to get an address fails.
+    for api in ["AssignPrivateIpAddresses", "CreateNetworkInterface"] {
+        sim.vpc
+            .handle(Request::InjectFault(Fault {
+                api: Some(api.into()),
+                kind: FaultKind::ServerError,
+                count: 100_000,
+            }))
+            .await
+            .unwrap();
+    }
+    let introspection = free_port();
+    let mut d = Daemon::start(&DaemonSpec {
+        dir: dir.path(),
+        sim: &sim.addr,
+        node: "node-a",
+        instance_type: "t3.small",
+        env: &[("WARM_IP_TARGET", "1")],
+        introspection,
+    })
+    .await;
+    // Alive, serving the socket, but not ready, and saying why.
+    let (code, body) = get_any(introspection, "/healthz").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = get_any(introspection, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("no assignable address"), "{body}");
+    assert_eq!(
+        health(&d.socket, "vpccni.ipamd.v1.Ipamd").await,
+        NOT_SERVING
+    );
+    assert_eq!(health(&d.socket, "").await, NOT_SERVING);
+    let (ok, status) = cni_status(&d.socket);
+    assert!(!ok, "STATUS succeeded while not ready: {status}");
+    assert_eq!(status["code"], 50, "{status}");
+    assert!(
+        status["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no assignable address"),
+        "{status}"
+    );
+
+    // The cloud recovers: the pool grows and everything turns ready.
+    sim.vpc.handle(Request::ClearFaults).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = get_any(introspection, "/readyz").await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {body}\n{}",
+            std::fs::read_to_string(&d.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The health service follows within its 500 ms poll.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while health(&d.socket, "vpccni.ipamd.v1.Ipamd").await != SERVING {
+        assert!(Instant::now() < deadline, "health never turned SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health(&d.socket, "").await, SERVING);
+    let (ok, status) = cni_status(&d.socket);
+    assert!(ok, "STATUS failed while ready: {status}");
+    assert!(d.terminate().await.success());
+}
