@@ -1020,8 +1020,15 @@ async fn groups_that_cannot_be_known_fail_the_create_before_it_is_sent() {
         "{err}"
     );
     assert!(calls(&m, "CreateNetworkInterface").is_empty());
-    // Once the primary shows groups, creating works.
+    // ipamd is not ready meanwhile, and says why.
+    let why = p.blocker().expect("a blocker while groups are unknown");
+    assert!(why.contains("security groups"), "{why}");
+    assert!(why.contains("eni-primary"), "{why}");
+    // Once the primary shows groups (a resync's Describe), creating works
+    // and nothing blocks.
     m.with_eni("eni-primary", |e| e.groups = vec!["sg-9".into()]);
+    p.describe_interfaces().await.unwrap();
+    assert_eq!(p.blocker(), None);
     p.create_interface(&spec("subnet-1", &[], AssignRequest::Ips(1)))
         .await
         .unwrap();

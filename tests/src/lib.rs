@@ -790,6 +790,31 @@ impl Lab {
         .into_inner()
     }
 
+    /// Waits until a node's ipamd is ready (its readiness latch: the node
+    /// side in place and an assignable address), as the kubelet would
+    /// before scheduling pods; panics with ipamd's reasons after 30 s.
+    pub async fn wait_ready(&self, node: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut c = ipamd_api::client(&self.nodes[node].socket).await.unwrap();
+            let r = c
+                .readiness(ipamd_api::v1::ReadinessRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if r.ready {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ipamd on node {node} never became ready: {:?}\n{}",
+                r.reasons,
+                self.node_ipamd_log(node)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Asks a node's ipamd directly (an attachment that is not a wired pod).
     pub async fn reserve(&self, node: usize, id: &str) -> Ipv4Addr {
         let mut c = ipamd_api::client(&self.nodes[node].socket).await.unwrap();

@@ -91,8 +91,10 @@ async fn status_gc_version_and_error_codes() {
         json!(["0.4.0", "1.0.0", "1.1.0"])
     );
 
+    // STATUS follows ipamd's readiness latch.
+    lab.wait_ready(a).await;
     let r = lab.invoke(a, &cni, "STATUS", "", "", "", &conf11, &[]);
-    assert!(r.ok, "STATUS with ipamd up: {}", r.stdout);
+    assert!(r.ok, "STATUS with ipamd ready: {}", r.stdout);
 
     // GC keeps the valid attachment and frees the other one.
     let keep = lab.add_pod(a, "keep");
