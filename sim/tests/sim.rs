@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use providers::layer::{CallLayer, RetryPolicy};
 use providers::{AssignRequest, CloudProvider, CreateInterface, ProviderError};
 use vpc_sim::provider::Backend;
 use vpc_sim::{Fault, FaultKind, Request, SimProvider, Vpc, VpcConfig};
@@ -15,10 +16,47 @@ fn quiet() -> Arc<Vpc> {
     }))
 }
 
+/// A node that sees the simulated cloud's answers as they are: one attempt
+/// per call and no client-side bucket (ipamd's layer, which retries and
+/// waits for tokens, has tests of its own).
 async fn node(vpc: &Arc<Vpc>, name: &str, ty: &str) -> SimProvider {
-    SimProvider::join(Backend::Local(vpc.clone()), name, ty)
+    let raw = CallLayer::new(
+        RetryPolicy {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        None,
+    );
+    SimProvider::join_with(Backend::Local(vpc.clone()), name, ty, raw)
         .await
         .unwrap()
+}
+
+/// What ipamd runs: the shared layer retries the simulated cloud's
+/// throttling and 5xx, and counts them.
+#[tokio::test(start_paused = true)]
+async fn the_shared_layer_retries_the_simulated_clouds_faults() {
+    let vpc = quiet();
+    let n = SimProvider::join(Backend::Local(vpc.clone()), "a", "m5.large")
+        .await
+        .unwrap();
+    let primary = n.describe_instance().await.unwrap().primary_interface_id;
+    for kind in [FaultKind::Throttle, FaultKind::ServerError] {
+        vpc.handle(Request::InjectFault(Fault {
+            api: Some("AssignPrivateIpAddresses".into()),
+            kind,
+            count: 1,
+        }))
+        .await
+        .unwrap();
+    }
+    let got = n.assign(&primary, AssignRequest::Ips(1)).await.unwrap();
+    assert_eq!(got.ips.len(), 1);
+    let s = &n.api_stats()["AssignPrivateIpAddresses"];
+    assert_eq!(s["calls"], 3, "{s}");
+    assert_eq!(s["retries"], 2, "{s}");
+    assert_eq!(s["throttles"], 1, "{s}");
+    assert_eq!(s["errors"], 1, "{s}");
 }
 
 fn spec(initial: AssignRequest) -> CreateInterface {
