@@ -524,6 +524,7 @@ async fn status(conf: &NetConf) -> Result<(), CniError> {
         // Say why, as ipamd's readiness latch sees it.
         let why = match ipamd(conf).await {
             Ok(mut c) => match c.readiness(ipamd_api::v1::ReadinessRequest {}).await {
+                Ok(r) if r.get_ref().ready => "it turned ready meanwhile; ask again".to_string(),
                 Ok(r) => r.into_inner().reasons.join("; "),
                 Err(s) => s.message().to_string(),
             },

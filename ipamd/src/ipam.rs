@@ -35,6 +35,9 @@ pub enum StartError {
     Provider(#[from] ProviderError),
     #[error("{0}")]
     Config(String),
+    /// The node side cannot be opened (no netlink socket).
+    #[error("node side: {0}")]
+    Node(String),
 }
 
 impl StartError {
@@ -50,7 +53,7 @@ pub struct Ipam {
     pub reconciler: Arc<Reconciler>,
     /// Latched once ipamd has been ready: the journal replayed, the node
     /// side in place, the provider able to grow the pool, and at least one
-    /// assignable address.
+    /// assignable address (or pods holding addresses already).
     latched: AtomicBool,
 }
 
@@ -143,7 +146,8 @@ impl Ipam {
 
     /// Readiness: `Ok` once ipamd can wire pods, with every reason it
     /// cannot otherwise. The start-up conditions (node side in place, the
-    /// provider able to grow the pool, one assignable address) latch: once
+    /// provider able to grow the pool, one assignable address or pods that
+    /// hold theirs already, as on a full node that restarts) latch: once
     /// met, later exhaustion does not make ipamd unready (pods already
     /// running still need their DEL). A journal that cannot be written
     /// makes it unready while it lasts.
@@ -159,8 +163,12 @@ impl Ipam {
             if let Some(b) = self.reconciler.provider().blocker() {
                 why.push(b);
             }
-            let assignable = self.pool.read(|r| r.ds.counts(Instant::now()).assignable);
-            if assignable == 0 {
+            // An address to give, or pods already holding theirs (a node
+            // full at MAX_PODS or its interface limit that restarts ipamd
+            // must not turn unready: runtimes fail STATUS and the kubelet
+            // would mark the node NotReady).
+            let counts = self.pool.read(|r| r.ds.counts(Instant::now()));
+            if counts.assignable == 0 && counts.assigned == 0 {
                 why.push(format!(
                     "no assignable address yet: {}",
                     self.pool.exhaustion_reason()
@@ -168,7 +176,7 @@ impl Ipam {
             }
             if why.is_empty() {
                 self.latched.store(true, Ordering::SeqCst);
-                info!("ready: the pool has an assignable address and the node side is in place");
+                info!("ready: the pool has addresses and the node side is in place");
             }
         }
         if why.is_empty() {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use ipamd::config::{Env, Settings};
 use ipamd::exit::Fatal;
 use ipamd::factory::{self, ProviderConfig, ProviderKind, SimOptions};
@@ -25,10 +25,11 @@ use tracing::{error, info, warn};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Which cloud the node runs in. Required: a node on a real cloud must
-    /// never run the simulated VPC because the setting was forgotten.
-    #[arg(long, env = "IPAMD_PROVIDER", value_enum)]
-    provider: Option<ProviderKind>,
+    /// Which cloud the node runs in: aws or sim (azure is not built yet).
+    /// Required: a node on a real cloud must never run the simulated VPC
+    /// because the setting was forgotten.
+    #[arg(long, env = "IPAMD_PROVIDER")]
+    provider: Option<String>,
     /// Unix socket the CNI plugin calls.
     #[arg(long, env = "IPAMD_SOCKET", default_value = ipamd_api::DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -63,7 +64,7 @@ struct Cli {
     /// real clouds; for sim only when its VPC is wired into network
     /// namespaces (vpc-sim --fabric).
     #[arg(long, env = "IPAMD_CONFIGURE_HOST")]
-    configure_host: Option<bool>,
+    configure_host: Option<String>,
     /// Seconds in-flight calls get to finish after SIGTERM.
     #[arg(long, default_value_t = 5)]
     grace_seconds: u64,
@@ -79,7 +80,16 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     // 2. Configuration, read once: every bad setting at once.
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // --help and --version print and exit 0; anything else clap
+        // refuses is bad configuration too.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("ipamd: invalid configuration:\n  {}", e.to_string().trim());
+            std::process::exit(ipamd::exit::EX_USAGE);
+        }
+    };
     let config = match Config::read(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -122,8 +132,14 @@ impl Config {
         };
         let introspection = match cli.introspection.as_str() {
             "off" | "" => None,
-            a => match a.parse() {
-                Ok(a) => Some(a),
+            a => match a.parse::<SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => Some(a),
+                Ok(_) => {
+                    bad.push(format!(
+                        "--introspection / IPAMD_INTROSPECTION_ADDR {a:?}: not a loopback address (the pool layout is not for the network)"
+                    ));
+                    None
+                }
                 Err(e) => {
                     bad.push(format!(
                         "--introspection / IPAMD_INTROSPECTION_ADDR {a:?}: {e}"
@@ -132,13 +148,40 @@ impl Config {
                 }
             },
         };
-        if cli.provider.is_none() {
-            bad.push(
-                "--provider / IPAMD_PROVIDER is not set: say which cloud this node runs in (aws, or sim for the simulated VPC)"
-                    .into(),
-            );
-        }
-        let (Some(settings), Some(kind), true) = (settings, cli.provider, bad.is_empty()) else {
+        let kind = match cli.provider.as_deref() {
+            None | Some("") => {
+                bad.push(
+                    "--provider / IPAMD_PROVIDER is not set: say which cloud this node runs in (aws, or sim for the simulated VPC)"
+                        .into(),
+                );
+                None
+            }
+            Some(p) => match ProviderKind::from_str(p, true) {
+                Ok(ProviderKind::Azure) => {
+                    bad.push("--provider / IPAMD_PROVIDER azure: the Azure provider is not built into this ipamd yet; use aws or sim".into());
+                    None
+                }
+                Ok(k) => Some(k),
+                Err(_) => {
+                    bad.push(format!(
+                        "--provider / IPAMD_PROVIDER {p:?}: expected aws or sim"
+                    ));
+                    None
+                }
+            },
+        };
+        let configure_host = match cli.configure_host.as_deref() {
+            None | Some("") => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(v) => {
+                bad.push(format!(
+                    "--configure-host / IPAMD_CONFIGURE_HOST {v:?}: expected true or false"
+                ));
+                None
+            }
+        };
+        let (Some(settings), Some(kind), true) = (settings, kind, bad.is_empty()) else {
             return Err(Fatal::Config(bad));
         };
         let provider = ProviderConfig {
@@ -154,7 +197,7 @@ impl Config {
                     .unwrap_or_else(|| cli.state_dir.join("sim-vpc.json")),
             },
         };
-        let configure_host = cli.configure_host.unwrap_or(kind != ProviderKind::Sim);
+        let configure_host = configure_host.unwrap_or(kind != ProviderKind::Sim);
         Ok(Self {
             cli,
             provider,
@@ -167,17 +210,24 @@ impl Config {
 
 /// Retries `attempt` while it fails transiently (throttling, 5xx,
 /// timeouts: never fatal at start), with jittered exponential backoff up to
-/// 30 s, until SIGTERM/SIGINT.
+/// 30 s. `Ok(None)` when `stop` turns true first (SIGTERM/SIGINT), also
+/// while an attempt is in flight.
 async fn with_retries<T, E: std::fmt::Display>(
     what: &str,
+    stop: &mut watch::Receiver<bool>,
     transient: impl Fn(&E) -> bool,
     mut attempt: impl AsyncFnMut() -> Result<T, E>,
 ) -> Result<Option<T>, E> {
     let mut delay = Duration::from_millis(500);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
     loop {
-        match attempt().await {
+        if *stop.borrow() {
+            return Ok(None);
+        }
+        let result = tokio::select! {
+            r = attempt() => r,
+            _ = stop.wait_for(|s| *s) => return Ok(None),
+        };
+        match result {
             Ok(v) => return Ok(Some(v)),
             Err(e) if transient(&e) => {
                 let ms = delay.as_millis() as u64;
@@ -185,14 +235,29 @@ async fn with_retries<T, E: std::fmt::Display>(
                 warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: the cloud answered with a transient error; trying again");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = term.recv() => return Ok(None),
-                    _ = tokio::signal::ctrl_c() => return Ok(None),
+                    _ = stop.wait_for(|s| *s) => return Ok(None),
                 }
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Turns true at the first SIGTERM or SIGINT, from the start of `run` on,
+/// so a signal during start-up is never lost.
+fn signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+        }
+        tx.send(true).ok();
+    });
+    rx
 }
 
 /// Start-up in a fixed order: provider, pool restore, node side, servers;
@@ -205,9 +270,11 @@ async fn run(config: Config) -> Result<(), Fatal> {
         introspection,
         configure_host,
     } = config;
+    let mut signal = signals();
     // 3. The provider.
     let built = with_retries(
         "provider",
+        &mut signal,
         factory::FactoryError::is_transient,
         async || factory::build(&provider).await,
     )
@@ -223,22 +290,27 @@ async fn run(config: Config) -> Result<(), Fatal> {
     // 4. The pool, restored from the journal onto what the cloud says;
     // 5. the node side around it.
     let journal = cli.state_dir.join("ipamd.journal");
-    let started = with_retries("pool restore", StartError::is_transient, async || {
-        let node = if configure_host {
-            let host = ipamd::hostnet::HostNet::new()
-                .map_err(|e| StartError::Config(format!("node side: {e}")))?;
-            NodeTracker::new(Box::new(host))
-        } else {
-            NodeTracker::nothing()
-        };
-        Ipam::start_with(
-            provider.clone(),
-            settings.clone(),
-            JournalAt::File(&journal),
-            node,
-        )
-        .await
-    })
+    let started = with_retries(
+        "pool restore",
+        &mut signal,
+        StartError::is_transient,
+        async || {
+            let node = if configure_host {
+                let host =
+                    ipamd::hostnet::HostNet::new().map_err(|e| StartError::Node(e.to_string()))?;
+                NodeTracker::new(Box::new(host))
+            } else {
+                NodeTracker::nothing()
+            };
+            Ipam::start_with(
+                provider.clone(),
+                settings.clone(),
+                JournalAt::File(&journal),
+                node,
+            )
+            .await
+        },
+    )
     .await
     .map_err(|e| match e {
         StartError::Config(m) => Fatal::config(m),
@@ -300,15 +372,12 @@ async fn run(config: Config) -> Result<(), Fatal> {
     info!(socket = %cli.socket.display(), journal = %journal.display(), "ipamd serving; ready once the pool has an address (GET /readyz)");
 
     // 7. Signals and drain.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
     let mut server = server;
     // A server that stops on its own (it cannot serve any more) stops ipamd:
     // pods cannot start on this node until it is restarted.
     let mut failed = None;
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+        _ = signal.wait_for(|s| *s) => {}
         r = &mut server => {
             let why = match r {
                 Ok(Err(e)) => e,

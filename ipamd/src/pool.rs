@@ -758,24 +758,39 @@ impl Pool {
 
     /// Compares the pool with the cloud's answer `cloud` (the interfaces
     /// the pool manages). Addresses missing from it keep their pods, held
-    /// unconfirmed until seen again; `frozen` interfaces take no new pods
-    /// while they hold some, and those that hold none any more are removed
-    /// and returned.
-    pub fn apply_cloud(&self, cloud: &[Interface], frozen: &BTreeSet<String>) -> Vec<Interface> {
+    /// unconfirmed until seen again. Interfaces in `hold` (new ones whose
+    /// node side is not set up) are added not ready, under the same lock,
+    /// so no ADD gets their addresses early. `frozen` interfaces take no
+    /// new pods while they hold some; those that hold none any more, or are
+    /// gone from the pool, are returned (with what is known of them) to be
+    /// unfrozen.
+    pub fn apply_cloud(
+        &self,
+        cloud: &[Interface],
+        hold: &BTreeSet<String>,
+        frozen: &BTreeSet<String>,
+    ) -> Vec<(String, Option<Interface>)> {
         let mut st = self.lock();
         let vanished = st.ds.resync(cloud, Instant::now());
-        let mut emptied = vec![];
+        for id in hold {
+            st.ds.set_ready(id, false);
+        }
+        let mut unfreeze = vec![];
         for id in frozen {
-            let holds = st.ds.interface(id).is_some_and(|e| {
+            let holds = st.ds.interface(id).map(|e| {
                 e.addrs
                     .values()
                     .any(|s| matches!(s, crate::datastore::Slot::Assigned(_)))
             });
-            if holds {
-                st.ds.set_draining(id);
-            } else if let Some(e) = st.ds.interface(id) {
-                emptied.push(e.info.clone());
-                st.ds.remove_interface(id);
+            match holds {
+                Some(true) => st.ds.set_draining(id),
+                Some(false) => {
+                    let info = st.ds.interface(id).map(|e| e.info.clone());
+                    st.ds.remove_interface(id);
+                    unfreeze.push((id.clone(), info));
+                }
+                // Gone from the cloud's answer altogether.
+                None => unfreeze.push((id.clone(), None)),
             }
         }
         // An address missing from one answer is not proof it is gone.
@@ -788,7 +803,7 @@ impl Pool {
         for id in pending {
             st.ds.set_draining(&id);
         }
-        emptied
+        unfreeze
     }
 
     /// Assignments held until the cloud shows their address again.

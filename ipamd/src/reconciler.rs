@@ -267,8 +267,12 @@ impl Reconciler {
         }
         let plan = {
             let now = Instant::now();
-            // Interfaces ipamd does not manage still take attachment slots.
-            let mut limits = self.instance.limits;
+            // The limits as the provider knows them now (a cap the cloud
+            // taught); interfaces ipamd does not manage still take slots.
+            let mut limits = self
+                .provider
+                .current_limits()
+                .unwrap_or(self.instance.limits);
             let unmanaged = {
                 let st = self.lock();
                 (st.foreign.len() + st.frozen.len()) as u32
@@ -375,22 +379,25 @@ impl Reconciler {
             st.foreign = foreign;
             (cloud, st.frozen.clone())
         };
-        let emptied = self.pool.apply_cloud(&cloud, &frozen);
+        // Interfaces found only now wait for their node side: marked here,
+        // and added not ready by the pool under its lock.
+        let hold: BTreeSet<String> = cloud
+            .iter()
+            .filter(|c| !known.contains(&c.id) && self.node.hold(&c.id))
+            .map(|c| c.id.clone())
+            .collect();
+        let unfreeze = self.pool.apply_cloud(&cloud, &hold, &frozen);
         {
-            // Their last pod is gone: they are no longer ipamd's at all.
+            // Their last pod is gone (or they are): no longer ipamd's at all.
             let mut st = self.lock();
-            for i in emptied {
-                st.frozen.remove(&i.id);
-                st.foreign.insert(i.id.clone(), i);
+            for (id, info) in unfreeze {
+                st.frozen.remove(&id);
+                if let Some(i) = info {
+                    st.foreign.insert(id, i);
+                }
             }
         }
-        // Interfaces found only now wait for their node side, and SNAT is
-        // re-applied in case something removed it.
-        for c in cloud.iter().filter(|c| !known.contains(&c.id)) {
-            if self.node.hold(&c.id) {
-                self.pool.set_ready(&c.id, false);
-            }
-        }
+        // SNAT is re-applied in case something removed it.
         self.node.redo_snat();
         let unconfirmed = self.pool.unconfirmed() as u64;
         self.update(|s| s.unconfirmed_assignments = unconfirmed);
@@ -491,6 +498,21 @@ impl Reconciler {
                 );
                 self.pool.forget(interface_id, &claimed);
                 Ok(())
+            }
+            // A 5xx, timeout or broken connection: the cloud may have taken
+            // them back. Forget them: none is handed out while it may be
+            // gone, and the next resync brings back those the cloud kept.
+            Err(
+                e @ (ProviderError::Server(_)
+                | ProviderError::Timeout { .. }
+                | ProviderError::Transport(_)),
+            ) => {
+                warn!(interface = interface_id, error = %e, ips = claimed.ips.len(), "release may or may not have happened; dropping the addresses until the next resync");
+                self.pool.forget(interface_id, &claimed);
+                self.lock().last_resync = Instant::now()
+                    .checked_sub(RESYNC_EVERY)
+                    .unwrap_or_else(Instant::now);
+                Err(e)
             }
             Err(e) => {
                 self.pool.unclaim(interface_id, &claimed);

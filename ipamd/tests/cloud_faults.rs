@@ -5,10 +5,12 @@
 
 mod support;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipamd::ipam::IpamError;
 use providers::tags::{NO_MANAGE, OWNER, OWNER_VALUE};
+use support::cloud_addresses;
 use support::inproc::{key, vpc, warm, Node};
 use vpc_sim::{Fault, FaultKind, Reply, Request, Vpc};
 
@@ -458,4 +460,64 @@ async fn a_fast_path_add_whose_caller_left_keeps_no_address() {
     let held: Vec<String> = d.assignments().await.into_iter().map(|(c, _)| c).collect();
     assert!(!held.contains(&"gone".to_string()), "{held:?}");
     assert_eq!(held.len(), 3, "{held:?}");
+}
+
+/// An Unassign that times out after the cloud took the addresses back: the
+/// answer is ambiguous, so the addresses are neither repeated to the cloud
+/// (the shared layer does not repeat an Unassign) nor handed out again
+/// before a resync says whether they still exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_release_hands_out_no_address_the_cloud_took_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = Arc::new(Vpc::with_config(vpc_sim::VpcConfig {
+        attach_latency: Duration::from_millis(10),
+        timeout_after: Duration::from_millis(50),
+        ..vpc_sim::VpcConfig::default()
+    }));
+    let env = [("WARM_IP_TARGET", "1"), ("IP_COOLDOWN_PERIOD", "0")];
+    let node = Node::start(&vpc, "m5.large", &env, &dir.path().join("j")).await;
+    for i in 0..4 {
+        node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+    }
+    warm(&node.ipam, 1).await;
+    vpc.handle(Request::InjectFault(Fault {
+        api: Some("UnassignPrivateIpAddresses".into()),
+        kind: FaultKind::Timeout { applied: true },
+        count: 1,
+    }))
+    .await
+    .unwrap();
+    for i in 0..4 {
+        node.ipam.del(key(&format!("p{i}"))).await.unwrap();
+    }
+    // The pool shrinks; its Unassign times out having taken effect, and
+    // the reconciler reports the timeout.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = node.ipam.summary();
+        if s["status"]["last_error_kind"] == "timeout" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no release timed out: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let summary = node.ipam.summary();
+    assert_eq!(
+        summary["provider_api"]["UnassignPrivateIpAddresses"]["retries"], 0,
+        "an ambiguous Unassign was repeated: {summary}"
+    );
+    // Every address the pool would hand out is one the cloud still has.
+    let cloud = cloud_addresses(&vpc, "node-a");
+    for i in node.ipam.interfaces().as_array().unwrap() {
+        for a in i["addresses"].as_array().unwrap() {
+            let ip: std::net::Ipv4Addr = a["ip"].as_str().unwrap().parse().unwrap();
+            if a["state"] == "free" {
+                assert!(
+                    cloud.contains(&ip),
+                    "{ip} is free in the pool but the cloud took it back"
+                );
+            }
+        }
+    }
+    node.stop().await;
 }

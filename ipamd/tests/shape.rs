@@ -352,3 +352,35 @@ async fn addresses_wait_for_the_node_side_and_so_does_readiness() {
     assert_eq!(ipam.summary()["node_side"], "late");
     ipam.add(key("a")).await.unwrap();
 }
+
+/// A node full at MAX_PODS whose ipamd restarts is ready at once: its pods
+/// hold their addresses, and failing STATUS would make the runtime report
+/// the node's network as down.
+#[tokio::test]
+async fn a_full_node_that_restarts_is_ready() {
+    let cloud = Scripted::new(vec![primary(&["10.0.0.10", "10.0.0.11"])]);
+    let store = MemStore::default();
+    let env = [("MAX_PODS", "2"), ("IPAMD_ADD_WAIT_SECONDS", "1")];
+    let ipam = Ipam::start_with(
+        cloud.clone(),
+        settings(&env),
+        JournalAt::Memory(store.clone()),
+        NodeTracker::nothing(),
+    )
+    .await
+    .unwrap();
+    ipam.add(key("a")).await.unwrap();
+    ipam.add(key("b")).await.unwrap();
+    drop(ipam);
+    let again = Ipam::start_with(
+        cloud,
+        settings(&env),
+        JournalAt::Memory(store),
+        NodeTracker::nothing(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.summary()["counts"]["assignable"], 0);
+    assert_eq!(again.summary()["counts"]["assigned"], 2);
+    assert_eq!(again.readiness(), Ok(()));
+}

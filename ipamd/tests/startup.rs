@@ -37,6 +37,7 @@ fn without_a_provider_setting_ipamd_refuses_to_start_and_lists_every_bad_setting
         .env_clear()
         .env("WARM_IP_TARGET", "many")
         .env("IPAMD_INTROSPECTION_ADDR", "not-an-address")
+        .env("IPAMD_CONFIGURE_HOST", "yes")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -44,11 +45,78 @@ fn without_a_provider_setting_ipamd_refuses_to_start_and_lists_every_bad_setting
     assert!(err.contains("IPAMD_PROVIDER is not set"), "{err}");
     assert!(err.contains("WARM_IP_TARGET"), "{err}");
     assert!(err.contains("IPAMD_INTROSPECTION_ADDR"), "{err}");
+    assert!(err.contains("IPAMD_CONFIGURE_HOST"), "{err}");
     assert!(
         !dir.path().join("state").join("sim-vpc.json").exists(),
         "a simulated VPC was started anyway"
     );
     assert!(!dir.path().join("s.sock").exists());
+
+    // A provider that is not built and an introspection address off
+    // loopback: both named, before anything is started.
+    let out = std::process::Command::new(ipamd_bin())
+        .args(["--provider", "azure", "--introspection", "0.0.0.0:61679"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_clear()
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("azure"), "{err}");
+    assert!(err.contains("not a loopback address"), "{err}");
+}
+
+/// SIGTERM while start-up still waits for the cloud ends ipamd at once
+/// (exit 0), with nothing served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_is_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(
+        dir.path(),
+        VpcConfig {
+            timeout_after: Duration::from_millis(300),
+            ..VpcConfig::default()
+        },
+    )
+    .await;
+    // Every Describe of the instance times out: start-up keeps retrying.
+    sim.vpc
+        .handle(Request::InjectFault(Fault {
+            api: Some("DescribeInstances".into()),
+            kind: FaultKind::Timeout { applied: false },
+            count: 100_000,
+        }))
+        .await
+        .unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut child = tokio::process::Command::new(ipamd_bin())
+        .args(["--provider", "sim", "--sim-server", &sim.addr])
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--introspection", "off"])
+        .env_clear()
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "ipamd gave up at start"
+    );
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(3), child.wait())
+        .await
+        .expect("ipamd did not stop on SIGTERM during start-up")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!socket.exists(), "a socket was served after SIGTERM");
 }
 
 async fn health(socket: &Path, service: &str) -> i32 {

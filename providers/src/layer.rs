@@ -10,6 +10,15 @@
 //! routes each of its calls through [`CallLayer::call`], so the simulator's
 //! throttling and 5xx exercise the same code that runs against EC2.
 //!
+//! What is retried: a throttled call was not carried out, so it is always
+//! retried. A 5xx, a timeout or a broken connection is ambiguous (the cloud
+//! may have done it), so it is retried only for calls that are safe to
+//! repeat ([`safe_to_repeat`]: reads, deletes, detaches, setting an
+//! attribute), or that the caller made idempotent
+//! ([`CallLayer::call_idempotent`], e.g. a Create with a client token).
+//! Repeating an Assign or an Unassign that took effect would take more
+//! addresses, or fail and make ipamd think released addresses are free.
+//!
 //! Clock: tokio's, so a simulation under a paused clock is deterministic.
 
 use std::collections::BTreeMap;
@@ -62,6 +71,25 @@ impl RetryPolicy {
     }
 }
 
+/// Whether repeating `api` after an ambiguous failure (5xx, timeout,
+/// transport) is harmless: reads, and changes whose repetition ends in the
+/// same state (a delete or detach, which providers treat as done when the
+/// thing is already gone; setting an attribute or tags). EC2 API names; the
+/// simulated VPC uses the same.
+pub fn safe_to_repeat(api: &str) -> bool {
+    api.starts_with("Describe")
+        || matches!(
+            api,
+            "DetachNetworkInterface"
+                | "DeleteNetworkInterface"
+                | "ModifyNetworkInterfaceAttribute"
+                | "CreateTags"
+                | "DeleteTags"
+                // The simulator's find-or-launch by node name.
+                | "LaunchInstance"
+        )
+}
+
 /// Figures of one API, as `/v1/pool`'s `provider_api` shows them.
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
 pub struct ApiStats {
@@ -110,9 +138,29 @@ impl CallLayer {
     }
 
     /// Runs one cloud call `f` (a fresh attempt per invocation) under the
-    /// bucket for `api`, retrying transient failures per the policy.
-    /// Returns the last attempt's result.
-    pub async fn call<T, F, Fut>(&self, api: &str, mut f: F) -> Result<T>
+    /// bucket for `api`, retrying throttling, and the other transient
+    /// failures when [`safe_to_repeat`] says so, per the policy. Returns the
+    /// last attempt's result.
+    pub async fn call<T, F, Fut>(&self, api: &str, f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        self.run(api, safe_to_repeat(api), f).await
+    }
+
+    /// [`CallLayer::call`] for a call the caller made safe to repeat (EC2's
+    /// `ClientToken`, the same on every attempt): every transient failure
+    /// is retried.
+    pub async fn call_idempotent<T, F, Fut>(&self, api: &str, f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        self.run(api, true, f).await
+    }
+
+    async fn run<T, F, Fut>(&self, api: &str, repeatable: bool, mut f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -125,7 +173,11 @@ impl CallLayer {
             let r = f().await;
             self.record(api, attempt, started.elapsed(), r.as_ref().err());
             match r {
-                Err(e) if e.is_transient() && attempt < self.policy.max_attempts => {
+                Err(e)
+                    if attempt < self.policy.max_attempts
+                        && (matches!(e, ProviderError::Throttled { .. })
+                            || (repeatable && e.is_transient())) =>
+                {
                     let delay = self.policy.delay(attempt);
                     debug!(api, attempt, error = %e, delay_ms = delay.as_millis() as u64, "retrying");
                     tokio::time::sleep(delay).await;
@@ -211,7 +263,7 @@ mod tests {
         let layer = quick(6);
         let n = AtomicU32::new(0);
         let r = layer
-            .call("AssignPrivateIpAddresses", || async {
+            .call("DescribeNetworkInterfaces", || async {
                 match n.fetch_add(1, Ordering::SeqCst) {
                     0 | 1 => Err(ProviderError::Throttled { api: "x".into() }),
                     2 => Err(ProviderError::Server("503".into())),
@@ -220,8 +272,51 @@ mod tests {
             })
             .await;
         assert_eq!(r, Ok(7));
-        let s = &layer.stats()["AssignPrivateIpAddresses"];
+        let s = &layer.stats()["DescribeNetworkInterfaces"];
         assert_eq!((s.calls, s.retries, s.throttles, s.errors), (4, 3, 2, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ambiguous_failure_is_repeated_only_where_that_is_safe() {
+        let layer = quick(6);
+        for (api, idempotent, attempts) in [
+            // A timeout may have assigned or released: not repeated.
+            ("AssignPrivateIpAddresses", false, 1),
+            ("UnassignPrivateIpAddresses", false, 1),
+            ("CreateNetworkInterface", false, 1),
+            // Unless the caller made it idempotent (a client token).
+            ("CreateNetworkInterface", true, 6),
+            // Reads and deletes end in the same state when repeated.
+            ("DescribeInstances", false, 6),
+            ("DeleteNetworkInterface", false, 6),
+        ] {
+            let n = AtomicU32::new(0);
+            let f = || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(ProviderError::Timeout { api: api.into() })
+            };
+            let r = if idempotent {
+                layer.call_idempotent(api, f).await
+            } else {
+                layer.call(api, f).await
+            };
+            assert!(matches!(r, Err(ProviderError::Timeout { .. })));
+            assert_eq!(n.load(Ordering::SeqCst), attempts, "{api} {idempotent}");
+        }
+        let n = AtomicU32::new(0);
+        let r = layer
+            .call("AssignPrivateIpAddresses", || async {
+                match n.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(ProviderError::Throttled { api: "x".into() }),
+                    _ => Ok(()),
+                }
+            })
+            .await;
+        assert_eq!(
+            r,
+            Ok(()),
+            "a throttled Assign (never carried out) is retried"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -72,6 +72,14 @@ pub trait CloudProvider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The instance's limits as the provider knows them now, when they can
+    /// change while ipamd runs (e.g. lowered to a cap the cloud taught by
+    /// refusing an attach); `None`: those [`CloudProvider::describe_instance`]
+    /// gave at start stand. Cheap: no cloud call.
+    fn current_limits(&self) -> Option<Limits> {
+        None
+    }
+
     /// What keeps this provider from growing the pool at all right now
     /// (e.g. the node's security groups are unknown, so no interface may
     /// be created), for readiness; `None` when nothing does.

@@ -1237,6 +1237,8 @@ async fn attachment_limit_exceeded_lowers_the_limit() {
         p.describe_instance().await.unwrap().limits.max_interfaces,
         1
     );
+    // ipamd's planner reads the cap while it runs, not only at start.
+    assert_eq!(p.current_limits().map(|l| l.max_interfaces), Some(1));
 }
 
 #[tokio::test]

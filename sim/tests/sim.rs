@@ -33,7 +33,7 @@ async fn node(vpc: &Arc<Vpc>, name: &str, ty: &str) -> SimProvider {
 }
 
 /// What ipamd runs: the shared layer retries the simulated cloud's
-/// throttling and 5xx, and counts them.
+/// throttling, and its 5xx where repeating the call is safe; it counts them.
 #[tokio::test(start_paused = true)]
 async fn the_shared_layer_retries_the_simulated_clouds_faults() {
     let vpc = quiet();
@@ -41,22 +41,35 @@ async fn the_shared_layer_retries_the_simulated_clouds_faults() {
         .await
         .unwrap();
     let primary = n.describe_instance().await.unwrap().primary_interface_id;
-    for kind in [FaultKind::Throttle, FaultKind::ServerError] {
+    let inject = |api: &str, kind| {
         vpc.handle(Request::InjectFault(Fault {
-            api: Some("AssignPrivateIpAddresses".into()),
+            api: Some(api.into()),
             kind,
             count: 1,
         }))
+    };
+    inject("AssignPrivateIpAddresses", FaultKind::Throttle)
         .await
         .unwrap();
-    }
-    let got = n.assign(&primary, AssignRequest::Ips(1)).await.unwrap();
-    assert_eq!(got.ips.len(), 1);
+    inject("AssignPrivateIpAddresses", FaultKind::ServerError)
+        .await
+        .unwrap();
+    // Throttled: retried. Then a 5xx: an Assign may have happened, so it
+    // is not repeated.
+    let err = n.assign(&primary, AssignRequest::Ips(1)).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Server(_)), "{err}");
     let s = &n.api_stats()["AssignPrivateIpAddresses"];
-    assert_eq!(s["calls"], 3, "{s}");
-    assert_eq!(s["retries"], 2, "{s}");
+    assert_eq!(s["calls"], 2, "{s}");
+    assert_eq!(s["retries"], 1, "{s}");
     assert_eq!(s["throttles"], 1, "{s}");
     assert_eq!(s["errors"], 1, "{s}");
+    // A read is safe to repeat: its 5xx is retried.
+    inject("DescribeNetworkInterfaces", FaultKind::ServerError)
+        .await
+        .unwrap();
+    assert!(!n.describe_interfaces().await.unwrap().is_empty());
+    let s = &n.api_stats()["DescribeNetworkInterfaces"];
+    assert_eq!(s["retries"], 1, "{s}");
 }
 
 fn spec(initial: AssignRequest) -> CreateInterface {

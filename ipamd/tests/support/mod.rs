@@ -78,6 +78,13 @@ impl Daemon {
     }
 
     pub async fn start_bin(bin: &Path, spec: &DaemonSpec<'_>) -> Daemon {
+        Self::start_wrapped(&[], bin, spec).await
+    }
+
+    /// [`Daemon::start_bin`] run as `wrapper... bin args...` (e.g. in a
+    /// mount namespace of its own); the wrapper must end by exec'ing ipamd
+    /// so that the child's pid is ipamd's.
+    pub async fn start_wrapped(wrapper: &[&str], bin: &Path, spec: &DaemonSpec<'_>) -> Daemon {
         let socket = spec.dir.join("ipamd.sock");
         let state_dir = spec.dir.join("state");
         let log = spec.dir.join("ipamd.log");
@@ -86,7 +93,14 @@ impl Daemon {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut cmd = tokio::process::Command::new(bin);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => tokio::process::Command::new(bin),
+        };
         cmd.args(["--provider", "sim"])
             .arg("--socket")
             .arg(&socket)

@@ -61,6 +61,7 @@ impl AwsProvider {
                 let now = attached.iter().filter(|n| card_of(n) == 0).count() as u32;
                 self.learned_max_interfaces
                     .fetch_min(now.max(1), Ordering::Relaxed);
+                *self.learned_at.lock().expect("lock") = Some(std::time::Instant::now());
                 warn!(interfaces = now, error = %e, "EC2 refused one more interface; lowering the interface limit to what is attached");
                 Err(e)
             }

@@ -148,6 +148,7 @@ impl AwsProvider {
             known: Mutex::new(HashMap::new()),
             groups: Mutex::new(NodeGroups::default()),
             learned_max_interfaces: AtomicU32::new(u32::MAX),
+            learned_at: Mutex::new(None),
             limits_source: "",
         };
         p.groups.lock().expect("lock").learn(&imds_groups);
@@ -242,6 +243,14 @@ impl AwsProvider {
 
     /// The limits, lowered to a cap EC2 has taught by AttachmentLimitExceeded.
     pub(super) fn effective_limits(&self) -> Limits {
+        let mut at = self.learned_at.lock().expect("lock");
+        if at.is_some_and(|t| t.elapsed() >= LEARNED_CAP_TTL) {
+            *at = None;
+            self.learned_max_interfaces
+                .store(u32::MAX, Ordering::Relaxed);
+            info!("the interface cap learned from AttachmentLimitExceeded has lapsed; trying the instance type's limit again");
+        }
+        drop(at);
         let mut l = self.limits;
         l.max_interfaces = l
             .max_interfaces

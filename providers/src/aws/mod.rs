@@ -65,6 +65,9 @@ pub struct AwsSettings {
     pub static_credentials: Option<(String, String)>,
 }
 
+/// How long an interface cap learned from AttachmentLimitExceeded holds.
+pub const LEARNED_CAP_TTL: Duration = Duration::from_secs(30 * 60);
+
 /// What the provider remembers of an interface it has described.
 #[derive(Debug, Clone)]
 struct Known {
@@ -85,8 +88,13 @@ pub struct AwsProvider {
     groups: Mutex<NodeGroups>,
     /// Card-0 interfaces at the moment EC2 answered AttachmentLimitExceeded
     /// (`u32::MAX`: never): a cap learned from EC2, so a limit that is too
-    /// high never turns into a create/delete loop.
+    /// high never turns into a create/delete loop. It lapses after
+    /// [`LEARNED_CAP_TTL`] (the refusal may have been a passing state, such
+    /// as another agent's attach in flight), and is learned again if EC2
+    /// still refuses.
     learned_max_interfaces: AtomicU32,
+    /// When the cap was learned.
+    learned_at: Mutex<Option<std::time::Instant>>,
     /// Where `limits` came from: "DescribeInstanceTypes", "table" or
     /// "fallback" (conservative limits for a type nobody knows).
     limits_source: &'static str,
@@ -136,6 +144,21 @@ impl AwsProvider {
     {
         self.layer
             .call(api, || {
+                let attempt = f();
+                async move { attempt.await.map_err(|e| map_err(api, e)) }
+            })
+            .await
+    }
+
+    /// [`AwsProvider::call`] for a call made idempotent by a client token.
+    async fn call_idempotent<T, E, F, Fut>(&self, api: &'static str, f: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        self.layer
+            .call_idempotent(api, || {
                 let attempt = f();
                 async move { attempt.await.map_err(|e| map_err(api, e)) }
             })
@@ -219,6 +242,13 @@ impl AwsProvider {
             _ => format!("(unknown, of interface {interface_id})"),
         }
     }
+}
+
+/// A fresh ClientToken for one idempotent EC2 request (at most 64 ASCII
+/// characters, per EC2's "Ensuring idempotency").
+fn client_token() -> String {
+    use rand::Rng;
+    format!("vpc-cni-{:032x}", rand::rng().random::<u128>())
 }
 
 fn unix_now() -> u64 {
@@ -372,11 +402,15 @@ impl CloudProvider for AwsProvider {
             .resource_type(ResourceType::NetworkInterface)
             .set_tags(Some(tags))
             .build();
+        // The same token on every attempt: a retry after a timeout whose
+        // create went through gets that interface back, not a second one.
+        let token = client_token();
         let created = self
-            .call("CreateNetworkInterface", || {
+            .call_idempotent("CreateNetworkInterface", || {
                 let r = self
                     .ec2
                     .create_network_interface()
+                    .client_token(token.as_str())
                     .subnet_id(spec.subnet_id.as_str())
                     .set_groups(Some(groups.clone()))
                     .tag_specifications(tag_spec.clone());
@@ -558,6 +592,10 @@ impl CloudProvider for AwsProvider {
             }
         }
         Ok(deleted)
+    }
+
+    fn current_limits(&self) -> Option<Limits> {
+        Some(self.effective_limits())
     }
 
     fn blocker(&self) -> Option<String> {
