@@ -16,3 +16,4 @@ pub mod policy;
 pub mod pool;
 pub mod reconciler;
 pub mod rpc;
+pub mod startup;

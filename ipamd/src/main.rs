@@ -12,8 +12,8 @@ use ipamd::factory::{self, ProviderConfig, ProviderKind, SimOptions};
 use ipamd::ipam::{Ipam, StartError};
 use ipamd::node::NodeTracker;
 use ipamd::pool::JournalAt;
+use ipamd::startup::with_retries;
 use ipamd::{introspect, rpc};
-use rand::Rng;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -205,42 +205,6 @@ impl Config {
             introspection,
             configure_host,
         })
-    }
-}
-
-/// Retries `attempt` while it fails transiently (throttling, 5xx,
-/// timeouts: never fatal at start), with jittered exponential backoff up to
-/// 30 s. `Ok(None)` when `stop` turns true first (SIGTERM/SIGINT), also
-/// while an attempt is in flight.
-async fn with_retries<T, E: std::fmt::Display>(
-    what: &str,
-    stop: &mut watch::Receiver<bool>,
-    transient: impl Fn(&E) -> bool,
-    mut attempt: impl AsyncFnMut() -> Result<T, E>,
-) -> Result<Option<T>, E> {
-    let mut delay = Duration::from_millis(500);
-    loop {
-        if *stop.borrow() {
-            return Ok(None);
-        }
-        let result = tokio::select! {
-            r = attempt() => r,
-            _ = stop.wait_for(|s| *s) => return Ok(None),
-        };
-        match result {
-            Ok(v) => return Ok(Some(v)),
-            Err(e) if transient(&e) => {
-                let ms = delay.as_millis() as u64;
-                let wait = Duration::from_millis(rand::rng().random_range(ms / 2..=ms));
-                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: the cloud answered with a transient error; trying again");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => return Ok(None),
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => return Err(e),
-        }
     }
 }
 

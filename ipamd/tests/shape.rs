@@ -384,3 +384,53 @@ async fn a_full_node_that_restarts_is_ready() {
     assert_eq!(again.summary()["counts"]["assigned"], 2);
     assert_eq!(again.readiness(), Ok(()));
 }
+
+/// A hundred nodes of one simulated account start at once, as a DaemonSet
+/// rollout does: EC2's account-wide buckets throttle many of their first
+/// calls, and every node still starts (the shared layer and start-up retry
+/// throttling; nothing is fatal). Under tokio's paused clock, with the
+/// production start-up code.
+#[tokio::test(start_paused = true)]
+async fn a_hundred_nodes_starting_at_once_all_start() {
+    use ipamd::ipam::StartError;
+    use vpc_sim::provider::Backend;
+    use vpc_sim::{SimProvider, Vpc, VpcConfig};
+
+    let vpc = Arc::new(Vpc::with_config(VpcConfig {
+        attach_latency: std::time::Duration::from_millis(200),
+        ..VpcConfig::default()
+    }));
+    // One task, a hundred futures: with_retries takes an async closure,
+    // whose futures are not Send (the paused clock runs one thread anyway).
+    let start = |n: usize| {
+        let vpc = vpc.clone();
+        async move {
+            let (_keep, mut stop) = tokio::sync::watch::channel(false);
+            let name = format!("node-{n}");
+            ipamd::startup::with_retries("start", &mut stop, StartError::is_transient, async || {
+                let p = SimProvider::join(Backend::Local(vpc.clone()), &name, "m5.large").await?;
+                Ipam::start_with(
+                    Arc::new(p),
+                    settings(&[]),
+                    JournalAt::Memory(MemStore::default()),
+                    NodeTracker::nothing(),
+                )
+                .await
+            })
+            .await
+        }
+    };
+    let all = futures_util::future::join_all((0..100).map(start)).await;
+    let mut started = 0;
+    for r in all {
+        let ipam = r.expect("a node failed to start").expect("not stopped");
+        assert_eq!(ipam.instance().instance_type, "m5.large");
+        started += 1;
+    }
+    assert_eq!(started, 100);
+    let (calls, throttled) = vpc.call_counts();
+    assert!(
+        throttled.values().sum::<u64>() > 0,
+        "the account's buckets never throttled: the test shows nothing ({calls:?})"
+    );
+}

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use providers::{Assigned, Interface, Limits};
+use providers::Interface;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -21,7 +21,6 @@ use crate::config::Settings;
 use crate::datastore::{route_table, Datastore, Placement, PodKey};
 use crate::journal::{self, Journal, JournalError, Record, Replayed};
 use crate::netns::{NetnsRef, Verdict};
-use crate::policy::PoolView;
 
 /// Journal records appended between two compactions.
 const COMPACT_AFTER: u64 = 20_000;
@@ -63,16 +62,6 @@ pub struct Wiring {
     pub route_table: u32,
     pub subnet_cidr: ipnet::Ipv4Net,
     pub gateway: Ipv4Addr,
-}
-
-/// ADDs of one attachment in flight, and how many DELs came meanwhile.
-#[derive(Debug, Default)]
-struct InFlight {
-    adds: u32,
-    dels: u64,
-    /// One of them answered with the address: a caller holds it, so another
-    /// one's caller leaving does not release it.
-    answered: bool,
 }
 
 /// The pool's state, under one lock.
@@ -125,73 +114,17 @@ pub struct Pool {
     pub del_latency: crate::latency::Recorder,
 }
 
+mod feed;
+mod inflight;
+mod journaling;
+
+use inflight::{AddGuard, InFlight};
+use journaling::snapshot;
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// One ADD's claim on its attachment: counts it in flight and waiting, and
-/// when the ADD ends without answering (its future dropped because the
-/// caller left), gives back what was assigned for it.
-struct AddGuard<'a> {
-    pool: &'a Pool,
-    key: PodKey,
-    /// DELs of this attachment seen when the ADD began.
-    dels: u64,
-    waiting: bool,
-    /// Assigned for this ADD but not yet answered.
-    pending: Option<Ipv4Addr>,
-}
-
-impl<'a> AddGuard<'a> {
-    fn enter(pool: &'a Pool, key: &PodKey) -> Self {
-        let mut st = pool.lock();
-        let f = st.inflight.entry(key.clone()).or_default();
-        f.adds += 1;
-        let dels = f.dels;
-        Self {
-            pool,
-            key: key.clone(),
-            dels,
-            waiting: false,
-            pending: None,
-        }
-    }
-}
-
-impl Drop for AddGuard<'_> {
-    fn drop(&mut self) {
-        if self.waiting {
-            self.pool.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
-        let mut st = self.pool.lock();
-        let answered = st.inflight.get(&self.key).is_some_and(|f| f.answered);
-        if let Some(f) = st.inflight.get_mut(&self.key) {
-            f.adds -= 1;
-            if f.adds == 0 {
-                st.inflight.remove(&self.key);
-            }
-        }
-        let Some(ip) = self.pending else { return };
-        if answered || st.ds.lookup(&self.key).map(|p| p.ip) != Some(ip) {
-            return;
-        }
-        warn!(pod = %self.key, %ip, "the caller of ADD went away before its answer; releasing the address");
-        st.ds.release(&self.key, Instant::now());
-        st.netns.remove(&self.key);
-        // Queued behind the Assign; the next commit makes it durable.
-        let _ = self.pool.append(
-            &mut st,
-            vec![Record::Release {
-                key: self.key.clone(),
-                ip,
-                at_ms: now_ms(),
-            }],
-        );
-        drop(st);
-        self.pool.wake.notify_one();
-    }
 }
 
 /// A read-only look at the pool, for introspection and readiness.
@@ -340,48 +273,6 @@ impl Pool {
             route_table: route_table(e.map_or(0, |e| e.info.device_index)),
             subnet_cidr: e.map(|e| e.info.subnet_cidr).unwrap_or_default(),
             gateway: e.map_or(Ipv4Addr::UNSPECIFIED, |e| e.info.gateway()),
-        }
-    }
-
-    /// Queues records under the state lock so the journal's order is the
-    /// state's order; compacts now and then.
-    fn append(&self, st: &mut State, records: Vec<Record>) -> journal::Durable {
-        if self.journal.needs_rewrite() {
-            // After a failed write (a full disk) the file may end torn: the
-            // state so far, this change included, goes out as a snapshot.
-            st.appends_since_compact = 0;
-            return self
-                .journal
-                .compact(snapshot(st, &self.settings, Instant::now()));
-        }
-        st.appends_since_compact += records.len() as u64;
-        let durable = self.journal.append(records);
-        if st.appends_since_compact >= COMPACT_AFTER {
-            st.appends_since_compact = 0;
-            let done = self
-                .journal
-                .compact(snapshot(st, &self.settings, Instant::now()));
-            tokio::spawn(async move {
-                if let Err(e) = done.wait().await {
-                    error!(error = %e, "journal compaction failed");
-                }
-            });
-        }
-        durable
-    }
-
-    /// After a failed write, tries to record again (the disk may have room
-    /// now) without waiting for the next ADD or DEL.
-    pub async fn heal_journal(&self) {
-        if !self.journal.needs_rewrite() {
-            return;
-        }
-        let durable = {
-            let mut st = self.lock();
-            self.append(&mut st, vec![])
-        };
-        if let Err(e) = durable.wait().await {
-            debug!(error = %e, "journal still cannot be written");
         }
     }
 
@@ -642,223 +533,4 @@ impl Pool {
         v.sort();
         v
     }
-
-    // ---- for the reconciler ----
-
-    /// The policy's view of the pool, at `limits`.
-    pub fn policy_view(&self, limits: Limits, hot_attach: bool, now: Instant) -> PoolView {
-        self.lock().ds.view(limits, hot_attach, self.waiting(), now)
-    }
-
-    /// Adds an attached interface; `ready` false holds its addresses back
-    /// until [`Pool::set_ready`].
-    pub fn add_interface(&self, iface: Interface, ready: bool) {
-        let mut st = self.lock();
-        let id = iface.id.clone();
-        st.ds.add_interface(iface, Instant::now());
-        if !ready {
-            st.ds.set_ready(&id, false);
-        }
-        confirm_seen(&mut st);
-    }
-
-    /// Adds what the cloud assigned to `interface_id`.
-    pub fn add_addresses(&self, interface_id: &str, got: &Assigned) {
-        let mut st = self.lock();
-        st.ds.add_addresses(interface_id, got);
-        // The cloud may give back an address a pod still holds unconfirmed.
-        confirm_seen(&mut st);
-    }
-
-    pub fn set_ready(&self, interface_id: &str, ready: bool) {
-        self.lock().ds.set_ready(interface_id, ready);
-    }
-
-    /// Takes free addresses of `want` out of use before giving them back.
-    pub fn claim_for_release(&self, interface_id: &str, want: &Assigned) -> Assigned {
-        self.lock()
-            .ds
-            .claim_for_release(interface_id, want, Instant::now())
-    }
-
-    /// The cloud took `released` back.
-    pub fn forget(&self, interface_id: &str, released: &Assigned) {
-        self.lock().ds.forget(interface_id, released);
-    }
-
-    /// The release failed: `claimed` is free again.
-    pub fn unclaim(&self, interface_id: &str, claimed: &Assigned) {
-        self.lock().ds.unclaim(interface_id, claimed);
-    }
-
-    /// The interface as last described.
-    pub fn interface(&self, interface_id: &str) -> Option<Interface> {
-        self.lock()
-            .ds
-            .interface(interface_id)
-            .map(|e| e.info.clone())
-    }
-
-    pub fn interface_ids(&self) -> BTreeSet<String> {
-        self.lock()
-            .ds
-            .interfaces()
-            .map(|e| e.info.id.clone())
-            .collect()
-    }
-
-    /// The primary interface, once known.
-    pub fn primary(&self) -> Option<Interface> {
-        self.lock()
-            .ds
-            .interfaces()
-            .find(|e| e.info.is_primary())
-            .map(|e| e.info.clone())
-    }
-
-    /// Starts deleting an interface: drains it and journals the intent.
-    /// `None` when it has been taken into use since the plan.
-    pub fn begin_delete(&self, interface_id: &str) -> Option<journal::Durable> {
-        let mut st = self.lock();
-        if !st.ds.start_draining(interface_id, Instant::now()) {
-            return None;
-        }
-        st.pending_deletes.insert(interface_id.to_string());
-        Some(self.append(
-            &mut st,
-            vec![Record::PendingDelete {
-                interface_id: interface_id.to_string(),
-            }],
-        ))
-    }
-
-    /// The intent could not be journaled: the interface stays.
-    pub fn abort_delete(&self, interface_id: &str) {
-        let mut st = self.lock();
-        st.pending_deletes.remove(interface_id);
-        st.ds.stop_draining(interface_id);
-    }
-
-    /// The cloud deleted the interface.
-    pub fn deleted(&self, interface_id: &str) -> journal::Durable {
-        let mut st = self.lock();
-        st.ds.remove_interface(interface_id);
-        st.pending_deletes.remove(interface_id);
-        self.append(
-            &mut st,
-            vec![Record::Deleted {
-                interface_id: interface_id.to_string(),
-            }],
-        )
-    }
-
-    pub fn pending_deletes(&self) -> Vec<String> {
-        self.lock().pending_deletes.iter().cloned().collect()
-    }
-
-    /// Compares the pool with the cloud's answer `cloud` (the interfaces
-    /// the pool manages). Addresses missing from it keep their pods, held
-    /// unconfirmed until seen again. Interfaces in `hold` (new ones whose
-    /// node side is not set up) are added not ready, under the same lock,
-    /// so no ADD gets their addresses early. `frozen` interfaces take no
-    /// new pods while they hold some; those that hold none any more, or are
-    /// gone from the pool, are returned (with what is known of them) to be
-    /// unfrozen.
-    pub fn apply_cloud(
-        &self,
-        cloud: &[Interface],
-        hold: &BTreeSet<String>,
-        frozen: &BTreeSet<String>,
-    ) -> Vec<(String, Option<Interface>)> {
-        let mut st = self.lock();
-        let vanished = st.ds.resync(cloud, Instant::now());
-        for id in hold {
-            st.ds.set_ready(id, false);
-        }
-        let mut unfreeze = vec![];
-        for id in frozen {
-            let holds = st.ds.interface(id).map(|e| {
-                e.addrs
-                    .values()
-                    .any(|s| matches!(s, crate::datastore::Slot::Assigned(_)))
-            });
-            match holds {
-                Some(true) => st.ds.set_draining(id),
-                Some(false) => {
-                    let info = st.ds.interface(id).map(|e| e.info.clone());
-                    st.ds.remove_interface(id);
-                    unfreeze.push((id.clone(), info));
-                }
-                // Gone from the cloud's answer altogether.
-                None => unfreeze.push((id.clone(), None)),
-            }
-        }
-        // An address missing from one answer is not proof it is gone.
-        for (key, ip) in vanished {
-            warn!(pod = %key, %ip, "the cloud's answer lacks this pod's address; holding the assignment until it is seen again");
-            st.unconfirmed.insert(key, ip);
-        }
-        confirm_seen(&mut st);
-        let pending: Vec<String> = st.pending_deletes.iter().cloned().collect();
-        for id in pending {
-            st.ds.set_draining(&id);
-        }
-        unfreeze
-    }
-
-    /// Assignments held until the cloud shows their address again.
-    pub fn unconfirmed(&self) -> usize {
-        self.lock().unconfirmed.len()
-    }
-}
-
-/// Restores every unconfirmed assignment whose address the pool holds now
-/// (seen again at a resync, or given back by an Assign or a Create), before
-/// anything else can hand that address out: call under the same lock that
-/// added the addresses.
-fn confirm_seen(st: &mut State) {
-    let pending: Vec<(PodKey, Ipv4Addr)> = st
-        .unconfirmed
-        .iter()
-        .map(|(k, ip)| (k.clone(), *ip))
-        .collect();
-    for (key, ip) in pending {
-        if st.ds.restore(&key, ip) {
-            info!(pod = %key, %ip, "the pod's address is seen again; assignment confirmed");
-            st.unconfirmed.remove(&key);
-        }
-    }
-}
-
-/// The journal's view of the current state: what compaction writes.
-fn snapshot(st: &State, settings: &Settings, now: Instant) -> Vec<Record> {
-    let wall = now_ms();
-    let released_at = st
-        .ds
-        .cooling(now)
-        .into_iter()
-        .map(|(ip, until)| {
-            let left = until.saturating_duration_since(now);
-            let age = settings.cooldown.saturating_sub(left);
-            (ip, wall.saturating_sub(age.as_millis() as u64))
-        })
-        .collect();
-    Replayed {
-        netns: st
-            .netns
-            .iter()
-            .map(|(k, n)| (k.clone(), n.clone()))
-            .collect(),
-        assignments: st
-            .ds
-            .assignments()
-            .map(|(k, p)| (k.clone(), p.ip))
-            .chain(st.unconfirmed.iter().map(|(k, ip)| (k.clone(), *ip)))
-            .collect(),
-        released_at,
-        pending_deletes: st.pending_deletes.clone(),
-        records: 0,
-        truncated: 0,
-    }
-    .to_records()
 }

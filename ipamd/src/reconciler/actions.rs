@@ -1,0 +1,255 @@
+//! Carrying out the policy's actions with the provider: grow, shrink,
+//! create and delete interfaces, with what a nearly full subnet or an
+//! ambiguous answer calls for.
+
+use std::collections::BTreeMap;
+
+use providers::{AssignRequest, Assigned, CreateInterface, ProviderError};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{
+    Reconciler, StepError, RESYNC_EVERY, TAG_CLUSTER, TAG_CREATED, TAG_INSTANCE, TAG_OWNER,
+    TAG_SUBNET_ROLE,
+};
+use crate::policy::Action;
+use crate::pool::now_ms;
+use providers::tags::OWNER_VALUE;
+
+impl Reconciler {
+    pub(super) async fn execute(&self, action: Action) -> Result<(), StepError> {
+        match action {
+            Action::AssignIps {
+                interface_id,
+                count,
+            } => self.grow(&interface_id, AssignRequest::Ips(count)).await?,
+            Action::AssignPrefixes {
+                interface_id,
+                count,
+            } => {
+                match self
+                    .grow(&interface_id, AssignRequest::Prefixes(count))
+                    .await
+                {
+                    Err(ProviderError::InsufficientCidrBlocks { subnet }) => {
+                        warn!(%subnet, "no free /28 left in the subnet (fragmented); adding single addresses instead");
+                        self.grow(&interface_id, AssignRequest::Ips(count)).await?
+                    }
+                    other => other?,
+                }
+            }
+            Action::CreateInterface { initial } => self.create_interface(initial).await?,
+            Action::ReleaseIps { interface_id, ips } => {
+                self.shrink(
+                    &interface_id,
+                    Assigned {
+                        ips,
+                        prefixes: vec![],
+                    },
+                )
+                .await?
+            }
+            Action::ReleasePrefixes {
+                interface_id,
+                prefixes,
+            } => {
+                self.shrink(
+                    &interface_id,
+                    Assigned {
+                        ips: vec![],
+                        prefixes,
+                    },
+                )
+                .await?
+            }
+            Action::DeleteInterface { interface_id } => {
+                return self.delete_interface(&interface_id).await
+            }
+        }
+        Ok(())
+    }
+
+    async fn grow(&self, interface_id: &str, req: AssignRequest) -> Result<(), ProviderError> {
+        let mut req = req;
+        let got = loop {
+            match self.provider.assign(interface_id, req).await {
+                Ok(got) => break got,
+                // A nearly full subnet: ask for what it may still give.
+                Err(e @ ProviderError::SubnetExhausted { .. }) => match fewer(req) {
+                    Some(less) => {
+                        warn!(interface = interface_id, error = %e, asked = ?req, now = ?less, "subnet nearly full; asking for fewer addresses");
+                        req = less;
+                    }
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        };
+        info!(
+            interface = interface_id,
+            ips = got.ips.len(),
+            prefixes = got.prefixes.len(),
+            "pool grew"
+        );
+        self.pool.add_addresses(interface_id, &got);
+        Ok(())
+    }
+
+    async fn shrink(&self, interface_id: &str, want: Assigned) -> Result<(), ProviderError> {
+        let claimed = self.pool.claim_for_release(interface_id, &want);
+        if claimed.ips.is_empty() && claimed.prefixes.is_empty() {
+            return Ok(());
+        }
+        match self.provider.release(interface_id, &claimed).await {
+            Ok(()) => {
+                info!(
+                    interface = interface_id,
+                    ips = claimed.ips.len(),
+                    prefixes = claimed.prefixes.len(),
+                    "pool shrank"
+                );
+                self.pool.forget(interface_id, &claimed);
+                Ok(())
+            }
+            // A 5xx, timeout or broken connection: the cloud may have taken
+            // them back. Forget them: none is handed out while it may be
+            // gone, and the next resync brings back those the cloud kept.
+            Err(
+                e @ (ProviderError::Server(_)
+                | ProviderError::Timeout { .. }
+                | ProviderError::Transport(_)),
+            ) => {
+                warn!(interface = interface_id, error = %e, ips = claimed.ips.len(), "release may or may not have happened; dropping the addresses until the next resync");
+                self.pool.forget(interface_id, &claimed);
+                self.lock().last_resync = Instant::now()
+                    .checked_sub(RESYNC_EVERY)
+                    .unwrap_or_else(Instant::now);
+                Err(e)
+            }
+            Err(e) => {
+                self.pool.unclaim(interface_id, &claimed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Subnets a new interface may go in: the node's own and same-zone ones
+    /// tagged for the CNI, most free addresses first; a tag of "0" excludes.
+    async fn candidate_subnets(&self) -> Vec<String> {
+        match self.provider.list_subnets().await {
+            Ok(subnets) => {
+                let mut c: Vec<_> = subnets
+                    .into_iter()
+                    .filter(|s| match s.tags.get(TAG_SUBNET_ROLE) {
+                        Some(v) => v != "0",
+                        None => s.id == self.instance.subnet_id,
+                    })
+                    .collect();
+                c.sort_by(|a, b| {
+                    b.free_addresses
+                        .cmp(&a.free_addresses)
+                        .then(a.id.cmp(&b.id))
+                });
+                c.into_iter().map(|s| s.id).collect()
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot list subnets; using the node's subnet");
+                vec![self.instance.subnet_id.clone()]
+            }
+        }
+    }
+
+    async fn create_interface(&self, initial: AssignRequest) -> Result<(), ProviderError> {
+        let mut tags = BTreeMap::new();
+        tags.insert(TAG_OWNER.to_string(), OWNER_VALUE.to_string());
+        tags.insert(TAG_INSTANCE.to_string(), self.instance.id.clone());
+        tags.insert(TAG_CLUSTER.to_string(), self.settings.cluster_name.clone());
+        tags.insert(TAG_CREATED.to_string(), (now_ms() / 1000).to_string());
+        let mut last = ProviderError::SubnetExhausted {
+            subnet: self.instance.subnet_id.clone(),
+        };
+        for subnet_id in self.candidate_subnets().await {
+            let mut spec = CreateInterface {
+                subnet_id: subnet_id.clone(),
+                // The node's groups, read by the provider as they are now.
+                security_groups: vec![],
+                tags: tags.clone(),
+                initial,
+            };
+            let mut result = self.provider.create_interface(&spec).await;
+            if let (Err(ProviderError::InsufficientCidrBlocks { .. }), AssignRequest::Prefixes(n)) =
+                (&result, initial)
+            {
+                warn!(subnet = %subnet_id, "no free /28 for a new interface; creating it with single addresses");
+                spec.initial = AssignRequest::Ips(n);
+                result = self.provider.create_interface(&spec).await;
+            }
+            // A nearly full subnet: ask for what it may still give.
+            while let Err(ProviderError::SubnetExhausted { .. }) = &result {
+                let Some(less) = fewer(spec.initial) else {
+                    break;
+                };
+                warn!(subnet = %subnet_id, asked = ?spec.initial, now = ?less, "subnet nearly full; creating the interface with fewer addresses");
+                spec.initial = less;
+                result = self.provider.create_interface(&spec).await;
+            }
+            match result {
+                Ok(iface) => {
+                    info!(interface = %iface.id, device_index = iface.device_index, subnet = %subnet_id, "interface attached");
+                    let id = iface.id.clone();
+                    let held = self.node.hold(&id);
+                    self.pool.add_interface(iface, !held);
+                    self.node_step().await;
+                    return Ok(());
+                }
+                Err(e @ ProviderError::SubnetExhausted { .. })
+                | Err(e @ ProviderError::InsufficientCidrBlocks { .. }) => {
+                    warn!(subnet = %subnet_id, error = %e, "subnet full, trying the next one");
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    async fn delete_interface(&self, interface_id: &str) -> Result<(), StepError> {
+        let Some(durable) = self.pool.begin_delete(interface_id) else {
+            return Ok(()); // taken into use since the plan
+        };
+        if let Err(e) = durable.wait().await {
+            // Without the intent on disk a crash could leak the interface:
+            // do not start.
+            self.pool.abort_delete(interface_id);
+            return Err(e.into());
+        }
+        Ok(self.finish_delete(interface_id).await?)
+    }
+
+    pub(super) async fn finish_delete(&self, interface_id: &str) -> Result<(), ProviderError> {
+        if let Some(info) = self.pool.interface(interface_id) {
+            if let Err(e) = self.node.side().teardown_interface(&info).await {
+                warn!(interface = interface_id, error = %e, "could not remove the interface's rule");
+            }
+        }
+        self.provider.detach_interface(interface_id).await?;
+        self.provider.delete_interface(interface_id).await?;
+        self.node.done(interface_id);
+        if let Err(e) = self.pool.deleted(interface_id).wait().await {
+            // The interface is gone; replaying the intent later finds it
+            // gone and records the end then.
+            warn!(interface = interface_id, error = %e, "could not journal the finished delete");
+        }
+        info!(interface = interface_id, "interface detached and deleted");
+        Ok(())
+    }
+}
+
+/// Half of a request for several single addresses (down to one), for a
+/// subnet that cannot give them all; `None` when there is nothing smaller.
+pub(super) fn fewer(req: AssignRequest) -> Option<AssignRequest> {
+    match req {
+        AssignRequest::Ips(n) if n > 1 => Some(AssignRequest::Ips(n / 2)),
+        _ => None,
+    }
+}
