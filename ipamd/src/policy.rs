@@ -156,7 +156,7 @@ impl std::fmt::Display for Blocked {
                 per_interface,
             } => write!(
                 f,
-                "instance is at its limit: {interfaces} interfaces with {per_interface} addresses or prefixes each, all in use"
+                "instance is at its limit: {interfaces} interfaces with {per_interface} addresses or prefixes each, all assigned or cooling down"
             ),
             Self::MaxPods { max_pods } => write!(f, "max pods ({max_pods}) reached on this node"),
         }

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -29,8 +28,7 @@ pub async fn with_retries<T, E: std::fmt::Display>(
         match result {
             Ok(v) => return Ok(Some(v)),
             Err(e) if transient(&e) => {
-                let ms = delay.as_millis() as u64;
-                let wait = Duration::from_millis(rand::rng().random_range(ms / 2..=ms));
+                let wait = providers::jitter::upper_half(delay);
                 warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: the cloud answered with a transient error; trying again");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}

@@ -504,3 +504,55 @@ async fn a_half_made_interface_is_completed_at_start_and_resync() {
         "completed once at start and once at the resync that found it"
     );
 }
+
+/// At its cap with every address assigned or cooling down, an ADD waits
+/// for the next address to leave its cooldown when that falls within its
+/// wait, and otherwise says when it will.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_at_the_cap_waits_for_a_cooldown_or_says_when_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    let env = [
+        ("MAX_PODS", "2"),
+        ("IP_COOLDOWN_PERIOD", "2"),
+        ("IPAMD_ADD_WAIT_SECONDS", "5"),
+    ];
+    let node = Node::start(&vpc, "m5.large", &env, &dir.path().join("j")).await;
+    let a = node.ipam.add(key("a")).await.unwrap();
+    node.ipam.add(key("b")).await.unwrap();
+    node.ipam.del(key("a")).await.unwrap();
+    let started = Instant::now();
+    let c = node
+        .ipam
+        .add(key("c"))
+        .await
+        .expect("served once a's cooldown ends");
+    assert_eq!(
+        c.ip, a.ip,
+        "the cooled address, not a new one past max pods"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    node.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("MAX_PODS", "2"),
+        ("IP_COOLDOWN_PERIOD", "30"),
+        ("IPAMD_ADD_WAIT_SECONDS", "1"),
+    ];
+    let node = Node::start(
+        &support::inproc::vpc(10),
+        "m5.large",
+        &env,
+        &dir.path().join("j"),
+    )
+    .await;
+    node.ipam.add(key("a")).await.unwrap();
+    node.ipam.add(key("b")).await.unwrap();
+    node.ipam.del(key("a")).await.unwrap();
+    let err = node.ipam.add(key("c")).await.unwrap_err().to_string();
+    assert!(err.contains("max pods (2)"), "{err}");
+    assert!(err.contains("1 addresses are cooling down"), "{err}");
+    assert!(err.contains("the next is free in"), "{err}");
+    node.stop().await;
+}

@@ -38,12 +38,32 @@ struct Bucket {
     spec: BucketSpec,
     tokens: f64,
     at: Instant,
+    /// Refill and burst in force: the spec's, or less after throttling
+    /// (adaptive buckets only).
+    rate: f64,
+    burst: f64,
 }
 
-/// One account's buckets, keyed by API name.
+/// Seconds an adaptive bucket takes to climb back from its floor to the
+/// documented rate when nothing is throttled (additive increase).
+pub const RECOVER_SECS: f64 = 60.0;
+/// The lowest share of the documented rate an adaptive bucket goes down to.
+pub const MIN_SHARE: f64 = 1.0 / 2000.0;
+
+/// Buckets keyed by API name: an account's (the cloud's side), or one
+/// node's client-side view of it.
+///
+/// A client-side bucket may be *adaptive*: every node of an account starts
+/// believing it may use the account's whole documented rate, which 2,000
+/// nodes together cannot. On a throttled answer the node halves its rate
+/// and burst (multiplicative decrease) and empties the bucket; without
+/// throttling the rate climbs back linearly, over [`RECOVER_SECS`], to the
+/// documented one (additive increase). Nodes thus share the account's
+/// budget without a central operator, as TCP flows share a link.
 #[derive(Debug)]
 pub struct Buckets {
     spec: fn(&str) -> BucketSpec,
+    adaptive: bool,
     buckets: HashMap<String, Bucket>,
 }
 
@@ -59,8 +79,59 @@ impl Buckets {
     pub fn with_spec(spec: fn(&str) -> BucketSpec) -> Self {
         Self {
             spec,
+            adaptive: false,
             buckets: HashMap::new(),
         }
+    }
+
+    /// Client-side buckets sized by `spec` that adapt to throttling (see
+    /// the type's documentation).
+    pub fn adaptive(spec: fn(&str) -> BucketSpec) -> Self {
+        Self {
+            adaptive: true,
+            ..Self::with_spec(spec)
+        }
+    }
+
+    fn bucket(&mut self, api: &str, now: Instant) -> &mut Bucket {
+        let spec_of = self.spec;
+        let adaptive = self.adaptive;
+        let b = self.buckets.entry(api.to_string()).or_insert_with(|| {
+            let spec = spec_of(api);
+            Bucket {
+                spec,
+                tokens: spec.burst,
+                at: now,
+                rate: spec.refill_per_sec,
+                burst: spec.burst,
+            }
+        });
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        if adaptive {
+            b.rate = (b.rate + elapsed * b.spec.refill_per_sec / RECOVER_SECS)
+                .min(b.spec.refill_per_sec);
+            b.burst = (b.burst + elapsed * b.spec.burst / RECOVER_SECS).min(b.spec.burst);
+        }
+        b.tokens = (b.tokens + elapsed * b.rate).min(b.burst);
+        b.at = now;
+        b
+    }
+
+    /// The cloud throttled a call to `api`: an adaptive bucket halves its
+    /// rate and burst and empties; others do nothing.
+    pub fn throttled(&mut self, api: &str, now: Instant) {
+        if !self.adaptive {
+            return;
+        }
+        let b = self.bucket(api, now);
+        b.rate = (b.rate / 2.0).max(b.spec.refill_per_sec * MIN_SHARE);
+        b.burst = (b.burst / 2.0).max(1.0);
+        b.tokens = b.tokens.min(0.0);
+    }
+
+    /// The refill rate in force for `api`, per second.
+    pub fn rate(&mut self, api: &str, now: Instant) -> f64 {
+        self.bucket(api, now).rate
     }
 
     /// Takes a token for `api` if there is one; otherwise says how long
@@ -72,25 +143,12 @@ impl Buckets {
         }
         let b = &self.buckets[api];
         let missing = 1.0 - b.tokens;
-        Some(std::time::Duration::from_secs_f64(
-            missing / b.spec.refill_per_sec,
-        ))
+        Some(std::time::Duration::from_secs_f64(missing / b.rate))
     }
 
     /// Takes a token for `api`; false means the call is throttled.
     pub fn try_take(&mut self, api: &str, now: Instant) -> bool {
-        let spec_of = self.spec;
-        let b = self.buckets.entry(api.to_string()).or_insert_with(|| {
-            let spec = spec_of(api);
-            Bucket {
-                spec,
-                tokens: spec.burst,
-                at: now,
-            }
-        });
-        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * b.spec.refill_per_sec).min(b.spec.burst);
-        b.at = now;
+        let b = self.bucket(api, now);
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
             true
@@ -124,5 +182,33 @@ mod tests {
             .filter(|_| b.try_take("AssignPrivateIpAddresses", t1))
             .count();
         assert_eq!(taken, 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_bucket_halves_on_throttling_and_climbs_back() {
+        let mut b = Buckets::adaptive(ec2_bucket);
+        let t0 = Instant::now();
+        let api = "CreateNetworkInterface"; // 100 burst, 5/s
+        assert_eq!(b.rate(api, t0), 5.0);
+        b.throttled(api, t0);
+        b.throttled(api, t0);
+        assert_eq!(b.rate(api, t0), 1.25, "halved twice");
+        assert!(!b.try_take(api, t0), "emptied");
+        // A token comes at the reduced rate: 1 / 1.25 s, give or take the
+        // climb.
+        let wait = b.take_or_wait(api, t0).unwrap();
+        assert!(wait <= Duration::from_millis(800), "{wait:?}");
+        // A minute without throttling: back to the documented rate.
+        let t1 = t0 + Duration::from_secs(61);
+        assert_eq!(b.rate(api, t1), 5.0);
+        // The floor: never below MIN_SHARE of the documented rate.
+        for _ in 0..64 {
+            b.throttled(api, t1);
+        }
+        assert_eq!(b.rate(api, t1), 5.0 * MIN_SHARE);
+        // The account's own buckets do not adapt.
+        let mut acct = Buckets::default();
+        acct.throttled(api, t0);
+        assert_eq!(acct.rate(api, t0), 5.0);
     }
 }

@@ -25,7 +25,6 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rand::Rng;
 use serde::Serialize;
 use tokio::time::Instant;
 use tracing::debug;
@@ -38,6 +37,11 @@ use crate::error::{ProviderError, Result};
 pub struct RetryPolicy {
     /// Attempts per call, the first included (1 = never retry).
     pub max_attempts: u32,
+    /// Throttled answers a call may get before it gives up: more than
+    /// `max_attempts`, since a throttled call was not carried out and
+    /// giving up only moves the wait elsewhere (a rolled-back interface, a
+    /// reconciler backoff) at the cost of more calls.
+    pub max_throttled: u32,
     /// Delay cap before the second attempt; doubles per attempt.
     pub base: Duration,
     /// Upper bound of one delay.
@@ -51,6 +55,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_attempts: 6,
+            max_throttled: 20,
             base: Duration::from_millis(200),
             cap: Duration::from_secs(10),
         }
@@ -66,8 +71,7 @@ impl RetryPolicy {
             .base
             .saturating_mul(1 << attempt.saturating_sub(1).min(16))
             .min(self.cap);
-        let ms = exp.as_millis() as u64;
-        Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
+        crate::jitter::upper_half(exp)
     }
 }
 
@@ -103,6 +107,9 @@ pub struct ApiStats {
     pub errors: u64,
     /// Times a call waited for the client-side bucket instead of being sent.
     pub bucket_waits: u64,
+    /// The client-side bucket's refill rate now, per second (lower than
+    /// the documented rate after throttling, see [`crate::bucket::Buckets`]).
+    pub client_rate_per_sec: f64,
     /// Sum of the attempts' latencies, milliseconds.
     pub latency_ms_total: f64,
 }
@@ -128,9 +135,13 @@ impl CallLayer {
     }
 
     /// The layer for EC2 (and EC2-shaped clouds such as the simulator):
-    /// the default policy under AWS's documented per-API buckets.
+    /// the default policy under AWS's documented per-API buckets, adapting
+    /// to throttling so the nodes of one account share its budget.
     pub fn ec2() -> Self {
-        Self::new(RetryPolicy::default(), Some(crate::bucket::ec2_bucket))
+        Self {
+            buckets: Some(Mutex::new(Buckets::adaptive(crate::bucket::ec2_bucket))),
+            ..Self::new(RetryPolicy::default(), None)
+        }
     }
 
     pub fn policy(&self) -> RetryPolicy {
@@ -165,19 +176,35 @@ impl CallLayer {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let mut attempt = 0u32;
+        let (mut attempt, mut throttled) = (0u32, 0u32);
         loop {
             attempt += 1;
             self.take_token(api).await;
             let started = Instant::now();
             let r = f().await;
             self.record(api, attempt, started.elapsed(), r.as_ref().err());
+            if let Some(b) = &self.buckets {
+                let mut b = b.lock().expect("bucket lock");
+                let now = Instant::now();
+                if matches!(r, Err(ProviderError::Throttled { .. })) {
+                    b.throttled(api, now);
+                }
+                let rate = b.rate(api, now);
+                drop(b);
+                self.entry(api, |s| s.client_rate_per_sec = rate);
+            }
+            let again = match &r {
+                Err(ProviderError::Throttled { .. }) => {
+                    throttled += 1;
+                    throttled < self.policy.max_throttled
+                }
+                Err(e) => {
+                    repeatable && e.is_transient() && attempt - throttled < self.policy.max_attempts
+                }
+                Ok(_) => false,
+            };
             match r {
-                Err(e)
-                    if attempt < self.policy.max_attempts
-                        && (matches!(e, ProviderError::Throttled { .. })
-                            || (repeatable && e.is_transient())) =>
-                {
+                Err(e) if again => {
                     let delay = self.policy.delay(attempt);
                     debug!(api, attempt, error = %e, delay_ms = delay.as_millis() as u64, "retrying");
                     tokio::time::sleep(delay).await;
@@ -251,6 +278,7 @@ mod tests {
         CallLayer::new(
             RetryPolicy {
                 max_attempts,
+                max_throttled: max_attempts,
                 base: Duration::from_millis(100),
                 cap: Duration::from_secs(1),
             },

@@ -9,6 +9,7 @@
 pub mod aws;
 pub mod bucket;
 pub mod error;
+pub mod jitter;
 pub mod layer;
 pub mod limits;
 pub mod types;

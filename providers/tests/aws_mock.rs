@@ -551,6 +551,7 @@ async fn provider_with(m: &Arc<Mock>, max_attempts: u32) -> AwsProvider {
         providers::layer::CallLayer::new(
             providers::layer::RetryPolicy {
                 max_attempts,
+                max_throttled: max_attempts,
                 ..Default::default()
             },
             Some(providers::bucket::ec2_bucket),

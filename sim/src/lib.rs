@@ -229,6 +229,18 @@ impl Vpc {
         Self::open(VpcConfig::default()).expect("no file to read")
     }
 
+    /// A VPC in memory starting from `state` (e.g. [`VpcState::with_layout`]).
+    pub fn with_state(config: VpcConfig, state: VpcState) -> Self {
+        Self {
+            config: VpcConfig {
+                state_path: None,
+                ..config
+            },
+            state: Mutex::new(state),
+            runtime: Mutex::new(Runtime::default()),
+        }
+    }
+
     pub fn with_config(config: VpcConfig) -> Self {
         Self::open(VpcConfig {
             state_path: None,

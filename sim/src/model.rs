@@ -183,7 +183,27 @@ impl Default for VpcState {
     }
 }
 
+/// One subnet of [`VpcState::with_layout`]: id, CIDR, zone, tags.
+pub type SubnetLayout<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)]);
+
 impl VpcState {
+    /// A VPC of `cidr` with exactly `subnets` (for simulations larger than
+    /// the default /16 holds). Instances launched without a subnet go to
+    /// `subnet-0sim00000000node`, which should be among them.
+    pub fn with_layout(cidr: &str, subnets: &[SubnetLayout<'_>]) -> Result<Self> {
+        let mut s = VpcState {
+            cidr: cidr
+                .parse()
+                .map_err(|e| ProviderError::Invalid(format!("VPC cidr {cidr}: {e}")))?,
+            subnets: BTreeMap::new(),
+            ..VpcState::default()
+        };
+        for (id, c, zone, tags) in subnets {
+            s.add_subnet(id, c, zone, tags)?;
+        }
+        Ok(s)
+    }
+
     fn new_id(&mut self, prefix: &str) -> String {
         let n = self.next_id;
         self.next_id += 1;

@@ -23,6 +23,7 @@ async fn node(vpc: &Arc<Vpc>, name: &str, ty: &str) -> SimProvider {
     let raw = CallLayer::new(
         RetryPolicy {
             max_attempts: 1,
+            max_throttled: 1,
             ..Default::default()
         },
         None,

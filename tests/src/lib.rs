@@ -15,6 +15,8 @@
 //! (with every link, route, rule and nft table in it) is deleted on drop,
 //! pass or fail.
 
+pub mod cluster;
+
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -81,5 +81,6 @@ impl Drop for AddGuard<'_> {
         );
         drop(st);
         self.pool.wake.notify_one();
+        self.pool.publish();
     }
 }

@@ -24,6 +24,9 @@ use crate::netns::{NetnsRef, Verdict};
 
 /// Journal records appended between two compactions.
 const COMPACT_AFTER: u64 = 20_000;
+/// Longest a waiting ADD sleeps between two looks at the pool when nothing
+/// is published.
+const MAX_NAP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -377,9 +380,14 @@ impl Pool {
                     reason: self.exhaustion_reason(),
                 });
             }
-            // Woken by pool changes; also look again now and then, since a
-            // cooldown ending changes nothing the reconciler publishes.
-            let nap = (deadline - now).min(Duration::from_millis(100));
+            // Woken by pool changes (the reconciler's, a release), and at
+            // the end of the next cooldown, which nobody publishes; a
+            // second at most, in case a change goes unpublished.
+            let next_free = self.lock().ds.next_cooldown_expiry(now);
+            let until = next_free.map_or(deadline, |t| t.min(deadline));
+            let nap = until
+                .saturating_duration_since(now)
+                .clamp(Duration::from_millis(1), MAX_NAP);
             tokio::time::timeout(nap, changes.changed()).await.ok();
         };
         drop(guard);
@@ -422,6 +430,8 @@ impl Pool {
         durable.wait().await.map_err(IpamError::Journal)?;
         if found.is_some() {
             self.wake.notify_one();
+            // A waiting ADD may take it (after its cooldown).
+            self.publish();
         }
         Ok(found)
     }
@@ -512,14 +522,32 @@ impl Pool {
     }
 
     /// Why an ADD finds no address now.
+    ///
+    /// Addresses cooling down after a release are named with when the next
+    /// one is free: an ADD waits for it when that falls within its wait
+    /// (IPAMD_ADD_WAIT_SECONDS), and this says why it did not.
     pub fn exhaustion_reason(&self) -> String {
-        if let Some(why) = self.cannot_grow.lock().expect("lock").clone() {
-            return why;
+        let now = Instant::now();
+        let (cooling, next) = {
+            let st = self.lock();
+            (st.ds.counts(now).cooling, st.ds.next_cooldown_expiry(now))
+        };
+        let cooling = match next {
+            Some(at) if cooling > 0 => Some(format!(
+                "{cooling} addresses are cooling down after a release (IP_COOLDOWN_PERIOD {}s); the next is free in {:.1}s, after this ADD's wait of {}s",
+                self.settings.cooldown.as_secs(),
+                at.saturating_duration_since(now).as_secs_f32(),
+                self.settings.add_wait.as_secs()
+            )),
+            _ => None,
+        };
+        let why = self.cannot_grow.lock().expect("lock").clone();
+        match (why, cooling) {
+            (Some(why), Some(c)) => format!("{why}; {c}"),
+            (Some(why), None) => why,
+            (None, Some(c)) => format!("every address is in use or cooling down: {c}"),
+            (None, None) => "the pool is still growing (the cloud has not answered yet)".into(),
         }
-        if self.lock().ds.counts(Instant::now()).cooling > 0 {
-            return "every address is in use or cooling down after a release".into();
-        }
-        "the pool is still growing (the cloud has not answered yet)".into()
     }
 
     /// Every assignment: pod key -> address.

@@ -14,7 +14,6 @@ use std::time::Duration;
 #[cfg(test)]
 use providers::AssignRequest;
 use providers::{Capabilities, CloudProvider, Instance, Interface, ProviderError};
-use rand::Rng;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -49,8 +48,7 @@ use providers::tags::{
 
 /// `d` give or take a fifth, so nodes of one account do not call together.
 pub(crate) fn jittered(d: Duration) -> Duration {
-    let ms = d.as_millis() as u64;
-    Duration::from_millis(rand::rng().random_range(ms * 4 / 5..=ms * 6 / 5 + 1))
+    providers::jitter::about(d)
 }
 
 /// Why a step failed: the cloud, or the journal (which is neither
@@ -465,8 +463,7 @@ impl Backoff {
             .saturating_mul(1 << (self.failures - 1).min(10))
             .min(cap);
         // Full jitter over the upper half keeps nodes of one account apart.
-        let ms = exp.as_millis() as u64;
-        Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
+        providers::jitter::upper_half(exp)
     }
 }
 

@@ -130,7 +130,8 @@ impl Daemon {
     }
 
     async fn wait_ready(&mut self) {
-        for _ in 0..400 {
+        // Up to 60 s: start-up retries a throttled cloud with backoff.
+        for _ in 0..2400 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
                     "ipamd exited with {status}:\n{}",

@@ -1,0 +1,124 @@
+//! `cluster-sim`: N simulated nodes on one simulated EC2 account, each with
+//! ipamd's production pool and reconciler, for every pool policy in one
+//! run; prints time until every pod has an address against the floor the
+//! account's buckets allow, ADD waits, calls and throttles, idle addresses,
+//! and the simulator's own wall time and peak RSS.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use vpc_cni_e2e::cluster::{run, ClusterConfig, Policy};
+
+#[derive(Parser, Debug)]
+#[command(about = "Cold start of a cluster on one simulated EC2 account")]
+struct Args {
+    /// Nodes.
+    #[arg(long, default_value_t = 2000)]
+    nodes: usize,
+    /// Seed of every jitter (same seed, same figures).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Instance type of every node.
+    #[arg(long, default_value = "m5.large")]
+    instance_type: String,
+    /// Seconds over which the nodes join.
+    #[arg(long, default_value_t = 60)]
+    join_within: u64,
+    /// Simulated seconds after which a run stops.
+    #[arg(long, default_value_t = 3600)]
+    horizon: u64,
+    /// Only policies whose name contains this.
+    #[arg(long)]
+    policy: Option<String>,
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64())
+}
+
+fn main() {
+    let a = Args::parse();
+    println!(
+        "cluster-sim: {} x {}, joining within {} s, one account (EC2's documented buckets), seed {}",
+        a.nodes, a.instance_type, a.join_within, a.seed
+    );
+    println!(
+        "{:<44} {:>9} {:>8} {:>6} {:>22} {:>8} {:>7} {:>12} {:>8}",
+        "policy",
+        "served s",
+        "floor s",
+        "ratio",
+        "ADD wait p50/p99/max s",
+        "calls",
+        "thr %",
+        "idle mean/pk",
+        "retries"
+    );
+    let wall = Instant::now();
+    for policy in Policy::all() {
+        if a.policy
+            .as_ref()
+            .is_some_and(|p| !policy.name.contains(p.as_str()))
+        {
+            continue;
+        }
+        let mut cfg = ClusterConfig::new(a.nodes, policy, a.seed);
+        cfg.instance_type = a.instance_type.clone();
+        cfg.join_within = Duration::from_secs(a.join_within);
+        cfg.horizon = Duration::from_secs(a.horizon);
+        let t = Instant::now();
+        let r = run(&cfg);
+        let served = r
+            .all_served_after
+            .map_or_else(|| format!(">{}", a.horizon), secs);
+        let thr = 100.0 * r.total_throttled() as f64 / r.total_calls().max(1) as f64;
+        println!(
+            "{:<44} {:>9} {:>8} {:>6} {:>22} {:>8} {:>7.1} {:>12} {:>8}",
+            r.policy,
+            served,
+            secs(r.floor),
+            r.ratio().map_or("-".into(), |x| format!("{x:.2}")),
+            format!(
+                "{}/{}/{}",
+                secs(r.add_wait_p50),
+                secs(r.add_wait_p99),
+                secs(r.add_wait_max)
+            ),
+            r.total_calls(),
+            thr,
+            format!("{:.0}/{}", r.idle_mean, r.idle_peak),
+            r.add_failures,
+        );
+        println!(
+            "    {} of {} pods served; calls (throttled) per API: {}; {:.1} s wall",
+            r.pods_served,
+            r.pods,
+            r.calls
+                .iter()
+                .map(|(k, v)| format!("{k} {v} ({})", r.throttled.get(k).copied().unwrap_or(0)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            t.elapsed().as_secs_f64()
+        );
+        for v in &r.violations {
+            println!("    INVARIANT BROKEN: {v}");
+        }
+    }
+    println!(
+        "simulator: {:.1} s wall, peak RSS {:.0} MiB",
+        wall.elapsed().as_secs_f64(),
+        peak_rss_mib()
+    );
+}

@@ -1,0 +1,438 @@
+//! A cluster of simulated nodes on one simulated EC2 account: each node runs
+//! the production ipamd pool and reconciler ([`ipamd::ipam::Ipam`], journal
+//! in memory, no node side) on [`vpc_sim`], whose per-API buckets are
+//! account-wide as AWS documents them. Under tokio's paused clock on one
+//! thread, with every jitter drawn from one seed, so thousands of nodes and
+//! an hour run in minutes and two runs with one seed give the same figures.
+//!
+//! Pods: when a node is ready it is given its pods at once (a DaemonSet and
+//! a deployment scaled up); an ADD that fails after its wait is retried by
+//! the "kubelet" after [`KUBELET_RETRY`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipamd::config::Settings;
+use ipamd::datastore::PodKey;
+use ipamd::ipam::{Ipam, StartError};
+use ipamd::journal::MemStore;
+use ipamd::node::NodeTracker;
+use ipamd::pool::JournalAt;
+use providers::bucket::ec2_bucket;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use vpc_sim::provider::Backend;
+use vpc_sim::{SimProvider, Vpc, VpcConfig, VpcState};
+
+/// How long the "kubelet" waits before it tries a failed ADD again.
+pub const KUBELET_RETRY: Duration = Duration::from_secs(2);
+/// How often idle addresses are counted.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// A pool policy: a name and the settings (aws-node's variables) it means.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: &'static str,
+    pub env: Vec<(&'static str, &'static str)>,
+}
+
+impl Policy {
+    /// The policies compared by `cluster-sim`.
+    pub fn all() -> Vec<Policy> {
+        vec![
+            Policy {
+                name: "aws-node default (WARM_ENI_TARGET=1)",
+                env: vec![],
+            },
+            Policy {
+                name: "WARM_IP_TARGET=5 MINIMUM_IP_TARGET=10",
+                env: vec![("WARM_IP_TARGET", "5"), ("MINIMUM_IP_TARGET", "10")],
+            },
+            Policy {
+                name: "prefix delegation (WARM_PREFIX_TARGET=1)",
+                env: vec![
+                    ("ENABLE_PREFIX_DELEGATION", "true"),
+                    ("WARM_PREFIX_TARGET", "1"),
+                ],
+            },
+        ]
+    }
+}
+
+/// What a run simulates.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub nodes: usize,
+    pub instance_type: String,
+    /// Nodes join at moments spread evenly (seeded) over this.
+    pub join_within: Duration,
+    /// Pods per node; `None`: the instance's max pods under the policy.
+    pub pods_per_node: Option<u32>,
+    pub policy: Policy,
+    pub seed: u64,
+    /// The run stops here even if pods are still waiting.
+    pub horizon: Duration,
+    /// EC2's attach latency.
+    pub attach_latency: Duration,
+    /// Addresses in the subnet for pods' secondary interfaces (a /N); the
+    /// primary interfaces' subnet is large.
+    pub pod_subnet_prefix_len: u8,
+}
+
+impl ClusterConfig {
+    pub fn new(nodes: usize, policy: Policy, seed: u64) -> Self {
+        Self {
+            nodes,
+            instance_type: "m5.large".into(),
+            join_within: Duration::from_secs(60),
+            pods_per_node: None,
+            policy,
+            seed,
+            horizon: Duration::from_secs(3600),
+            attach_latency: Duration::from_secs(2),
+            pod_subnet_prefix_len: 13,
+        }
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub policy: String,
+    pub nodes: usize,
+    pub pods: u64,
+    pub pods_served: u64,
+    /// From the first node's join to the last pod's address.
+    pub all_served_after: Option<Duration>,
+    pub add_wait_p50: Duration,
+    pub add_wait_p99: Duration,
+    pub add_wait_max: Duration,
+    /// ADD attempts that failed after their wait (retried by the kubelet).
+    pub add_failures: u64,
+    /// Calls the account received per API, and of those throttled.
+    pub calls: BTreeMap<String, u64>,
+    pub throttled: BTreeMap<String, u64>,
+    pub idle_mean: f64,
+    pub idle_peak: u64,
+    /// Seconds the account's buckets need at least for the calls that went
+    /// through: max over APIs of (calls − burst) / refill.
+    pub floor: Duration,
+    /// Invariant violations found (empty when all hold).
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    pub fn total_calls(&self) -> u64 {
+        self.calls.values().sum()
+    }
+
+    pub fn total_throttled(&self) -> u64 {
+        self.throttled.values().sum()
+    }
+
+    /// Achieved time over the floor.
+    pub fn ratio(&self) -> Option<f64> {
+        let t = self.all_served_after?;
+        (self.floor > Duration::ZERO).then(|| t.as_secs_f64() / self.floor.as_secs_f64())
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn settings(policy: &Policy) -> Settings {
+    let m: std::collections::HashMap<&str, &str> = policy.env.iter().copied().collect();
+    Settings::from_source(&m).expect("policy settings")
+}
+
+/// Runs one simulation on a fresh single-threaded runtime with a paused
+/// clock.
+pub fn run(cfg: &ClusterConfig) -> Report {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    providers::jitter::seed_this_thread(cfg.seed);
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, simulate(cfg.clone()))
+}
+
+struct Shared {
+    waits: Vec<Duration>,
+    failures: u64,
+    served: u64,
+    last_served: Option<Instant>,
+}
+
+async fn simulate(cfg: ClusterConfig) -> Report {
+    let pods_len = cfg.pod_subnet_prefix_len;
+    let pod_cidr = format!("10.64.0.0/{pods_len}");
+    let tags: &[(&str, &str)] = &[("kubernetes.io/role/cni", "1")];
+    let state = VpcState::with_layout(
+        "10.0.0.0/8",
+        &[
+            ("subnet-0sim00000000node", "10.0.0.0/12", "sim-1a", &[]),
+            ("subnet-0sim00000000pods", &pod_cidr, "sim-1a", tags),
+        ],
+    )
+    .expect("layout");
+    let vpc = Arc::new(Vpc::with_state(
+        VpcConfig {
+            attach_latency: cfg.attach_latency,
+            throttling: true,
+            ..VpcConfig::default()
+        },
+        state,
+    ));
+    let settings = settings(&cfg.policy);
+    let started = Instant::now();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Rc::new(std::cell::RefCell::new(Shared {
+        waits: vec![],
+        failures: 0,
+        served: 0,
+        last_served: None,
+    }));
+    let nodes: Rc<std::cell::RefCell<Vec<Arc<Ipam>>>> = Rc::default();
+    let mut total_pods = 0u64;
+    let mut joins: Vec<Duration> = (0..cfg.nodes)
+        .map(|_| {
+            Duration::from_millis(providers::jitter::between(
+                0,
+                cfg.join_within.as_millis() as u64,
+            ))
+        })
+        .collect();
+    joins.sort();
+    // The same pods for every policy: aws-node's max pods for the type
+    // (its IP-based figure, also under prefix delegation) less the two
+    // host-network pods it counts, which take no VPC address.
+    let pods_per_node = cfg.pods_per_node.unwrap_or_else(|| {
+        let t = providers::limits::lookup(&cfg.instance_type).expect("instance type");
+        settings
+            .pool
+            .max_pods
+            .unwrap_or(t.limits.max_pods())
+            .saturating_sub(2)
+    });
+    let mut tasks = vec![];
+    for (n, at) in joins.into_iter().enumerate() {
+        total_pods += u64::from(pods_per_node);
+        let (vpc, settings, stop_rx) = (vpc.clone(), settings.clone(), stop_rx.clone());
+        let (shared, nodes) = (shared.clone(), nodes.clone());
+        let instance_type = cfg.instance_type.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            tokio::time::sleep(at).await;
+            let name = format!("node-{n:05}");
+            let mut never = stop_rx.clone();
+            let ipam = ipamd::startup::with_retries(
+                "start",
+                &mut never,
+                StartError::is_transient,
+                async || {
+                    let p = SimProvider::join(Backend::Local(vpc.clone()), &name, &instance_type)
+                        .await?;
+                    Ipam::start_with(
+                        Arc::new(p),
+                        settings.clone(),
+                        JournalAt::Memory(MemStore::default()),
+                        NodeTracker::nothing(),
+                    )
+                    .await
+                },
+            )
+            .await
+            .expect("node start")
+            .expect("not stopped");
+            tokio::task::spawn_local(ipam.clone().run(stop_rx.clone()));
+            nodes.borrow_mut().push(ipam.clone());
+            // Pods are scheduled once the node is ready.
+            let mut changes = ipam.subscribe();
+            while ipam.readiness().is_err() {
+                tokio::time::timeout(Duration::from_secs(1), changes.changed())
+                    .await
+                    .ok();
+            }
+            for p in 0..pods_per_node {
+                let (ipam, shared, name) = (ipam.clone(), shared.clone(), name.clone());
+                tokio::task::spawn_local(async move {
+                    let key = PodKey {
+                        network: "vpc-cni".into(),
+                        container_id: format!("{name}-pod-{p:03}"),
+                        ifname: "eth0".into(),
+                    };
+                    let created = Instant::now();
+                    loop {
+                        match ipam.add(key.clone()).await {
+                            Ok(_) => {
+                                let mut s = shared.borrow_mut();
+                                s.waits.push(created.elapsed());
+                                s.served += 1;
+                                s.last_served = Some(Instant::now());
+                                return;
+                            }
+                            Err(_) => {
+                                shared.borrow_mut().failures += 1;
+                                tokio::time::sleep(KUBELET_RETRY).await;
+                            }
+                        }
+                    }
+                });
+            }
+        }));
+    }
+    // Count idle addresses until every pod is served or the horizon.
+    let (mut idle_sum, mut idle_samples, mut idle_peak) = (0u64, 0u64, 0u64);
+    loop {
+        tokio::time::sleep(SAMPLE_EVERY).await;
+        let idle: u64 = nodes
+            .borrow()
+            .iter()
+            .map(|i| u64::from(i.pool.read(|r| r.ds.counts(Instant::now())).available))
+            .sum();
+        idle_sum += idle;
+        idle_samples += 1;
+        idle_peak = idle_peak.max(idle);
+        let served = shared.borrow().served;
+        if served == total_pods || started.elapsed() >= cfg.horizon {
+            break;
+        }
+    }
+    stop_tx.send(true).ok();
+    for t in tasks {
+        t.abort();
+    }
+    let (calls, throttled) = vpc.call_counts();
+    let s = shared.borrow();
+    let mut waits = s.waits.clone();
+    waits.sort();
+    let floor = calls
+        .iter()
+        .map(|(api, n)| {
+            let ok = n - throttled.get(api).copied().unwrap_or(0);
+            let b = ec2_bucket(api);
+            Duration::from_secs_f64((ok as f64 - b.burst).max(0.0) / b.refill_per_sec)
+        })
+        .max()
+        .unwrap_or_default();
+    let violations = check(&vpc, &nodes.borrow(), &calls, &throttled, started.elapsed());
+    Report {
+        policy: cfg.policy.name.to_string(),
+        nodes: cfg.nodes,
+        pods: total_pods,
+        pods_served: s.served,
+        all_served_after: (s.served == total_pods)
+            .then(|| s.last_served.map(|t| t - started))
+            .flatten(),
+        add_wait_p50: percentile(&waits, 0.5),
+        add_wait_p99: percentile(&waits, 0.99),
+        add_wait_max: waits.last().copied().unwrap_or_default(),
+        add_failures: s.failures,
+        calls,
+        throttled,
+        idle_mean: if idle_samples == 0 {
+            0.0
+        } else {
+            idle_sum as f64 / idle_samples as f64
+        },
+        idle_peak,
+        floor,
+        violations,
+    }
+}
+
+/// The invariants: no address on two pods, every pod's address on an
+/// interface of its node in the cloud, no instance over its limits, no
+/// account bucket exceeded.
+fn check(
+    vpc: &Vpc,
+    nodes: &[Arc<Ipam>],
+    calls: &BTreeMap<String, u64>,
+    throttled: &BTreeMap<String, u64>,
+    elapsed: Duration,
+) -> Vec<String> {
+    let mut bad = vec![];
+    let state = vpc.snapshot();
+    let mut seen: HashSet<Ipv4Addr> = HashSet::new();
+    for ipam in nodes {
+        let inst = ipam.instance();
+        let on_node: HashSet<Ipv4Addr> = state
+            .interfaces
+            .values()
+            .filter(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.instance_id == inst.id)
+            })
+            .flat_map(|e| {
+                let mut v = e.secondary_ips.clone();
+                for p in &e.prefixes {
+                    v.extend(
+                        (u32::from(p.network())..=u32::from(p.broadcast())).map(Ipv4Addr::from),
+                    );
+                }
+                v
+            })
+            .collect();
+        let attached = state
+            .interfaces
+            .values()
+            .filter(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.instance_id == inst.id)
+            })
+            .count() as u32;
+        if attached > inst.limits.max_interfaces {
+            bad.push(format!(
+                "{} has {attached} interfaces, over its limit of {}",
+                inst.id, inst.limits.max_interfaces
+            ));
+        }
+        for (key, ip) in ipam.assignments() {
+            if !seen.insert(ip) {
+                bad.push(format!("{ip} is on two pods (one is {key})"));
+            }
+            if !on_node.contains(&ip) {
+                bad.push(format!("{key}'s {ip} is not on its node in the cloud"));
+            }
+        }
+    }
+    for e in state.interfaces.values() {
+        let slots = e.secondary_ips.len() + e.prefixes.len() + 1;
+        let limit = e
+            .attachment
+            .as_ref()
+            .and_then(|a| state.instances.get(&a.instance_id))
+            .and_then(|i| providers::limits::lookup(&i.instance_type))
+            .map(|t| t.limits.ipv4_per_interface as usize);
+        if let Some(limit) = limit {
+            if slots > limit {
+                bad.push(format!(
+                    "{} holds {slots} address slots, over {limit}",
+                    e.id
+                ));
+            }
+        }
+    }
+    for (api, n) in calls {
+        let ok = n - throttled.get(api).copied().unwrap_or(0);
+        let b = ec2_bucket(api);
+        let allowed = b.burst + b.refill_per_sec * elapsed.as_secs_f64() + 1.0;
+        if ok as f64 > allowed {
+            bad.push(format!(
+                "{api}: {ok} calls went through, more than the account's bucket allows ({allowed:.0})"
+            ));
+        }
+    }
+    bad
+}
