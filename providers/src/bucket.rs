@@ -46,7 +46,7 @@ struct Bucket {
 
 /// Seconds an adaptive bucket takes to climb back from its floor to the
 /// documented rate when nothing is throttled (additive increase).
-pub const RECOVER_SECS: f64 = 60.0;
+pub const RECOVER_SECS: f64 = 300.0;
 /// The lowest share of the documented rate an adaptive bucket goes down to.
 pub const MIN_SHARE: f64 = 1.0 / 2000.0;
 
@@ -198,8 +198,8 @@ mod tests {
         // climb.
         let wait = b.take_or_wait(api, t0).unwrap();
         assert!(wait <= Duration::from_millis(800), "{wait:?}");
-        // A minute without throttling: back to the documented rate.
-        let t1 = t0 + Duration::from_secs(61);
+        // RECOVER_SECS without throttling: back to the documented rate.
+        let t1 = t0 + Duration::from_secs(RECOVER_SECS as u64 + 1);
         assert_eq!(b.rate(api, t1), 5.0);
         // The floor: never below MIN_SHARE of the documented rate.
         for _ in 0..64 {

@@ -93,6 +93,9 @@ struct State {
     /// (draining, never deleted) until their last pod goes.
     frozen: BTreeSet<String>,
     last_resync: Instant,
+    /// This node's resync interval: [`RESYNC_EVERY`] give or take a fifth,
+    /// so the nodes of an account do not describe together.
+    resync_every: Duration,
     next_leak_gc: Instant,
     last_reclaim: Instant,
 }
@@ -132,6 +135,7 @@ impl Reconciler {
                 foreign: start.foreign,
                 frozen: start.frozen,
                 last_resync: now,
+                resync_every: jittered(RESYNC_EVERY),
                 next_leak_gc: now + jittered(settings.leaked_gc_interval),
                 // The first pass looks at once: pods may have gone while
                 // ipamd was down, their DEL never reaching it.
@@ -245,9 +249,26 @@ impl Reconciler {
         for id in self.pool.pending_deletes() {
             self.finish_delete(&id).await?;
         }
-        let resync_due = self.lock().last_resync.elapsed() >= RESYNC_EVERY;
+        let resync_due = {
+            let st = self.lock();
+            st.last_resync.elapsed() >= st.resync_every
+        };
         if resync_due {
-            self.resync().await?;
+            // A throttled or failed Describe must not stop the pool from
+            // growing (it did at 2,000 nodes, whose resyncs alone exceed
+            // the account's Describe budget): say so and look again at the
+            // next resync.
+            if let Err(e) = self.resync().await {
+                if !e.is_transient() {
+                    return Err(e.into());
+                }
+                warn!(error = %e, "resync failed; the pool goes on with what it knows");
+                self.lock().last_resync = Instant::now();
+                self.update(|s| {
+                    s.last_error = Some(format!("resync: {e}"));
+                    s.last_error_kind = Some(e.metric_label());
+                });
+            }
         }
         let gc_due = Instant::now() >= self.lock().next_leak_gc;
         if gc_due {
