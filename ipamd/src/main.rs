@@ -284,10 +284,22 @@ async fn run(config: Config) -> Result<(), Fatal> {
         info!("stopped before start-up finished");
         return Ok(());
     };
-    // 6. The servers.
-    let listener = rpc::bind_socket(&cli.socket).map_err(|e| {
-        Fatal::Unavailable(format!("cannot listen on {}: {e}", cli.socket.display()))
+    // 6. The servers. The ADD fast path is bound before the gRPC socket,
+    // so a client that reaches the gRPC socket finds the fast path too.
+    let fast_socket = ipamd_api::fast::path(&cli.socket);
+    let fast = rpc::bind_socket(&fast_socket).map_err(|e| {
+        Fatal::Unavailable(format!("cannot listen on {}: {e}", fast_socket.display()))
     })?;
+    let listener = match rpc::bind_socket(&cli.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            std::fs::remove_file(&fast_socket).ok();
+            return Err(Fatal::Unavailable(format!(
+                "cannot listen on {}: {e}",
+                cli.socket.display()
+            )));
+        }
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         rx.wait_for(|s| *s).await.ok();
@@ -307,22 +319,12 @@ async fn run(config: Config) -> Result<(), Fatal> {
             }
             Err(e) => {
                 std::fs::remove_file(&cli.socket).ok();
+                std::fs::remove_file(&fast_socket).ok();
                 return Err(Fatal::Unavailable(format!("introspection on {addr}: {e}")));
             }
         }
     }
     let reconciler = tokio::spawn(ipam.clone().run(stop_rx.clone()));
-    let fast_socket = ipamd_api::fast::path(&cli.socket);
-    let fast = match rpc::bind_socket(&fast_socket) {
-        Ok(l) => l,
-        Err(e) => {
-            std::fs::remove_file(&cli.socket).ok();
-            return Err(Fatal::Unavailable(format!(
-                "cannot listen on {}: {e}",
-                fast_socket.display()
-            )));
-        }
-    };
     let server = match rpc::spawn_server(ipam.clone(), listener, fast, stop_rx.clone()) {
         Ok(s) => s,
         Err(e) => {
