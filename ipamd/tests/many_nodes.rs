@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use ipamd_api::v1::AddNetworkRequest;
-use support::{free_port, Daemon, DaemonSpec, SimServer};
+use support::{free_ports, Daemon, DaemonSpec, SimServer};
 use vpc_sim::VpcConfig;
 
 const NODES: usize = 100;
@@ -27,7 +27,9 @@ async fn a_hundred_ipamd_processes_on_one_account_all_start_and_serve_every_pod(
         },
     )
     .await;
+    let ports = free_ports(NODES);
     let starts = (0..NODES).map(|n| {
+        let introspection = ports[n];
         let node_dir = dir.path().join(format!("n{n}"));
         std::fs::create_dir_all(&node_dir).unwrap();
         let addr = sim.addr.clone();
@@ -39,7 +41,7 @@ async fn a_hundred_ipamd_processes_on_one_account_all_start_and_serve_every_pod(
                 node: &name,
                 instance_type: "m5.large",
                 env: &[],
-                introspection: free_port(),
+                introspection,
             })
             .await
         }

@@ -48,6 +48,15 @@ impl Drop for SimServer {
     }
 }
 
+/// `n` distinct free loopback ports (all bound at once, then released for
+/// the children to take).
+pub fn free_ports(n: usize) -> Vec<SocketAddr> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap()).collect()
+}
+
 /// A free loopback port (bound, then released for the child to take).
 pub fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
