@@ -235,15 +235,6 @@ impl MemStore {
             .truncate(good_end as usize);
         Ok(out)
     }
-
-    /// Bytes held now.
-    pub fn len(&self) -> usize {
-        self.bytes.lock().expect("memory journal lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// How a [`MemStore`] is named in messages.

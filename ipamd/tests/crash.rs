@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ipamd_api::v1::{AddNetworkRequest, DelNetworkRequest};
 use rand::{Rng, SeedableRng};
 use support::*;
+use support::{add_request as add, del_request as del};
 use tonic::Code;
 
 const CLIENTS: usize = 16;
@@ -33,24 +33,6 @@ enum Known {
 }
 
 type Model = Arc<Mutex<BTreeMap<String, Known>>>;
-
-fn add(id: &str) -> AddNetworkRequest {
-    AddNetworkRequest {
-        network_name: "vpc-cni".into(),
-        container_id: id.into(),
-        ifname: "eth0".into(),
-        ..Default::default()
-    }
-}
-
-fn del(id: &str) -> DelNetworkRequest {
-    DelNetworkRequest {
-        network_name: "vpc-cni".into(),
-        container_id: id.into(),
-        ifname: "eth0".into(),
-        ..Default::default()
-    }
-}
 
 /// One client: its own pods, added and deleted at random until ipamd dies.
 async fn client(

@@ -9,27 +9,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ipamd_api::v1::{AddNetworkRequest, DelNetworkRequest};
+use support::{add_request as add, del_request as del};
 use support::{free_port, get_any, Daemon, DaemonSpec, SimServer};
 use vpc_sim::VpcConfig;
-
-fn add(id: &str) -> AddNetworkRequest {
-    AddNetworkRequest {
-        network_name: "vpc-cni".into(),
-        container_id: id.into(),
-        ifname: "eth0".into(),
-        ..Default::default()
-    }
-}
-
-fn del(id: &str) -> DelNetworkRequest {
-    DelNetworkRequest {
-        network_name: "vpc-cni".into(),
-        container_id: id.into(),
-        ifname: "eth0".into(),
-        ..Default::default()
-    }
-}
 
 /// Writes zeros to `path` until the file system is full; returns the
 /// bytes written.

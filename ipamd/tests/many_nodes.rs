@@ -8,8 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use ipamd_api::v1::AddNetworkRequest;
-use support::{free_ports, Daemon, DaemonSpec, SimServer};
+use support::{add_request, free_ports, Daemon, DaemonSpec, SimServer};
 use vpc_sim::VpcConfig;
 
 const NODES: usize = 100;
@@ -58,14 +57,7 @@ async fn a_hundred_ipamd_processes_on_one_account_all_start_and_serve_every_pod(
                 let mut c = ipamd_api::client(&socket).await.unwrap();
                 let mut failures = 0;
                 loop {
-                    let r = c
-                        .add_network(AddNetworkRequest {
-                            network_name: "vpc-cni".into(),
-                            container_id: format!("pod-{p}"),
-                            ifname: "eth0".into(),
-                            ..Default::default()
-                        })
-                        .await;
+                    let r = c.add_network(add_request(&format!("pod-{p}"))).await;
                     match r {
                         Ok(a) => return (a.into_inner().ipv4_address, failures),
                         Err(s) => {

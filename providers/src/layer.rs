@@ -15,7 +15,7 @@
 //! may have done it), so it is retried only for calls that are safe to
 //! repeat ([`safe_to_repeat`]: reads, deletes, detaches, setting an
 //! attribute), or that the caller made idempotent
-//! ([`CallLayer::call_idempotent`], e.g. a Create with a client token).
+//! ([`Repeat::Always`], e.g. a Create with a client token).
 //! Repeating an Assign or an Unassign that took effect would take more
 //! addresses, or fail and make ipamd think released addresses are free.
 //!
@@ -94,6 +94,16 @@ pub fn safe_to_repeat(api: &str) -> bool {
         )
 }
 
+/// Whether a call may be repeated after an ambiguous failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repeat {
+    /// When [`safe_to_repeat`] says so for its API.
+    IfSafe,
+    /// Always: the caller made the call idempotent (EC2's `ClientToken`,
+    /// the same on every attempt).
+    Always,
+}
+
 /// Figures of one API, as `/v1/pool`'s `provider_api` shows them.
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
 pub struct ApiStats {
@@ -157,25 +167,20 @@ impl CallLayer {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        self.run(api, safe_to_repeat(api), f).await
+        self.call_with(api, Repeat::IfSafe, f).await
     }
 
-    /// [`CallLayer::call`] for a call the caller made safe to repeat (EC2's
-    /// `ClientToken`, the same on every attempt): every transient failure
-    /// is retried.
-    pub async fn call_idempotent<T, F, Fut>(&self, api: &str, f: F) -> Result<T>
+    /// [`CallLayer::call`] with the caller's word on whether repeating the
+    /// call after an ambiguous failure is safe.
+    pub async fn call_with<T, F, Fut>(&self, api: &str, repeat: Repeat, mut f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        self.run(api, true, f).await
-    }
-
-    async fn run<T, F, Fut>(&self, api: &str, repeatable: bool, mut f: F) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T>>,
-    {
+        let repeatable = match repeat {
+            Repeat::IfSafe => safe_to_repeat(api),
+            Repeat::Always => true,
+        };
         let (mut attempt, mut throttled) = (0u32, 0u32);
         loop {
             attempt += 1;
@@ -323,11 +328,12 @@ mod tests {
                 n.fetch_add(1, Ordering::SeqCst);
                 Err::<(), _>(ProviderError::Timeout { api: api.into() })
             };
-            let r = if idempotent {
-                layer.call_idempotent(api, f).await
+            let repeat = if idempotent {
+                Repeat::Always
             } else {
-                layer.call(api, f).await
+                Repeat::IfSafe
             };
+            let r = layer.call_with(api, repeat, f).await;
             assert!(matches!(r, Err(ProviderError::Timeout { .. })));
             assert_eq!(n.load(Ordering::SeqCst), attempts, "{api} {idempotent}");
         }

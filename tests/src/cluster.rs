@@ -365,7 +365,7 @@ fn check(
     let mut seen: HashSet<Ipv4Addr> = HashSet::new();
     for ipam in nodes {
         let inst = ipam.instance();
-        let on_node: HashSet<Ipv4Addr> = state
+        let attached: Vec<_> = state
             .interfaces
             .values()
             .filter(|e| {
@@ -373,6 +373,9 @@ fn check(
                     .as_ref()
                     .is_some_and(|a| a.instance_id == inst.id)
             })
+            .collect();
+        let on_node: HashSet<Ipv4Addr> = attached
+            .iter()
             .flat_map(|e| {
                 let mut v = e.secondary_ips.clone();
                 for p in &e.prefixes {
@@ -383,19 +386,12 @@ fn check(
                 v
             })
             .collect();
-        let attached = state
-            .interfaces
-            .values()
-            .filter(|e| {
-                e.attachment
-                    .as_ref()
-                    .is_some_and(|a| a.instance_id == inst.id)
-            })
-            .count() as u32;
-        if attached > inst.limits.max_interfaces {
+        if attached.len() as u32 > inst.limits.max_interfaces {
             bad.push(format!(
-                "{} has {attached} interfaces, over its limit of {}",
-                inst.id, inst.limits.max_interfaces
+                "{} has {} interfaces, over its limit of {}",
+                inst.id,
+                attached.len(),
+                inst.limits.max_interfaces
             ));
         }
         for (key, ip) in ipam.assignments() {

@@ -48,6 +48,26 @@ impl Drop for SimServer {
     }
 }
 
+/// AddNetwork for the attachment (vpc-cni, `id`, eth0).
+pub fn add_request(id: &str) -> ipamd_api::v1::AddNetworkRequest {
+    ipamd_api::v1::AddNetworkRequest {
+        network_name: "vpc-cni".into(),
+        container_id: id.into(),
+        ifname: "eth0".into(),
+        ..Default::default()
+    }
+}
+
+/// DelNetwork for the attachment (vpc-cni, `id`, eth0).
+pub fn del_request(id: &str) -> ipamd_api::v1::DelNetworkRequest {
+    ipamd_api::v1::DelNetworkRequest {
+        network_name: "vpc-cni".into(),
+        container_id: id.into(),
+        ifname: "eth0".into(),
+        ..Default::default()
+    }
+}
+
 /// `n` distinct free loopback ports (all bound at once, then released for
 /// the children to take).
 pub fn free_ports(n: usize) -> Vec<SocketAddr> {

@@ -49,7 +49,7 @@ use errors::*;
 use identity::*;
 
 use crate::error::{ProviderError, Result};
-use crate::layer::CallLayer;
+use crate::layer::{CallLayer, Repeat};
 use crate::types::*;
 use crate::CloudProvider;
 
@@ -142,23 +142,18 @@ impl AwsProvider {
         Fut: std::future::Future<Output = std::result::Result<T, SdkError<E>>>,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        self.layer
-            .call(api, || {
-                let attempt = f();
-                async move { attempt.await.map_err(|e| map_err(api, e)) }
-            })
-            .await
+        self.call_with(api, Repeat::IfSafe, f).await
     }
 
-    /// [`AwsProvider::call`] for a call made idempotent by a client token.
-    async fn call_idempotent<T, E, F, Fut>(&self, api: &'static str, f: F) -> Result<T>
+    /// [`AwsProvider::call`], saying whether a repeat is safe.
+    async fn call_with<T, E, F, Fut>(&self, api: &'static str, repeat: Repeat, f: F) -> Result<T>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, SdkError<E>>>,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         self.layer
-            .call_idempotent(api, || {
+            .call_with(api, repeat, || {
                 let attempt = f();
                 async move { attempt.await.map_err(|e| map_err(api, e)) }
             })
@@ -406,7 +401,7 @@ impl CloudProvider for AwsProvider {
         // create went through gets that interface back, not a second one.
         let token = client_token();
         let created = self
-            .call_idempotent("CreateNetworkInterface", || {
+            .call_with("CreateNetworkInterface", Repeat::Always, || {
                 let r = self
                     .ec2
                     .create_network_interface()
