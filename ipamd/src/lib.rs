@@ -17,3 +17,4 @@ pub mod pool;
 pub mod reconciler;
 pub mod rpc;
 pub mod startup;
+pub mod statelock;

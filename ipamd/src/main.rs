@@ -234,6 +234,11 @@ async fn run(config: Config) -> Result<(), Fatal> {
         introspection,
         configure_host,
     } = config;
+    // 2b. The state directory is ours alone before anything in it is read
+    // (the journal is compacted at start); held until the process ends.
+    let lock = ipamd::statelock::StateLock::acquire(&cli.state_dir)
+        .map_err(|e| Fatal::Unavailable(e.to_string()))?;
+    info!(lock = %lock.path().display(), "state directory locked");
     let mut signal = signals();
     // 3. The provider.
     let built = with_retries(

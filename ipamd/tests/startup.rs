@@ -240,3 +240,78 @@ async fn readyz_health_and_cni_status_wait_for_an_assignable_address() {
     assert!(ok, "STATUS failed while ready: {status}");
     assert!(d.terminate().await.success());
 }
+
+/// A second ipamd on a state directory in use (as a DaemonSet's old and new
+/// pod could overlap) exits 69 naming the holder, and leaves the running
+/// ipamd's journal alone: the same file, still linked, and every assignment
+/// acknowledged before and after survives a crash of the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ipamd_on_the_same_state_directory_exits_69_and_touches_nothing() {
+    use std::os::unix::fs::MetadataExt;
+    use support::add_request;
+
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(dir.path(), VpcConfig::default()).await;
+    let spec = |port| DaemonSpec {
+        dir: dir.path(),
+        sim: &sim.addr,
+        node: "lock-node",
+        instance_type: "m5.large",
+        env: &[("WARM_IP_TARGET", "2")],
+        introspection: port,
+    };
+    let mut first = Daemon::start(&spec(free_port())).await;
+    let mut c = ipamd_api::client(&first.socket).await.unwrap();
+    for id in ["a", "b", "c"] {
+        c.add_network(add_request(id)).await.expect("ADD");
+    }
+    let inode = std::fs::metadata(first.journal()).unwrap().ino();
+
+    // Same socket and state directory, and then another socket on the
+    // same state directory: both refused before the journal is read.
+    for socket in [first.socket.clone(), dir.path().join("other.sock")] {
+        let out = tokio::process::Command::new(ipamd_bin())
+            .args(["--provider", "sim", "--sim-server", &sim.addr])
+            .args(["--node-name", "lock-node", "--introspection", "off"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&first.state_dir)
+            .env_clear()
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), out)
+            .await
+            .expect("the second ipamd exits at once")
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{err}");
+        assert!(
+            err.contains(&format!("locked by another ipamd (pid {})", first.pid())),
+            "{err}"
+        );
+        let meta = std::fs::metadata(first.journal()).expect("journal still there");
+        assert_eq!(
+            meta.ino(),
+            inode,
+            "the running ipamd's journal was replaced"
+        );
+        assert!(
+            first.socket.exists(),
+            "the running ipamd's socket was removed"
+        );
+    }
+    assert!(!dir.path().join("other.sock").exists());
+
+    c.add_network(add_request("d")).await.expect("ADD after");
+    let before = {
+        let mut a = first.assignments().await;
+        a.sort();
+        a
+    };
+    assert_eq!(before.len(), 4);
+    first.kill().await;
+    let again = Daemon::start(&spec(free_port())).await;
+    let mut after = again.assignments().await;
+    after.sort();
+    assert_eq!(after, before, "assignments lost across the crash");
+}
