@@ -27,3 +27,19 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# promtool (Debian's prometheus package), for scripts/check-metrics.sh: only
+# the binary is taken from the package, into .tools/bin, so no Prometheus
+# server is installed or started.
+tools="$(cd "$(dirname "$0")/.." && pwd)/.tools"
+if [ ! -x "$tools/bin/promtool" ]; then
+  echo "setup: fetching promtool (Debian package prometheus)" >&2
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  (cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get download prometheus >/dev/null; }; })
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+  mkdir -p "$tools/bin"
+  install -m 0755 "$tmp/x/usr/bin/promtool" "$tools/bin/promtool"
+  rm -rf "$tmp"
+  trap - EXIT
+fi

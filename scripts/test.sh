@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 ./localstack/start.sh
 trap './localstack/stop.sh' EXIT
 cargo fmt --all --check
+# The alert rules shipped with the chart, unit-tested by promtool (the
+# /metrics exposition itself goes through promtool in ipamd's metrics test).
+(cd charts/vpc-cni && ../../.tools/bin/promtool check rules files/prometheus-rules.yaml &&
+  ../../.tools/bin/promtool test rules tests/prometheus-rules.test.yaml)
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo build --locked --workspace --bins
 cargo test --locked --workspace

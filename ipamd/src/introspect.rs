@@ -139,6 +139,7 @@ pub fn router(ipam: Arc<Ipam>) -> Router {
                 },
             ),
         )
+        .route("/metrics", get(crate::metrics::handler))
         .route(
             "/healthz",
             get(|State(i): State<Arc<Ipam>>| async move {

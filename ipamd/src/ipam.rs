@@ -55,6 +55,9 @@ pub struct Ipam {
     /// side in place, the provider able to grow the pool, and at least one
     /// assignable address (or pods holding addresses already).
     latched: AtomicBool,
+    /// Time from the process's start ([`crate::metrics::process_started`])
+    /// to the first time it was ready.
+    ready_after: std::sync::OnceLock<std::time::Duration>,
 }
 
 impl Ipam {
@@ -141,6 +144,7 @@ impl Ipam {
             pool,
             reconciler,
             latched: AtomicBool::new(false),
+            ready_after: std::sync::OnceLock::new(),
         }))
     }
 
@@ -176,6 +180,8 @@ impl Ipam {
             }
             if why.is_empty() {
                 self.latched.store(true, Ordering::SeqCst);
+                self.ready_after
+                    .get_or_init(|| crate::metrics::process_started().elapsed());
                 info!("ready: the pool has addresses and the node side is in place");
             }
         }
@@ -184,6 +190,12 @@ impl Ipam {
         } else {
             Err(why)
         }
+    }
+
+    /// How long after the process started ipamd was first ready; `None`
+    /// until it has been.
+    pub fn ready_after(&self) -> Option<std::time::Duration> {
+        self.ready_after.get().copied()
     }
 
     /// Liveness (see [`Pool::health`]).

@@ -18,9 +18,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::datastore::PodKey;
@@ -355,6 +356,12 @@ pub struct Journal {
     shared: Arc<Shared>,
 }
 
+/// Bounds of the journal's write-and-sync histogram, seconds: tens of
+/// microseconds on tmpfs up to a disk's hundreds of milliseconds.
+const SYNC_BUCKETS: [f64; 9] = [
+    0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.25,
+];
+
 #[derive(Debug)]
 struct Shared {
     path: PathBuf,
@@ -365,6 +372,10 @@ struct Shared {
     broken: AtomicBool,
     /// Test hook: this many coming writes fail with ENOSPC, half written.
     fail_writes: AtomicU32,
+    /// The journal's length in bytes as last written.
+    bytes: AtomicU64,
+    /// How long each write and its sync took, seconds.
+    sync_seconds: Histogram,
 }
 
 #[derive(Debug, Default)]
@@ -430,6 +441,7 @@ impl Shared {
             .fail_writes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
+        let started = std::time::Instant::now();
         let result = if injected {
             let half = &bytes[..bytes.len() / 2];
             let _ = f.store.append(half);
@@ -439,8 +451,15 @@ impl Shared {
         } else {
             f.store.append(&bytes)
         };
+        self.sync_seconds.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
+                let len = bytes.len() as u64;
+                if rewrite {
+                    self.bytes.store(len, Ordering::Relaxed);
+                } else {
+                    self.bytes.fetch_add(len, Ordering::Relaxed);
+                }
                 if f.broken.take().is_some() {
                     tracing::info!(path = %self.path.display(), "journal rewritten after a failed write; recording again");
                 }
@@ -473,7 +492,7 @@ impl Journal {
             path: path.to_path_buf(),
             source,
         })?;
-        Ok(Self::with_store(Box::new(store)))
+        Ok(Self::with_store(Box::new(store), buf.len()))
     }
 
     /// A journal in memory, its content replaced by `initial`.
@@ -481,10 +500,10 @@ impl Journal {
         let mut buf = Vec::new();
         encode(&initial, &mut buf);
         store.rewrite(&buf).expect("memory never fails");
-        Self::with_store(Box::new(store))
+        Self::with_store(Box::new(store), buf.len())
     }
 
-    fn with_store(store: Box<dyn Store>) -> Self {
+    fn with_store(store: Box<dyn Store>, len: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
                 path: store.path().to_path_buf(),
@@ -496,8 +515,22 @@ impl Journal {
                 }),
                 broken: AtomicBool::new(false),
                 fail_writes: AtomicU32::new(0),
+                bytes: AtomicU64::new(len as u64),
+                sync_seconds: Histogram::new(SYNC_BUCKETS),
             }),
         }
+    }
+
+    /// The journal's length in bytes as last written (it shrinks at each
+    /// compaction).
+    pub fn size_bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Durations of the journal's writes with their sync, in seconds (a
+    /// handle on the live histogram, for `/metrics`).
+    pub fn sync_seconds(&self) -> Histogram {
+        self.shared.sync_seconds.clone()
     }
 
     pub fn path(&self) -> &Path {

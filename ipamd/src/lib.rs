@@ -9,6 +9,7 @@ pub mod introspect;
 pub mod ipam;
 pub mod journal;
 pub mod latency;
+pub mod metrics;
 pub mod netns;
 pub mod node;
 pub mod ownership;

@@ -43,6 +43,12 @@ struct Cli {
         default_value = "127.0.0.1:61679"
     )]
     introspection: String,
+    /// Prometheus metrics address (`GET /metrics`, no pod or secret in any
+    /// label); reachable from the cluster's Prometheus by default, on
+    /// aws-node's port. "off" disables it (`/metrics` stays on the
+    /// introspection address).
+    #[arg(long, env = "IPAMD_METRICS_ADDR", default_value = "0.0.0.0:61678")]
+    metrics: String,
     /// sim: address of a shared vpc-sim server (unix:/path or 127.0.0.1:PORT).
     /// Without it ipamd runs an embedded simulated VPC.
     #[arg(long, env = "SIM_SERVER")]
@@ -71,6 +77,8 @@ struct Cli {
 }
 
 fn main() {
+    // The origin of awscni_ipamd_startup_duration_seconds.
+    ipamd::metrics::process_started();
     // 1. Logging.
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -117,6 +125,7 @@ struct Config {
     provider: ProviderConfig,
     settings: Settings,
     introspection: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
     configure_host: bool,
 }
 
@@ -144,6 +153,16 @@ impl Config {
                     bad.push(format!(
                         "--introspection / IPAMD_INTROSPECTION_ADDR {a:?}: {e}"
                     ));
+                    None
+                }
+            },
+        };
+        let metrics = match cli.metrics.as_str() {
+            "off" | "" => None,
+            a => match a.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    bad.push(format!("--metrics / IPAMD_METRICS_ADDR {a:?}: {e}"));
                     None
                 }
             },
@@ -203,6 +222,7 @@ impl Config {
             provider,
             settings,
             introspection,
+            metrics,
             configure_host,
         })
     }
@@ -232,6 +252,7 @@ async fn run(config: Config) -> Result<(), Fatal> {
         provider,
         settings,
         introspection,
+        metrics,
         configure_host,
     } = config;
     // 2b. The state directory is ours alone before anything in it is read
@@ -326,6 +347,25 @@ async fn run(config: Config) -> Result<(), Fatal> {
                 std::fs::remove_file(&cli.socket).ok();
                 std::fs::remove_file(&fast_socket).ok();
                 return Err(Fatal::Unavailable(format!("introspection on {addr}: {e}")));
+            }
+        }
+    }
+    if let Some(addr) = metrics {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let bound = l.local_addr().map_or(addr, |a| a);
+                info!(addr = %bound, "metrics listening");
+                let (ipam, stop) = (ipam.clone(), stopped(stop_rx.clone()));
+                tasks.spawn(async move {
+                    if let Err(e) = ipamd::metrics::serve(ipam, l, stop).await {
+                        error!(error = %e, "metrics server failed");
+                    }
+                });
+            }
+            Err(e) => {
+                std::fs::remove_file(&cli.socket).ok();
+                std::fs::remove_file(&fast_socket).ok();
+                return Err(Fatal::Unavailable(format!("metrics on {addr}: {e}")));
             }
         }
     }

@@ -138,6 +138,22 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The action's kind in snake case (`assign_ips`, `create_interface`,
+    /// ...), as `/v1/pool` and the `fn` label of `awscni_reconcile_count`
+    /// name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AssignIps { .. } => "assign_ips",
+            Self::AssignPrefixes { .. } => "assign_prefixes",
+            Self::CreateInterface { .. } => "create_interface",
+            Self::ReleaseIps { .. } => "release_ips",
+            Self::ReleasePrefixes { .. } => "release_prefixes",
+            Self::DeleteInterface { .. } => "delete_interface",
+        }
+    }
+}
+
 /// Why the pool cannot grow although it is short.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "reason", rename_all = "snake_case")]

@@ -63,6 +63,7 @@ impl Ipamd for IpamdService {
         request: Request<AddNetworkRequest>,
     ) -> Result<Response<AddNetworkReply>, Status> {
         let started = std::time::Instant::now();
+        self.ipam.pool.events.add_requests.inc();
         let r = request.into_inner();
         let key = key(r.network_name, r.container_id, r.ifname);
         if r.netns.len() > 4096 {
@@ -72,7 +73,15 @@ impl Ipamd for IpamdService {
         }
         let netns = (!r.netns.is_empty())
             .then(|| crate::netns::NetnsRef::at_add(r.netns, r.netns_dev, r.netns_ino));
-        let w = self.ipam.add_in(key.clone(), netns).await.map_err(|e| {
+        let result = self.ipam.add_in(key.clone(), netns).await;
+        // Failures too: an ADD that waited out its time is what an
+        // operator looks for in this histogram.
+        self.ipam
+            .pool
+            .events
+            .add_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let w = result.map_err(|e| {
             warn!(pod = %key, error = %e, "AddNetwork failed");
             to_status(e)
         })?;
@@ -101,12 +110,18 @@ impl Ipamd for IpamdService {
         &self,
         request: Request<DelNetworkRequest>,
     ) -> Result<Response<DelNetworkReply>, Status> {
+        self.ipam.pool.events.del_requests.inc();
         let r = request.into_inner();
         let key = key(r.network_name, r.container_id, r.ifname);
         check_key(&key).map_err(to_status)?;
         let started = std::time::Instant::now();
         let found = self.ipam.del(key.clone()).await.map_err(to_status)?;
         self.ipam.pool.del_latency.record(started.elapsed());
+        self.ipam
+            .pool
+            .events
+            .del_seconds
+            .observe(started.elapsed().as_secs_f64());
         let mut reply = Self::found(found);
         if !reply.found {
             // A late or repeated DEL: the address its prevResult names may

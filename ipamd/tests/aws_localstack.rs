@@ -112,7 +112,14 @@ async fn start(dir: &Path, instance: &str, env: &[(&str, &str)]) -> Node {
         .open(&log)
         .unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ipamd"))
-        .args(["--provider", "aws", "--configure-host", "false"])
+        .args([
+            "--provider",
+            "aws",
+            "--configure-host",
+            "false",
+            "--metrics",
+            "off",
+        ])
         .arg("--socket")
         .arg(&socket)
         .arg("--state-dir")

@@ -91,7 +91,14 @@ async fn sigterm_during_start_up_is_not_lost() {
         .unwrap();
     let socket = dir.path().join("s.sock");
     let mut child = tokio::process::Command::new(ipamd_bin())
-        .args(["--provider", "sim", "--sim-server", &sim.addr])
+        .args([
+            "--provider",
+            "sim",
+            "--metrics",
+            "off",
+            "--sim-server",
+            &sim.addr,
+        ])
         .arg("--socket")
         .arg(&socket)
         .arg("--state-dir")
@@ -271,7 +278,14 @@ async fn a_second_ipamd_on_the_same_state_directory_exits_69_and_touches_nothing
     // same state directory: both refused before the journal is read.
     for socket in [first.socket.clone(), dir.path().join("other.sock")] {
         let out = tokio::process::Command::new(ipamd_bin())
-            .args(["--provider", "sim", "--sim-server", &sim.addr])
+            .args([
+                "--provider",
+                "sim",
+                "--metrics",
+                "off",
+                "--sim-server",
+                &sim.addr,
+            ])
             .args(["--node-name", "lock-node", "--introspection", "off"])
             .arg("--socket")
             .arg(&socket)

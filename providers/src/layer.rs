@@ -122,7 +122,20 @@ pub struct ApiStats {
     pub client_rate_per_sec: f64,
     /// Sum of the attempts' latencies, milliseconds.
     pub latency_ms_total: f64,
+    /// Attempts by latency: entry `i` counts those that took at most
+    /// [`LATENCY_BOUNDS_MS`]`[i]` ms and more than the bound before it
+    /// (not cumulative); the last entry counts the slower rest.
+    pub latency_ms_buckets: [u64; LATENCY_BOUNDS_MS.len() + 1],
+    /// Failed attempts (throttles included) by
+    /// [`ProviderError::metric_label`] (`throttled`, `server`, ...).
+    pub errors_by_kind: BTreeMap<String, u64>,
 }
+
+/// Upper bounds, in milliseconds, of [`ApiStats::latency_ms_buckets`]:
+/// from a fast IMDS answer to a throttled EC2 call's retry delays.
+pub const LATENCY_BOUNDS_MS: [f64; 10] = [
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
+];
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -254,11 +267,19 @@ impl CallLayer {
             if attempt > 1 {
                 s.retries += 1;
             }
-            s.latency_ms_total += took.as_secs_f64() * 1e3;
+            let ms = took.as_secs_f64() * 1e3;
+            s.latency_ms_total += ms;
+            let i = LATENCY_BOUNDS_MS.partition_point(|b| *b < ms);
+            s.latency_ms_buckets[i] += 1;
             match err {
                 Some(ProviderError::Throttled { .. }) => s.throttles += 1,
                 Some(_) => s.errors += 1,
                 None => {}
+            }
+            if let Some(e) = err {
+                *s.errors_by_kind
+                    .entry(e.metric_label().to_string())
+                    .or_default() += 1;
             }
         });
     }
@@ -266,11 +287,6 @@ impl CallLayer {
     /// Figures per API so far.
     pub fn stats(&self) -> BTreeMap<String, ApiStats> {
         self.stats.lock().expect("stats lock").clone()
-    }
-
-    /// [`CallLayer::stats`] as JSON, for introspection.
-    pub fn stats_json(&self) -> serde_json::Value {
-        serde_json::to_value(self.stats()).unwrap_or_default()
     }
 }
 

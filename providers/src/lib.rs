@@ -88,8 +88,15 @@ pub trait CloudProvider: Send + Sync + 'static {
         None
     }
 
-    /// Per-API call figures (calls, errors, throttles, latency), as JSON.
+    /// Per-API call figures (calls, errors, throttles, latency), keyed by
+    /// the cloud's API name (e.g. `AssignPrivateIpAddresses`); empty for a
+    /// provider that keeps none.
+    fn api_figures(&self) -> std::collections::BTreeMap<String, layer::ApiStats> {
+        Default::default()
+    }
+
+    /// [`CloudProvider::api_figures`] as JSON, for introspection.
     fn api_stats(&self) -> serde_json::Value {
-        serde_json::Value::Null
+        serde_json::to_value(self.api_figures()).unwrap_or_default()
     }
 }

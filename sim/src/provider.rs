@@ -240,8 +240,8 @@ impl CloudProvider for SimProvider {
         }
     }
 
-    fn api_stats(&self) -> serde_json::Value {
-        self.layer.stats_json()
+    fn api_figures(&self) -> std::collections::BTreeMap<String, providers::layer::ApiStats> {
+        self.layer.stats()
     }
 
     async fn list_subnets(&self) -> Result<Vec<Subnet>> {

@@ -591,7 +591,7 @@ impl Lab {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", node.ns.path().display()))
             .arg(self.bins.ipamd())
-            .args(["--provider", "sim"])
+            .args(["--provider", "sim", "--metrics", "off"])
             .args(["--sim-server", &self.sim_addr, "--node-name", &node.ns.name])
             .args(["--sim-instance-type", &node.instance_type])
             .arg("--socket")

@@ -189,7 +189,7 @@ async fn main() {
         .unwrap();
     let log = std::fs::File::create(dir.join("ipamd.log")).unwrap();
     let child = Command::new(&bin)
-        .args(["--provider", "sim", "--state-dir"])
+        .args(["--metrics", "off", "--provider", "sim", "--state-dir"])
         .arg(&dir)
         .arg("--socket")
         .arg(&socket)

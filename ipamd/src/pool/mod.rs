@@ -115,6 +115,8 @@ pub struct Pool {
     /// Time spent answering AddNetwork / DelNetwork, transport excluded.
     pub add_latency: crate::latency::Recorder,
     pub del_latency: crate::latency::Recorder,
+    /// Counters and histograms of calls, for `/metrics`.
+    pub events: crate::metrics::Events,
 }
 
 mod feed;
@@ -205,6 +207,7 @@ impl Pool {
             cannot_grow: Mutex::new(None),
             add_latency: Default::default(),
             del_latency: Default::default(),
+            events: Default::default(),
         })
     }
 
@@ -229,6 +232,16 @@ impl Pool {
     /// Resolves when an ADD, DEL or release wants the reconciler to look.
     pub async fn woken(&self) {
         self.wake.notified().await
+    }
+
+    /// The journal's length in bytes as last written.
+    pub fn journal_size_bytes(&self) -> u64 {
+        self.journal.size_bytes()
+    }
+
+    /// The journal's write-and-sync durations (see [`Journal::sync_seconds`]).
+    pub fn journal_sync_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.journal.sync_seconds()
     }
 
     /// ADDs waiting for an address now.
@@ -371,10 +384,12 @@ impl Pool {
             if !guard.waiting {
                 guard.waiting = true;
                 self.waiting.fetch_add(1, Ordering::SeqCst);
+                self.events.add_waits.inc();
                 debug!(pod = %key, "pool empty, waiting for it to grow");
             }
             self.wake.notify_one();
             if now >= deadline {
+                self.events.no_available.inc();
                 break Err(IpamError::Exhausted {
                     waited: now - started,
                     reason: self.exhaustion_reason(),

@@ -69,6 +69,14 @@ impl StepError {
             Self::Journal(_) => "journal",
         }
     }
+
+    /// Where the failure counts: `journal` for the journal, else `site`.
+    pub fn site(&self, site: &'static str) -> &'static str {
+        match self {
+            Self::Cloud(_) => site,
+            Self::Journal(_) => "journal",
+        }
+    }
 }
 
 /// What the reconciler last saw, for error messages and introspection.
@@ -82,6 +90,11 @@ pub struct Status {
     /// Assignments whose address the cloud's last answer lacked (held
     /// until seen again).
     pub unconfirmed_assignments: u64,
+    /// Pool actions carried out, by [`crate::policy::Action::kind`].
+    pub actions_by_kind: BTreeMap<&'static str, u64>,
+    /// Failures, by where they happened: an action's kind, `resync`,
+    /// `node_setup`, `snat` or `journal`.
+    pub errors_by_site: BTreeMap<&'static str, u64>,
 }
 
 /// The reconciler's own state.
@@ -247,7 +260,10 @@ impl Reconciler {
         self.pool.heal_journal().await;
         self.node_step().await;
         for id in self.pool.pending_deletes() {
-            self.finish_delete(&id).await?;
+            if let Err(e) = self.finish_delete(&id).await {
+                self.count_error("delete_interface");
+                return Err(e.into());
+            }
         }
         let resync_due = {
             let st = self.lock();
@@ -259,6 +275,7 @@ impl Reconciler {
             // the account's Describe budget): say so and look again at the
             // next resync.
             if let Err(e) = self.resync().await {
+                self.count_error("resync");
                 if !e.is_transient() {
                     return Err(e.into());
                 }
@@ -308,10 +325,15 @@ impl Reconciler {
         let mut done = 0;
         for action in plan.actions {
             debug!(?action, "pool action");
-            self.execute(action).await?;
+            let kind = action.kind();
+            if let Err(e) = self.execute(action).await {
+                self.count_error(e.site(kind));
+                return Err(e);
+            }
             done += 1;
             self.update(|s| {
                 s.actions_done += 1;
+                *s.actions_by_kind.entry(kind).or_default() += 1;
                 s.last_error = None;
                 s.last_error_kind = None;
                 s.consecutive_errors = 0;
@@ -345,6 +367,7 @@ impl Reconciler {
                 }
                 Err(e) => {
                     warn!(interface = %id, error = %e, "cannot set up the interface on the node");
+                    self.count_error("node_setup");
                     self.update(|s| s.last_error = Some(format!("node setup of {id}: {e}")));
                 }
             }
@@ -358,6 +381,7 @@ impl Reconciler {
                     }
                     Err(e) => {
                         warn!(error = %e, "cannot set up SNAT");
+                        self.count_error("snat");
                         self.update(|s| s.last_error = Some(format!("SNAT: {e}")));
                     }
                 }
@@ -377,6 +401,10 @@ impl Reconciler {
             no_snat,
             veth_prefix: self.settings.veth_prefix.clone(),
         }
+    }
+
+    fn count_error(&self, site: &'static str) {
+        self.update(|s| *s.errors_by_site.entry(site).or_default() += 1);
     }
 
     /// Compares the pool with the cloud's view of the instance.

@@ -130,6 +130,9 @@ impl Daemon {
             }
             None => tokio::process::Command::new(bin),
         };
+        if !spec.env.iter().any(|(k, _)| *k == "IPAMD_METRICS_ADDR") {
+            cmd.args(["--metrics", "off"]);
+        }
         cmd.args(["--provider", "sim"])
             .arg("--socket")
             .arg(&socket)

@@ -603,7 +603,7 @@ impl CloudProvider for AwsProvider {
         None
     }
 
-    fn api_stats(&self) -> serde_json::Value {
-        self.layer.stats_json()
+    fn api_figures(&self) -> std::collections::BTreeMap<String, crate::layer::ApiStats> {
+        self.layer.stats()
     }
 }

@@ -104,7 +104,7 @@ fn main() {
     let mut ipamd = Command::new("nsenter")
         .arg(format!("--net={}", node.path().display()))
         .arg(bins.ipamd())
-        .args(["--provider", "sim"])
+        .args(["--provider", "sim", "--metrics", "off"])
         .arg("--state-dir")
         .arg(dir.path())
         .arg("--socket")
