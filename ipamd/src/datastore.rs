@@ -31,6 +31,31 @@ impl std::fmt::Display for PodKey {
     }
 }
 
+/// The Kubernetes pod an attachment belongs to, as the runtime's
+/// `CNI_ARGS` name it (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PodName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodName {
+    /// `namespace/name` as given (`ns/name`); `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (namespace, name) = s.split_once('/')?;
+        (!namespace.is_empty() && !name.is_empty() && !name.contains('/')).then(|| Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+    }
+}
+
+impl std::fmt::Display for PodName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Slot {
     Free,

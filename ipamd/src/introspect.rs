@@ -66,7 +66,9 @@ pub fn interfaces(pool: &Pool) -> serde_json::Value {
                         .map(|(ip, s)| {
                             let (state, pod) = match s {
                                 Slot::Free => ("free", None),
-                                Slot::Assigned(k) => ("assigned", Some(k.to_string())),
+                                Slot::Assigned(k) => {
+                                    ("assigned", p.pods.get(k).map(ToString::to_string))
+                                }
                                 Slot::Cooling { until } if *until > now => ("cooling", None),
                                 Slot::Cooling { .. } => ("free", None),
                                 Slot::Releasing => ("releasing", None),
@@ -93,6 +95,31 @@ pub fn interfaces(pool: &Pool) -> serde_json::Value {
     })
 }
 
+/// Every assignment, for `/v1/assignments`: the pod (namespace/name, when
+/// its ADD named one; never the container id), network, ifname, address,
+/// interface, and whether the cloud has confirmed the address.
+pub fn assignments(pool: &Pool) -> serde_json::Value {
+    pool.read(|p| {
+        let mut v: Vec<serde_json::Value> =
+            p.ds.assignments()
+                .map(|(k, place)| (k, place.ip, Some(place.interface_id.as_str())))
+                .chain(p.unconfirmed.iter().map(|(k, ip)| (k, *ip, None)))
+                .map(|(k, ip, iface)| {
+                    serde_json::json!({
+                        "pod": p.pods.get(k).map(ToString::to_string),
+                        "network": k.network,
+                        "ifname": k.ifname,
+                        "ip": ip,
+                        "interface": iface,
+                        "confirmed": iface.is_some(),
+                    })
+                })
+                .collect();
+        v.sort_by_key(|a| a["ip"].as_str().unwrap_or_default().to_string());
+        serde_json::Value::Array(v)
+    })
+}
+
 #[derive(serde::Deserialize)]
 struct LatencyQuery {
     /// Start a new measuring window after answering.
@@ -111,21 +138,7 @@ pub fn router(ipam: Arc<Ipam>) -> Router {
         )
         .route(
             "/v1/assignments",
-            get(|State(i): State<Arc<Ipam>>| async move {
-                let v: Vec<serde_json::Value> = i
-                    .assignments()
-                    .into_iter()
-                    .map(|(k, ip)| {
-                        serde_json::json!({
-                            "network": k.network,
-                            "container_id": k.container_id,
-                            "ifname": k.ifname,
-                            "ip": ip,
-                        })
-                    })
-                    .collect();
-                Json(v)
-            }),
+            get(|State(i): State<Arc<Ipam>>| async move { Json(assignments(&i.pool)) }),
         )
         .route(
             "/v1/latency",

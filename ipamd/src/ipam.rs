@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::Settings;
-use crate::datastore::PodKey;
+use crate::datastore::{PodKey, PodName};
 use crate::journal::{self, JournalError};
 use crate::netns::NetnsRef;
 use crate::node::NodeTracker;
@@ -219,8 +219,13 @@ impl Ipam {
         self.pool.add(key).await
     }
 
-    pub async fn add_in(&self, key: PodKey, netns: Option<NetnsRef>) -> Result<Wiring, IpamError> {
-        self.pool.add_in(key, netns).await
+    pub async fn add_in(
+        &self,
+        key: PodKey,
+        netns: Option<NetnsRef>,
+        pod: Option<PodName>,
+    ) -> Result<Wiring, IpamError> {
+        self.pool.add_in(key, netns, pod).await
     }
 
     pub async fn del(&self, key: PodKey) -> Result<Option<Wiring>, IpamError> {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::datastore::PodKey;
+use crate::datastore::{PodKey, PodName};
 use crate::netns::NetnsRef;
 
 pub const VERSION: u32 = 1;
@@ -45,6 +45,10 @@ pub enum Record {
         /// (and in journals written before it was recorded).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         netns_id: Option<(u64, u64)>,
+        /// The Kubernetes pod, from `CNI_ARGS`; absent when the runtime
+        /// gave none (and in journals written before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod: Option<PodName>,
     },
     /// `at_ms`: wall-clock time of the release, so a restart keeps cooling it.
     Release {
@@ -65,6 +69,7 @@ pub enum Record {
 pub struct Replayed {
     pub assignments: BTreeMap<PodKey, Ipv4Addr>,
     pub netns: BTreeMap<PodKey, NetnsRef>,
+    pub pods: BTreeMap<PodKey, PodName>,
     /// Address -> release time (ms since the epoch), latest release wins.
     pub released_at: BTreeMap<Ipv4Addr, u64>,
     pub pending_deletes: BTreeSet<String>,
@@ -83,15 +88,20 @@ impl Replayed {
                 ip,
                 netns,
                 netns_id,
+                pod,
             } => {
                 self.released_at.remove(&ip);
                 // An address has one holder: a later assignment of it means
                 // the earlier holder's release was not written.
                 self.assignments.retain(|_, held| *held != ip);
                 self.netns.retain(|k, _| self.assignments.contains_key(k));
+                self.pods.retain(|k, _| self.assignments.contains_key(k));
                 if let Some(path) = netns {
                     let (dev, ino) = netns_id.unwrap_or_default();
                     self.netns.insert(key.clone(), NetnsRef { path, dev, ino });
+                }
+                if let Some(pod) = pod {
+                    self.pods.insert(key.clone(), pod);
                 }
                 self.assignments.insert(key, ip);
             }
@@ -99,6 +109,7 @@ impl Replayed {
                 if self.assignments.get(&key) == Some(&ip) {
                     self.assignments.remove(&key);
                     self.netns.remove(&key);
+                    self.pods.remove(&key);
                 }
                 self.released_at.insert(ip, at_ms);
             }
@@ -124,6 +135,7 @@ impl Replayed {
                     .get(k)
                     .filter(|n| (n.dev, n.ino) != (0, 0))
                     .map(|n| (n.dev, n.ino)),
+                pod: self.pods.get(k).cloned(),
             }
         }));
         v.extend(self.released_at.iter().map(|(ip, at)| Record::Release {
@@ -634,6 +646,7 @@ mod tests {
                 ip: ip("10.0.0.5"),
                 netns: Some("/proc/42/ns/net".into()),
                 netns_id: Some((4, 4026532000)),
+                pod: None,
             },
             // Written before identities were recorded.
             Record::Assign {
@@ -641,6 +654,7 @@ mod tests {
                 ip: ip("10.0.0.6"),
                 netns: Some("/var/run/netns/b".into()),
                 netns_id: None,
+                pod: None,
             },
         ];
         j.append(records).wait().await.unwrap();
@@ -661,6 +675,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pod_names_replay_and_survive_compaction_and_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipamd.journal");
+        let j = Journal::open(&path, Replayed::default().to_records()).unwrap();
+        let web = PodName {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+        };
+        j.append(vec![
+            Record::Assign {
+                key: key("a"),
+                ip: ip("10.0.0.5"),
+                netns: None,
+                netns_id: None,
+                pod: Some(web.clone()),
+            },
+            Record::Assign {
+                key: key("b"),
+                ip: ip("10.0.0.6"),
+                netns: None,
+                netns_id: None,
+                pod: Some(PodName {
+                    namespace: "shop".into(),
+                    name: "db-0".into(),
+                }),
+            },
+            Record::Release {
+                key: key("b"),
+                ip: ip("10.0.0.6"),
+                at_ms: 1,
+            },
+        ])
+        .wait()
+        .await
+        .unwrap();
+        // A line from a journal written before pod names were recorded.
+        let old = r#"{"op":"assign","key":{"network":"n","container_id":"c","ifname":"eth0"},"ip":"10.0.0.7"}"#;
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        writeln!(f, "{old}").unwrap();
+        let r = replay(&path).unwrap();
+        assert_eq!(r.pods.len(), 1, "{:?}", r.pods);
+        assert_eq!(r.pods[&key("a")], web);
+        assert_eq!(r.assignments.len(), 2);
+        let mut again = Replayed::default();
+        for rec in r.to_records() {
+            again.apply(rec);
+        }
+        assert_eq!(again.pods, r.pods);
+        assert_eq!(web.to_string(), "shop/web-0");
+        assert_eq!(PodName::parse("shop/web-0"), Some(web));
+        assert_eq!(PodName::parse("web-0"), None);
+        assert_eq!(PodName::parse("a/b/c"), None);
+    }
+
+    #[tokio::test]
     async fn appended_records_replay() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ipamd.journal");
@@ -670,6 +739,7 @@ mod tests {
             ip: ip("10.0.0.5"),
             netns: None,
             netns_id: None,
+            pod: None,
         }])
         .wait()
         .await
@@ -679,6 +749,7 @@ mod tests {
             ip: ip("10.0.0.6"),
             netns: None,
             netns_id: None,
+            pod: None,
         }])
         .wait()
         .await
@@ -714,6 +785,7 @@ mod tests {
             ip: ip("10.0.0.5"),
             netns: None,
             netns_id: None,
+            pod: None,
         }])
         .wait()
         .await
@@ -767,6 +839,7 @@ mod tests {
                 ip: a,
                 netns: None,
                 netns_id: None,
+                pod: None,
             }]);
             if i % 2 == 0 {
                 let _ = j.append(vec![Record::Release {
@@ -785,6 +858,7 @@ mod tests {
             ip: ip("10.9.9.9"),
             netns: None,
             netns_id: None,
+            pod: None,
         }])
         .wait()
         .await

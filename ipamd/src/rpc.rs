@@ -73,7 +73,31 @@ impl Ipamd for IpamdService {
         }
         let netns = (!r.netns.is_empty())
             .then(|| crate::netns::NetnsRef::at_add(r.netns, r.netns_dev, r.netns_ino));
-        let result = self.ipam.add_in(key.clone(), netns).await;
+        let pod = if r.pod_namespace.is_empty() && r.pod_name.is_empty() {
+            None
+        } else {
+            let bad: Vec<String> = [
+                ipamd_api::names::check_k8s_name("pod namespace", &r.pod_namespace),
+                ipamd_api::names::check_k8s_name("pod name", &r.pod_name),
+            ]
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|e| e.to_string())
+            .collect();
+            // Only shown and journalled, never acted on: a runtime that
+            // passes other names (podman's container names) still gets
+            // its address, and the attachment is shown by its key.
+            if bad.is_empty() {
+                Some(crate::datastore::PodName {
+                    namespace: r.pod_namespace,
+                    name: r.pod_name,
+                })
+            } else {
+                info!(pod = %key, problems = %bad.join("; "), "CNI_ARGS names no Kubernetes pod; the assignment is kept without one");
+                None
+            }
+        };
+        let result = self.ipam.add_in(key.clone(), netns, pod).await;
         // Failures too: an ADD that waited out its time is what an
         // operator looks for in this histogram.
         self.ipam

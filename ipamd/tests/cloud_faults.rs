@@ -439,12 +439,7 @@ async fn a_fast_path_add_whose_caller_left_keeps_no_address() {
         introspection: support::free_port(),
     })
     .await;
-    let request = |id: &str| ipamd_api::v1::AddNetworkRequest {
-        network_name: "vpc-cni".into(),
-        container_id: id.into(),
-        ifname: "eth0".into(),
-        ..Default::default()
-    };
+    let request = support::add_request;
     // Fill the primary interface (3 addresses); the next waits for eth1.
     for i in 0..3 {
         let sent = ipamd_api::fast::send(&d.socket, &request(&format!("p{i}"))).unwrap();

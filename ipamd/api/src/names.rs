@@ -92,6 +92,35 @@ pub fn check_id(what: &'static str, id: &str) -> Result<(), BadName> {
     Ok(())
 }
 
+/// Longest Kubernetes object name (a DNS subdomain, RFC 1123).
+pub const K8S_NAME_MAX: usize = 253;
+
+/// A pod's namespace or name as `CNI_ARGS` carries it: at most
+/// [`K8S_NAME_MAX`] bytes of lowercase letters, digits, '-' and '.'
+/// (Kubernetes' DNS-subdomain rule), so it is safe to journal and show.
+pub fn check_k8s_name(what: &'static str, value: &str) -> Result<(), BadName> {
+    let bad = |rule| {
+        Err(BadName {
+            what,
+            value: value.to_string(),
+            rule,
+        })
+    };
+    if value.len() > K8S_NAME_MAX {
+        return bad("is longer than 253 bytes");
+    }
+    if value.is_empty() {
+        return bad("is empty");
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return bad("may hold only lowercase letters, digits, '-' and '.' (a Kubernetes name)");
+    }
+    Ok(())
+}
+
 /// Every problem with an attachment's key (network, container id, ifname).
 pub fn check_attachment(network: &str, container_id: &str, ifname: &str) -> Vec<BadName> {
     [

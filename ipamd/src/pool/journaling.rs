@@ -71,6 +71,11 @@ pub(super) fn snapshot(st: &State, settings: &Settings, now: Instant) -> Vec<Rec
             .iter()
             .map(|(k, n)| (k.clone(), n.clone()))
             .collect(),
+        pods: st
+            .pods
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect(),
         assignments: st
             .ds
             .assignments()

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Settings;
-use crate::datastore::{route_table, Datastore, Placement, PodKey};
+use crate::datastore::{route_table, Datastore, Placement, PodKey, PodName};
 use crate::journal::{self, Journal, JournalError, Record, Replayed};
 use crate::netns::{NetnsRef, Verdict};
 
@@ -73,6 +73,8 @@ struct State {
     /// Pods' network namespaces, for reclaiming addresses of pods that are
     /// gone without a DEL.
     netns: HashMap<PodKey, NetnsRef>,
+    /// The Kubernetes pod of each assignment whose ADD named one.
+    pods: HashMap<PodKey, PodName>,
     /// Interfaces whose delete is journaled but not finished.
     pending_deletes: BTreeSet<String>,
     /// ADDs in flight per attachment (see [`Pool::add_in`]).
@@ -138,6 +140,8 @@ pub struct PoolRead<'a> {
     pub unconfirmed: &'a BTreeMap<PodKey, Ipv4Addr>,
     pub pending_deletes: &'a BTreeSet<String>,
     pub waiting: u32,
+    /// The Kubernetes pod of each assignment whose ADD named one.
+    pub pods: &'a HashMap<PodKey, PodName>,
 }
 
 impl Pool {
@@ -181,6 +185,7 @@ impl Pool {
         let state = State {
             ds,
             netns: replayed.netns.clone().into_iter().collect(),
+            pods: replayed.pods.clone().into_iter().collect(),
             pending_deletes: replayed.pending_deletes.clone(),
             inflight: HashMap::new(),
             unconfirmed,
@@ -276,6 +281,7 @@ impl Pool {
             unconfirmed: &st.unconfirmed,
             pending_deletes: &st.pending_deletes,
             waiting: self.waiting(),
+            pods: &st.pods,
         })
     }
 
@@ -295,7 +301,7 @@ impl Pool {
     /// Gives the attachment an address, waiting (bounded) for the pool to
     /// grow if none is free. Answers only once the assignment is durable.
     pub async fn add(&self, key: PodKey) -> Result<Wiring, IpamError> {
-        self.add_in(key, None).await
+        self.add_in(key, None, None).await
     }
 
     /// [`Pool::add`] for a pod whose network namespace is `netns`.
@@ -306,7 +312,12 @@ impl Pool {
     /// than hand out a released address. If the caller goes away (the
     /// future is dropped, as tonic does when the client resets the call),
     /// an address assigned for it is released again.
-    pub async fn add_in(&self, key: PodKey, netns: Option<NetnsRef>) -> Result<Wiring, IpamError> {
+    pub async fn add_in(
+        &self,
+        key: PodKey,
+        netns: Option<NetnsRef>,
+        pod: Option<PodName>,
+    ) -> Result<Wiring, IpamError> {
         check_key(&key)?;
         let started = Instant::now();
         let deadline = started + self.settings.add_wait;
@@ -328,6 +339,9 @@ impl Pool {
                             if let Some(n) = &netns {
                                 st.netns.insert(key.clone(), n.clone());
                             }
+                            if let Some(p) = &pod {
+                                st.pods.insert(key.clone(), p.clone());
+                            }
                             vec![Record::Assign {
                                 key: key.clone(),
                                 ip: p.ip,
@@ -336,6 +350,7 @@ impl Pool {
                                     .as_ref()
                                     .filter(|n| (n.dev, n.ino) != (0, 0))
                                     .map(|n| (n.dev, n.ino)),
+                                pod: pod.clone(),
                             }]
                         } else {
                             // Same answer as before; still wait until what
@@ -367,6 +382,7 @@ impl Pool {
                     let mut st = self.lock();
                     st.ds.unassign(&key);
                     st.netns.remove(&key);
+                    st.pods.remove(&key);
                     guard.pending = None;
                     // A snapshot written meanwhile may hold the assignment:
                     // say it is gone (a snapshot itself while still broken).
@@ -429,6 +445,7 @@ impl Pool {
             match released {
                 Some((w, ip)) => {
                     st.netns.remove(&key);
+                    st.pods.remove(&key);
                     let d = self.append(
                         &mut st,
                         vec![Record::Release {

@@ -54,6 +54,8 @@ pub fn add_request(id: &str) -> ipamd_api::v1::AddNetworkRequest {
         network_name: "vpc-cni".into(),
         container_id: id.into(),
         ifname: "eth0".into(),
+        pod_namespace: "default".into(),
+        pod_name: id.to_lowercase(),
         ..Default::default()
     }
 }
@@ -191,14 +193,18 @@ impl Daemon {
         self.child.id().expect("running")
     }
 
+    /// (pod name, address) of every assignment; the pods' names are the
+    /// container ids [`add_request`] gave.
     pub async fn assignments(&self) -> Vec<(String, Ipv4Addr)> {
         let v = get(self.introspection, "/v1/assignments").await.unwrap();
         v.as_array()
             .unwrap()
             .iter()
             .map(|a| {
+                // `add_request` names the pod after the container id.
+                let pod = a["pod"].as_str().expect("a pod name");
                 (
-                    a["container_id"].as_str().unwrap().to_string(),
+                    pod.strip_prefix("default/").unwrap_or(pod).to_string(),
                     a["ip"].as_str().unwrap().parse().unwrap(),
                 )
             })
