@@ -121,6 +121,35 @@ pub fn assignments(pool: &Pool) -> serde_json::Value {
 }
 
 #[derive(serde::Deserialize)]
+struct ExplainQuery {
+    /// `NAMESPACE/NAME`; absent: the next ADD.
+    pod: Option<String>,
+}
+
+/// `GET /v1/explain[?pod=NAMESPACE/NAME]`: see [`Ipam::explain`]; 400 for a
+/// `pod` that is not `NAMESPACE/NAME`.
+async fn explain(
+    State(i): State<Arc<Ipam>>,
+    Query(q): Query<ExplainQuery>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let pod = match q.pod.as_deref() {
+        None => None,
+        Some(s) => match crate::datastore::PodName::parse(s) {
+            Some(p) => Some(p),
+            None => {
+                return (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    format!("pod {s:?}: expected NAMESPACE/NAME"),
+                )
+                    .into_response()
+            }
+        },
+    };
+    Json(i.explain(pod.as_ref())).into_response()
+}
+
+#[derive(serde::Deserialize)]
 struct LatencyQuery {
     /// Start a new measuring window after answering.
     reset: Option<bool>,
@@ -152,6 +181,7 @@ pub fn router(ipam: Arc<Ipam>) -> Router {
                 },
             ),
         )
+        .route("/v1/explain", get(explain))
         .route("/metrics", get(crate::metrics::handler))
         .route(
             "/healthz",

@@ -192,6 +192,76 @@ impl Ipam {
         }
     }
 
+    /// Why `pod` has an address or not, or (`None`) why the next ADD would
+    /// get one or not: a verdict, its message and the facts behind it (see
+    /// [`crate::explain`]).
+    pub fn explain(&self, pod: Option<&PodName>) -> crate::explain::Explanation {
+        use crate::explain::{Explanation, Held, Verdict};
+        let mut facts = self.pool.facts();
+        facts.not_ready_because = self.readiness().err().unwrap_or_default();
+        let held: Vec<Held> = match pod {
+            None => vec![],
+            Some(pod) => self.pool.read(|p| {
+                p.pods
+                    .iter()
+                    .filter(|(_, name)| *name == pod)
+                    .filter_map(|(k, _)| {
+                        let (ip, interface) = match p.ds.lookup(k) {
+                            Some(place) => (place.ip, Some(place.interface_id.clone())),
+                            None => (*p.unconfirmed.get(k)?, None),
+                        };
+                        Some(Held {
+                            network: k.network.clone(),
+                            ifname: k.ifname.clone(),
+                            ip,
+                            confirmed: interface.is_some(),
+                            interface,
+                        })
+                    })
+                    .collect()
+            }),
+        };
+        let (verdict, mut message) = facts.next_add();
+        let (subject, verdict, message) = match pod {
+            None => ("the next ADD".to_string(), verdict, message),
+            Some(pod) if !held.is_empty() => {
+                let list: Vec<String> = held
+                    .iter()
+                    .map(|h| {
+                        let on = h.interface.as_deref().unwrap_or(
+                            "an interface the cloud's last answer did not show (held until seen again)",
+                        );
+                        format!("{} on {} ({} {})", h.ip, on, h.network, h.ifname)
+                    })
+                    .collect();
+                (
+                    format!("pod {pod}"),
+                    Verdict::Assigned,
+                    format!("{pod} holds {}", list.join(", ")),
+                )
+            }
+            Some(pod) => {
+                message = format!("no address is assigned to {pod}; an ADD now: {message}");
+                (format!("pod {pod}"), verdict, message)
+            }
+        };
+        let message = if facts.not_ready_because.is_empty() {
+            message
+        } else {
+            format!(
+                "{message}; ipamd is not ready: {}",
+                facts.not_ready_because.join("; ")
+            )
+        };
+        Explanation {
+            subject,
+            verdict,
+            message,
+            held,
+            facts,
+        }
+    }
+
     /// How long after the process started ipamd was first ready; `None`
     /// until it has been.
     pub fn ready_after(&self) -> Option<std::time::Duration> {

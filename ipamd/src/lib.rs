@@ -3,6 +3,7 @@
 pub mod config;
 pub mod datastore;
 pub mod exit;
+pub mod explain;
 pub mod factory;
 pub mod hostnet;
 pub mod introspect;

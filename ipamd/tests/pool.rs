@@ -552,7 +552,7 @@ async fn an_add_at_the_cap_waits_for_a_cooldown_or_says_when_it_ends() {
     node.ipam.del(key("a")).await.unwrap();
     let err = node.ipam.add(key("c")).await.unwrap_err().to_string();
     assert!(err.contains("max pods (2)"), "{err}");
-    assert!(err.contains("1 addresses are cooling down"), "{err}");
+    assert!(err.contains("1 cooling down"), "{err}");
     assert!(err.contains("the next is free in"), "{err}");
     node.stop().await;
 }

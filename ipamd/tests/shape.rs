@@ -76,7 +76,7 @@ async fn the_pool_works_and_restarts_without_any_provider() {
     );
     // Nothing left, and nobody to grow the pool: the ADD says so.
     let err = pool.add(key("c")).await.unwrap_err().to_string();
-    assert!(err.contains("no address available"), "{err}");
+    assert!(err.contains("not enough IPs available"), "{err}");
     pool.del(key("a")).await.unwrap();
     drop(pool);
 

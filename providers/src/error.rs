@@ -25,6 +25,11 @@ pub enum ProviderError {
     NotFound(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The cloud refused for lack of permission (EC2
+    /// `UnauthorizedOperation`, `AuthFailure`; ARM 403): an operator must
+    /// grant it, so it is not retried sooner than any other failure.
+    #[error("permission denied: {0}")]
+    Denied(String),
     /// A 5xx from the cloud.
     #[error("cloud server error: {0}")]
     Server(String),
@@ -54,6 +59,7 @@ impl ProviderError {
             Self::Unsupported(_) => "unsupported",
             Self::NotFound(_) => "not_found",
             Self::Invalid(_) => "invalid",
+            Self::Denied(_) => "permission_denied",
             Self::Server(_) => "server",
             Self::Timeout { .. } => "timeout",
             Self::Transport(_) => "transport",

@@ -135,6 +135,8 @@ pub enum FaultKind {
     Throttle,
     /// A 5xx; nothing happens.
     ServerError,
+    /// UnauthorizedOperation: the caller lacks the permission; nothing happens.
+    PermissionDenied,
     /// The call hangs, then times out. `applied`: the operation took effect
     /// before the answer was lost, the nastiest case for a client.
     Timeout { applied: bool },
@@ -309,6 +311,9 @@ impl Vpc {
         match fault {
             Some(FaultKind::ServerError) => Err(ProviderError::Server(format!(
                 "{api}: InternalError (injected)"
+            ))),
+            Some(FaultKind::PermissionDenied) => Err(ProviderError::Denied(format!(
+                "{api}: UnauthorizedOperation: You are not authorized to perform this operation (injected)"
             ))),
             other => Ok(other),
         }

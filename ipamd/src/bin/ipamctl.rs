@@ -1,20 +1,70 @@
-//! ipamctl: talk to ipamd over its socket, as the CNI plugin does. For
-//! operators and demos: add or delete an attachment, check health.
+//! ipamctl: the node's pool from a shell. Reads ipamd's loopback
+//! introspection (`status`, `interfaces`, `assignments`, `explain`: a table,
+//! or `--json`), and calls its socket as the CNI plugin does (`add`, `del`).
+//!
+//! Exit status: 0 on an answer, 1 when ipamd refuses a call, 64 for bad
+//! arguments, 69 when ipamd cannot be reached.
+
+use std::fmt::Write as _;
 
 use clap::{Parser, Subcommand};
+use http_body_util::BodyExt;
 use ipamd_api::v1::{AddNetworkRequest, DelNetworkRequest};
+use serde_json::Value;
 
 #[derive(Parser)]
-#[command(version, about = "Client for ipamd's unix socket")]
+#[command(
+    version,
+    about = "The node's IP pool: status, interfaces, assignments, explain; add/del"
+)]
 struct Cli {
-    #[arg(long, env = "IPAMD_SOCKET", default_value = ipamd_api::DEFAULT_SOCKET)]
+    /// ipamd's gRPC socket (add, del).
+    #[arg(long, global = true, env = "IPAMD_SOCKET", default_value = ipamd_api::DEFAULT_SOCKET)]
     socket: std::path::PathBuf,
+    /// ipamd's introspection address (status, interfaces, assignments, explain).
+    #[arg(
+        long,
+        global = true,
+        env = "IPAMD_INTROSPECTION_ADDR",
+        default_value = "127.0.0.1:61679"
+    )]
+    introspection: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The pool at a glance: readiness, counts, limits, why it cannot grow,
+    /// the cloud calls.
+    Status {
+        /// The whole `/v1/pool` answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every interface with its addresses by state.
+    Interfaces {
+        /// `/v1/interfaces` as JSON (every address and its state).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every assignment: pod, address, interface.
+    Assignments {
+        /// `/v1/assignments` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Why POD (NAMESPACE/NAME) has an address or not; without POD, why the
+    /// next ADD would get one or not.
+    Explain {
+        pod: Option<String>,
+        /// The verdict with every fact behind it, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Same as `status --json` (kept for scripts).
+    #[command(hide = true)]
+    Pool,
     /// Ask for an address for CONTAINER_ID; prints the reply as JSON.
     Add {
         container_id: String,
@@ -22,24 +72,9 @@ enum Cmd {
         ifname: String,
         #[arg(long, default_value = "vpc-cni")]
         network: String,
-    },
-    /// Print the pool summary from ipamd's introspection endpoint.
-    Pool {
-        #[arg(
-            long,
-            env = "IPAMD_INTROSPECTION_ADDR",
-            default_value = "127.0.0.1:61679"
-        )]
-        introspection: String,
-    },
-    /// Print every interface and the state of each address.
-    Interfaces {
-        #[arg(
-            long,
-            env = "IPAMD_INTROSPECTION_ADDR",
-            default_value = "127.0.0.1:61679"
-        )]
-        introspection: String,
+        /// The pod, NAMESPACE/NAME, as the runtime's CNI_ARGS would name it.
+        #[arg(long)]
+        pod: Option<String>,
     },
     /// Release CONTAINER_ID's address.
     Del {
@@ -51,73 +86,333 @@ enum Cmd {
     },
 }
 
-/// GET on the loopback introspection server; prints the JSON body.
-fn introspect(addr: &str, path: &str) -> ! {
-    use std::io::{Read, Write};
-    let fetch = || -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: ipamd\r\n\r\n").as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
+/// Ends the process: `code` with `msg` on stderr.
+fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
+    eprintln!("ipamctl: {msg}");
+    std::process::exit(code)
+}
+
+/// GET `path` from the introspection server (hyper, HTTP/1.1): the JSON
+/// body of a 200, else exit 69 (unreachable) or 1 (an error answer).
+async fn fetch(addr: &str, path: &str) -> Value {
+    let unreachable = |e: &dyn std::fmt::Display| -> ! {
+        fail(
+            69,
+            format!("introspection at {addr}: {e} (is ipamd running, with introspection on?)"),
+        )
     };
-    match fetch() {
-        Ok(resp) => {
-            let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-            match serde_json::from_str::<serde_json::Value>(body) {
-                Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-                Err(_) => println!("{body}"),
+    let stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => unreachable(&e),
+    };
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut send, conn) = match hyper::client::conn::http1::handshake(io).await {
+        Ok(x) => x,
+        Err(e) => unreachable(&e),
+    };
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, "ipamd")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("a valid request");
+    let resp = match send.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => unreachable(&e),
+    };
+    let status = resp.status();
+    let body = match resp.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => unreachable(&e),
+    };
+    let text = String::from_utf8_lossy(&body);
+    if !status.is_success() {
+        fail(1, format!("{path}: {status}: {}", text.trim()));
+    }
+    serde_json::from_str(&text).unwrap_or_else(|e| fail(1, format!("{path}: not JSON: {e}")))
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&width).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ");
             }
-            std::process::exit(0)
         }
-        Err(e) => {
-            eprintln!("ipamctl: introspection at {addr}: {e} (is ipamd running?)");
-            std::process::exit(69)
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// A JSON value as a table cell: strings bare, null as `-`.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+fn status_text(p: &Value) -> String {
+    let mut out = String::new();
+    let i = &p["instance"];
+    let c = &p["counts"];
+    let _ = writeln!(
+        out,
+        "instance   {} ({}, {}), provider {}, node side {}",
+        cell(&i["id"]),
+        cell(&i["type"]),
+        cell(&i["zone"]),
+        cell(&p["provider"]),
+        cell(&p["node_side"])
+    );
+    let ready = if p["ready"] == true {
+        "yes".to_string()
+    } else {
+        let why: Vec<String> = p["not_ready_because"]
+            .as_array()
+            .map(|a| a.iter().map(cell).collect())
+            .unwrap_or_default();
+        format!("no: {}", why.join("; "))
+    };
+    let _ = writeln!(out, "ready      {ready}");
+    let _ = writeln!(
+        out,
+        "limits     {} interfaces x {} addresses",
+        cell(&i["max_interfaces"]),
+        cell(&i["ipv4_per_interface"])
+    );
+    let _ = writeln!(
+        out,
+        "pool       {} interfaces, {} addresses: {} assigned, {} cooling, {} free ({} assignable); {} ADDs waiting",
+        cell(&c["interfaces"]),
+        cell(&c["total"]),
+        cell(&c["assigned"]),
+        cell(&c["cooling"]),
+        cell(&c["available"]),
+        cell(&c["assignable"]),
+        cell(&p["waiting"])
+    );
+    let s = &p["status"];
+    if !s["blocked"].is_null() {
+        let _ = writeln!(out, "blocked    {}", s["blocked"]);
+    }
+    if !s["last_error"].is_null() {
+        let _ = writeln!(
+            out,
+            "last error {} ({})",
+            cell(&s["last_error"]),
+            cell(&s["last_error_kind"])
+        );
+    }
+    if let Some(api) = p["provider_api"].as_object().filter(|a| !a.is_empty()) {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = api
+            .iter()
+            .map(|(name, a)| {
+                vec![
+                    name.clone(),
+                    cell(&a["calls"]),
+                    cell(&a["retries"]),
+                    cell(&a["throttles"]),
+                    cell(&a["errors"]),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["API", "CALLS", "RETRIES", "THROTTLED", "ERRORS"],
+            &rows,
+        ));
+    }
+    out
+}
+
+fn interfaces_text(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            let count = |state: &str| {
+                i["addresses"]
+                    .as_array()
+                    .map_or(0, |a| a.iter().filter(|x| x["state"] == state).count())
+                    .to_string()
+            };
+            let mut flags = vec![];
+            if i["ready"] != true {
+                flags.push("node side pending");
+            }
+            if i["draining"] == true {
+                flags.push("draining");
+            }
+            vec![
+                cell(&i["id"]),
+                cell(&i["device_index"]),
+                cell(&i["subnet_id"]),
+                cell(&i["primary_ip"]),
+                count("assigned"),
+                count("cooling"),
+                count("free"),
+                if flags.is_empty() {
+                    "-".into()
+                } else {
+                    flags.join(", ")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "INTERFACE",
+            "DEVICE",
+            "SUBNET",
+            "PRIMARY IP",
+            "ASSIGNED",
+            "COOLING",
+            "FREE",
+            "NOTES",
+        ],
+        &rows,
+    )
+}
+
+fn assignments_text(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            vec![
+                cell(&a["pod"]),
+                cell(&a["ip"]),
+                if a["confirmed"] == true {
+                    cell(&a["interface"])
+                } else {
+                    "(unconfirmed)".into()
+                },
+                format!("{}/{}", cell(&a["network"]), cell(&a["ifname"])),
+            ]
+        })
+        .collect();
+    table(&["POD", "IP", "INTERFACE", "NETWORK/IFNAME"], &rows)
+}
+
+fn explain_text(e: &Value) -> String {
+    let mut out = format!(
+        "{}: {}\n{}\n",
+        cell(&e["subject"]),
+        cell(&e["verdict"]),
+        cell(&e["message"])
+    );
+    if let Some(f) = e["facts"].as_object() {
+        out.push_str("\nfacts:\n");
+        for (k, v) in f {
+            if !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) {
+                let _ = writeln!(out, "  {k}: {}", cell(v));
+            }
         }
+    }
+    out
+}
+
+fn print(json: bool, v: &Value, text: fn(&Value) -> String) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(v).expect("JSON values print")
+        );
+    } else {
+        print!("{}", text(v));
     }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        if e.use_stderr() {
+            eprint!("{e}");
+            std::process::exit(64)
+        }
+        e.exit()
+    });
+    let at = cli.introspection.as_str();
     match &cli.cmd {
-        Cmd::Pool { introspection } => introspect(introspection, "/v1/pool"),
-        Cmd::Interfaces { introspection } => introspect(introspection, "/v1/interfaces"),
-        _ => {}
+        Cmd::Status { json } => return print(*json, &fetch(at, "/v1/pool").await, status_text),
+        Cmd::Pool => return print(true, &fetch(at, "/v1/pool").await, status_text),
+        Cmd::Interfaces { json } => {
+            return print(*json, &fetch(at, "/v1/interfaces").await, interfaces_text)
+        }
+        Cmd::Assignments { json } => {
+            return print(*json, &fetch(at, "/v1/assignments").await, assignments_text)
+        }
+        Cmd::Explain { pod, json } => {
+            let path = match pod {
+                None => "/v1/explain".to_string(),
+                Some(p) => match ipamd::datastore::PodName::parse(p) {
+                    Some(p) => format!("/v1/explain?pod={}/{}", p.namespace, p.name),
+                    None => fail(64, format!("{p:?}: expected NAMESPACE/NAME")),
+                },
+            };
+            return print(*json, &fetch(at, &path).await, explain_text);
+        }
+        Cmd::Add { .. } | Cmd::Del { .. } => {}
     }
     let mut client = match ipamd_api::client(&cli.socket).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("ipamctl: {e}");
-            std::process::exit(69);
-        }
+        Err(e) => fail(69, e),
     };
     let out = match cli.cmd {
-        Cmd::Pool { .. } | Cmd::Interfaces { .. } => unreachable!("answered above"),
         Cmd::Add {
             container_id,
             ifname,
             network,
-        } => client
-            .add_network(AddNetworkRequest {
-                network_name: network,
-                container_id,
-                ifname,
-                ..Default::default()
-            })
-            .await
-            .map(|r| {
-                let r = r.into_inner();
-                let i = r.interface.unwrap_or_default();
-                serde_json::json!({
-                    "ip": r.ipv4_address,
-                    "interface": i.id,
-                    "device_number": i.device_number,
-                    "route_table": i.route_table,
-                    "vpc_cidrs": r.vpc_cidrs,
-                    "node_ip": r.node_ip,
+            pod,
+        } => {
+            let (pod_namespace, pod_name) =
+                match pod.as_deref().map(ipamd::datastore::PodName::parse) {
+                    None => Default::default(),
+                    Some(Some(p)) => (p.namespace, p.name),
+                    Some(None) => fail(64, "--pod: expected NAMESPACE/NAME"),
+                };
+            client
+                .add_network(AddNetworkRequest {
+                    network_name: network,
+                    container_id,
+                    ifname,
+                    pod_namespace,
+                    pod_name,
+                    ..Default::default()
                 })
-            }),
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    let i = r.interface.unwrap_or_default();
+                    serde_json::json!({
+                        "ip": r.ipv4_address,
+                        "interface": i.id,
+                        "device_number": i.device_number,
+                        "route_table": i.route_table,
+                        "vpc_cidrs": r.vpc_cidrs,
+                        "node_ip": r.node_ip,
+                    })
+                })
+        }
         Cmd::Del {
             container_id,
             ifname,
@@ -134,12 +429,10 @@ async fn main() {
                 let r = r.into_inner();
                 serde_json::json!({"found": r.found, "ip": r.ipv4_address})
             }),
+        _ => unreachable!("answered above"),
     };
     match out {
         Ok(v) => println!("{v}"),
-        Err(s) => {
-            eprintln!("ipamctl: {:?}: {}", s.code(), s.message());
-            std::process::exit(1);
-        }
+        Err(s) => fail(1, format!("{:?}: {}", s.code(), s.message())),
     }
 }

@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Settings;
 use crate::datastore::{route_table, Datastore, Placement, PodKey, PodName};
+use crate::explain::{Facts, GrowStatus};
 use crate::journal::{self, Journal, JournalError, Record, Replayed};
 use crate::netns::{NetnsRef, Verdict};
 
@@ -30,7 +31,13 @@ const MAX_NAP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
-    #[error("no address available after waiting {}s: {reason}", waited.as_secs_f32())]
+    /// Worded after the messages operators search for (aws-node's "failed
+    /// to assign an IP address to container", "not enough IPs available"),
+    /// and pointing at `ipamctl explain`.
+    #[error(
+        "failed to assign an IP address to container: not enough IPs available after waiting {}s: {reason} (run `ipamctl explain NAMESPACE/POD` on the node for the data behind this)",
+        waited.as_secs_f32()
+    )]
     Exhausted { waited: Duration, reason: String },
     #[error("could not record the assignment durably: {0}")]
     Journal(#[source] JournalError),
@@ -112,8 +119,8 @@ pub struct Pool {
     wake: Notify,
     changed: watch::Sender<u64>,
     waiting: AtomicU32,
-    /// Why the pool cannot grow now, as the reconciler last said.
-    cannot_grow: Mutex<Option<String>>,
+    /// What the reconciler last said about growing the pool.
+    grow: Mutex<GrowStatus>,
     /// Time spent answering AddNetwork / DelNetwork, transport excluded.
     pub add_latency: crate::latency::Recorder,
     pub del_latency: crate::latency::Recorder,
@@ -209,7 +216,7 @@ impl Pool {
             wake: Notify::new(),
             changed: watch::channel(0).0,
             waiting: AtomicU32::new(0),
-            cannot_grow: Mutex::new(None),
+            grow: Mutex::new(GrowStatus::default()),
             add_latency: Default::default(),
             del_latency: Default::default(),
             events: Default::default(),
@@ -547,39 +554,46 @@ impl Pool {
         }
     }
 
-    /// Records why the pool cannot grow (`None`: it can), for the message
-    /// of an ADD that waited in vain.
-    pub fn set_cannot_grow(&self, why: Option<String>) {
-        *self.cannot_grow.lock().expect("lock") = why;
+    /// Records what the reconciler last said about growing the pool, for
+    /// the message of an ADD that waited in vain and for explain.
+    pub fn set_grow_status(&self, status: GrowStatus) {
+        *self.grow.lock().expect("lock") = status;
     }
 
-    /// Why an ADD finds no address now.
-    ///
-    /// Addresses cooling down after a release are named with when the next
-    /// one is free: an ADD waits for it when that falls within its wait
-    /// (IPAMD_ADD_WAIT_SECONDS), and this says why it did not.
-    pub fn exhaustion_reason(&self) -> String {
+    /// The facts an explanation rests on, readiness aside (see
+    /// [`crate::explain`]).
+    pub fn facts(&self) -> Facts {
         let now = Instant::now();
-        let (cooling, next) = {
+        let grow = self.grow.lock().expect("lock").clone();
+        let (c, next) = {
             let st = self.lock();
-            (st.ds.counts(now).cooling, st.ds.next_cooldown_expiry(now))
+            (st.ds.counts(now), st.ds.next_cooldown_expiry(now))
         };
-        let cooling = match next {
-            Some(at) if cooling > 0 => Some(format!(
-                "{cooling} addresses are cooling down after a release (IP_COOLDOWN_PERIOD {}s); the next is free in {:.1}s, after this ADD's wait of {}s",
-                self.settings.cooldown.as_secs(),
-                at.saturating_duration_since(now).as_secs_f32(),
-                self.settings.add_wait.as_secs()
-            )),
-            _ => None,
-        };
-        let why = self.cannot_grow.lock().expect("lock").clone();
-        match (why, cooling) {
-            (Some(why), Some(c)) => format!("{why}; {c}"),
-            (Some(why), None) => why,
-            (None, Some(c)) => format!("every address is in use or cooling down: {c}"),
-            (None, None) => "the pool is still growing (the cloud has not answered yet)".into(),
+        let in_s = |t: Instant| t.saturating_duration_since(now).as_secs_f64();
+        Facts {
+            interfaces: c.interfaces,
+            assigned: c.assigned,
+            cooling: c.cooling,
+            assignable: c.assignable,
+            free_not_ready: c.available - c.assignable,
+            next_free_in_s: next.map(in_s),
+            cooldown_s: self.settings.cooldown.as_secs(),
+            add_wait_s: self.settings.add_wait.as_secs(),
+            waiting: self.waiting(),
+            blocked: grow.blocked,
+            last_error: grow.last_error,
+            last_error_kind: grow.last_error_kind,
+            retry_in_s: grow.retry_at.map(in_s),
+            not_ready_because: vec![],
         }
+    }
+
+    /// Why an ADD finds no address now (see [`crate::explain`]): assigned
+    /// and cooling addresses counted apart, and when the next is free,
+    /// which an ADD waits for when that falls within its wait
+    /// (IPAMD_ADD_WAIT_SECONDS).
+    pub fn exhaustion_reason(&self) -> String {
+        crate::explain::exhausted_reason(&self.facts())
     }
 
     /// Every assignment: pod key -> address.

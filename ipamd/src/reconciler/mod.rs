@@ -95,6 +95,9 @@ pub struct Status {
     /// Failures, by where they happened: an action's kind, `resync`,
     /// `node_setup`, `snat` or `journal`.
     pub errors_by_site: BTreeMap<&'static str, u64>,
+    /// When the run loop tries again after `last_error`.
+    #[serde(skip)]
+    pub retry_at: Option<Instant>,
 }
 
 /// The reconciler's own state.
@@ -198,17 +201,18 @@ impl Reconciler {
     /// Updates the status under its lock and tells the pool why it cannot
     /// grow (for the message of an ADD that waited in vain).
     fn update(&self, f: impl FnOnce(&mut Status)) {
-        let why = {
+        let grow = {
             let mut st = self.lock();
             f(&mut st.status);
             let s = &st.status;
-            s.blocked.as_ref().map(ToString::to_string).or_else(|| {
-                s.last_error
-                    .as_ref()
-                    .map(|e| format!("the pool cannot grow: {e}"))
-            })
+            crate::explain::GrowStatus {
+                blocked: s.blocked.clone(),
+                last_error: s.last_error.clone(),
+                last_error_kind: s.last_error_kind,
+                retry_at: s.retry_at,
+            }
         };
-        self.pool.set_cannot_grow(why);
+        self.pool.set_grow_status(grow);
     }
 
     /// Runs until `shutdown` turns true.
@@ -243,6 +247,7 @@ impl Reconciler {
                         s.last_error = Some(e.to_string());
                         s.last_error_kind = Some(e.label());
                         s.consecutive_errors += 1;
+                        s.retry_at = Some(Instant::now() + delay);
                     });
                     self.pool.publish();
                     tokio::select! {
@@ -337,6 +342,7 @@ impl Reconciler {
                 s.last_error = None;
                 s.last_error_kind = None;
                 s.consecutive_errors = 0;
+                s.retry_at = None;
             });
             self.pool.publish();
         }

@@ -320,6 +320,7 @@ pub mod inproc {
     use ipamd::config::Settings;
     use ipamd::datastore::PodKey;
     use ipamd::ipam::Ipam;
+    use providers::layer::CallLayer;
     use tokio::sync::watch;
     use vpc_sim::provider::Backend;
     use vpc_sim::{SimProvider, Vpc, VpcConfig};
@@ -337,9 +338,21 @@ pub mod inproc {
             env: &[(&str, &str)],
             journal: &std::path::Path,
         ) -> Node {
-            let provider = SimProvider::join(Backend::Local(vpc.clone()), "node-a", instance_type)
-                .await
-                .unwrap();
+            Self::start_with(vpc, instance_type, env, journal, CallLayer::ec2()).await
+        }
+
+        /// [`Node::start`] with the provider's calls through `layer`.
+        pub async fn start_with(
+            vpc: &Arc<Vpc>,
+            instance_type: &str,
+            env: &[(&str, &str)],
+            journal: &std::path::Path,
+            layer: CallLayer,
+        ) -> Node {
+            let provider =
+                SimProvider::join_with(Backend::Local(vpc.clone()), "node-a", instance_type, layer)
+                    .await
+                    .unwrap();
             let m: HashMap<&str, &str> = env.iter().copied().collect();
             let settings = Settings::from_source(&m).unwrap();
             let ipam = Ipam::start(Arc::new(provider), settings, journal)

@@ -51,6 +51,9 @@ pub fn classify(api: &str, code: &str, msg: &str, status: u16) -> ProviderError 
         | "PrivateIpAddressLimitExceeded"
         | "NetworkInterfaceLimitExceeded" => ProviderError::LimitExceeded(format!("{code}: {msg}")),
         c if c.ends_with(".NotFound") => ProviderError::NotFound(format!("{code}: {msg}")),
+        "UnauthorizedOperation" | "AuthFailure" | "AccessDenied" | "Blocked" | "OptInRequired" => {
+            ProviderError::Denied(format!("{api}: {code}: {msg}"))
+        }
         _ if status >= 500 => ProviderError::Server(format!("{api}: {code} {msg}")),
         _ => ProviderError::Invalid(format!("{api}: {code}: {msg}")),
     }
@@ -80,8 +83,31 @@ pub(super) fn with_context(e: ProviderError, ctx: impl Fn(&str) -> String) -> Pr
         E::Unsupported(m) => E::Unsupported(ctx(&m)),
         E::NotFound(m) => E::NotFound(ctx(&m)),
         E::Invalid(m) => E::Invalid(ctx(&m)),
+        E::Denied(m) => E::Denied(ctx(&m)),
         E::Server(m) => E::Server(ctx(&m)),
         E::Transport(m) => E::Transport(ctx(&m)),
         e @ (E::SubnetExhausted { .. } | E::InsufficientCidrBlocks { .. }) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ec2_codes_map_to_the_kinds_ipamd_acts_on() {
+        let k = |code, status| classify("CreateNetworkInterface", code, "m", status).metric_label();
+        assert_eq!(k("RequestLimitExceeded", 503), "throttled");
+        assert_eq!(k("UnauthorizedOperation", 403), "permission_denied");
+        assert_eq!(k("AuthFailure", 401), "permission_denied");
+        assert_eq!(
+            k("InsufficientFreeAddressesInSubnet", 400),
+            "subnet_exhausted"
+        );
+        assert_eq!(k("AttachmentLimitExceeded", 400), "limit");
+        assert_eq!(k("InvalidNetworkInterfaceID.NotFound", 400), "not_found");
+        assert_eq!(k("InternalError", 500), "server");
+        assert_eq!(k("InvalidParameterValue", 400), "invalid");
+        assert!(!classify("X", "UnauthorizedOperation", "m", 403).is_transient());
     }
 }
