@@ -426,7 +426,11 @@ async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     // pod that is going away. If it is down, tear down from prevResult; it
     // reclaims the address when it sees the pod gone.
     let prev = conf.prev_ipv4();
-    let (ip, table, held_elsewhere) = match ipamd(conf).await {
+    // `found`: ipamd released this attachment's address, so the rules of
+    // that address are this attachment's whatever link the host route
+    // names (a pod wired by aws-node before the node moved to vpc-cni has
+    // aws-node's veth name); otherwise they are judged on the host.
+    let (ip, table, held_elsewhere, found) = match ipamd(conf).await {
         Ok(mut c) => {
             let mut request = del_request(env, conf);
             request.prev_ipv4_address = prev.map(|ip| ip.to_string()).unwrap_or_default();
@@ -440,21 +444,26 @@ async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
                     r.ipv4_address.parse().ok(),
                     r.interface.map(|i| i.route_table),
                     false,
+                    true,
                 )
             } else {
-                (prev, None, r.prev_address_held_elsewhere)
+                (prev, None, r.prev_address_held_elsewhere, false)
             }
         }
         Err(e) => {
             warn!(error = %e, "ipamd unreachable on DEL; tearing down from prevResult");
-            (prev, None, false)
+            (prev, None, false, false)
         }
     };
     let host_veth = host_veth_name(conf.veth_prefix(), &env.container_id, &env.ifname);
     let host = datapath::handle_here().map_err(dp_err("netlink"))?;
     let netns = (!env.netns.is_empty()).then(|| Path::new(&env.netns));
     let mut errors = vec![];
-    let ip = ours(&host, &host_veth, ip, held_elsewhere, &mut errors).await;
+    let ip = if found {
+        ip
+    } else {
+        ours(&host, &host_veth, ip, held_elsewhere, &mut errors).await
+    };
     errors.extend(datapath::del(&host, &host_veth, netns, ip, table).await);
     if !errors.is_empty() {
         return Err(CniError::Datapath(Msg::new(

@@ -11,6 +11,7 @@ pub mod ipam;
 pub mod journal;
 pub mod latency;
 pub mod metrics;
+pub mod migrate;
 pub mod netns;
 pub mod node;
 pub mod ownership;

@@ -49,6 +49,19 @@ struct Cli {
     /// introspection address).
     #[arg(long, env = "IPAMD_METRICS_ADDR", default_value = "0.0.0.0:61678")]
     metrics: String,
+    /// aws-node's checkpoint, imported on ipamd's first start on a node (no
+    /// journal yet) so that pods wired by aws-node keep their addresses;
+    /// "off" never imports.
+    #[arg(
+        long,
+        env = "IPAMD_AWS_NODE_CHECKPOINT",
+        default_value = ipamd::migrate::DEFAULT_CHECKPOINT
+    )]
+    aws_node_checkpoint: String,
+    /// The `name` of vpc-cni's network configuration (conflist): the
+    /// network under which imported aws-node pods' DELs will arrive.
+    #[arg(long, env = "IPAMD_CNI_NETWORK_NAME", default_value = "vpc-cni")]
+    cni_network_name: String,
     /// sim: address of a shared vpc-sim server (unix:/path or 127.0.0.1:PORT).
     /// Without it ipamd runs an embedded simulated VPC.
     #[arg(long, env = "SIM_SERVER")]
@@ -157,6 +170,9 @@ impl Config {
                 }
             },
         };
+        if let Err(e) = ipamd_api::names::check_id("network name", &cli.cni_network_name) {
+            bad.push(format!("--cni-network-name / IPAMD_CNI_NETWORK_NAME: {e}"));
+        }
         let metrics = match cli.metrics.as_str() {
             "off" | "" => None,
             a => match a.parse::<SocketAddr>() {
@@ -277,9 +293,18 @@ async fn run(config: Config) -> Result<(), Fatal> {
         info!("stopped before start-up finished");
         return Ok(());
     };
-    // 4. The pool, restored from the journal onto what the cloud says;
-    // 5. the node side around it.
+    // 4. The pool, restored from the journal onto what the cloud says
+    // (on a node's first start, from aws-node's checkpoint); 5. the node
+    // side around it.
     let journal = cli.state_dir.join("ipamd.journal");
+    if cli.aws_node_checkpoint != "off" {
+        ipamd::migrate::import_on_first_start(
+            std::path::Path::new(&cli.aws_node_checkpoint),
+            &journal,
+            &cli.cni_network_name,
+        )
+        .map_err(|e| Fatal::Unavailable(e.to_string()))?;
+    }
     let started = with_retries(
         "pool restore",
         &mut signal,

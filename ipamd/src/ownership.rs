@@ -1,5 +1,7 @@
-//! Which interfaces ipamd may manage: the instance's primary interface and
-//! the interfaces ipamd created (its owner tag), unless tagged
+//! Which interfaces ipamd may manage: the instance's primary interface, the
+//! interfaces ipamd created (its owner tag) and those aws-node created for
+//! this instance (aws-node's `node.k8s.amazonaws.com/instance_id` tag: a
+//! node moved from aws-node keeps using them), unless tagged
 //! `node.k8s.amazonaws.com/no_manage=true` (aws-node's tag). Any other
 //! interface (another controller's, an operator's) is left untouched: its
 //! addresses are never handed out or counted, it is never shrunk, detached
@@ -7,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use providers::tags::{INSTANCE, NO_MANAGE, OWNER, OWNER_VALUE};
+use providers::tags::{AWS_NODE_INSTANCE, INSTANCE, NO_MANAGE, OWNER, OWNER_VALUE};
 use providers::Interface;
 use tracing::{info, warn};
 
@@ -21,7 +23,8 @@ pub fn managed(i: &Interface, instance_id: &str) -> bool {
     if tag(NO_MANAGE).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         return false;
     }
-    tag(OWNER) == Some(OWNER_VALUE) && tag(INSTANCE).is_none_or(|id| id == instance_id)
+    let ours = tag(OWNER) == Some(OWNER_VALUE) && tag(INSTANCE).is_none_or(|id| id == instance_id);
+    ours || tag(AWS_NODE_INSTANCE) == Some(instance_id)
 }
 
 /// Splits the cloud's interfaces into those for the pool and the foreign
@@ -104,6 +107,13 @@ mod tests {
         }
         assert!(managed(
             &iface(1, &[(OWNER, OWNER_VALUE), (NO_MANAGE, "false")]),
+            "i-1"
+        ));
+        // aws-node's, for this instance: taken over; for another: not.
+        assert!(managed(&iface(1, &[(AWS_NODE_INSTANCE, "i-1")]), "i-1"));
+        assert!(!managed(&iface(1, &[(AWS_NODE_INSTANCE, "i-2")]), "i-1"));
+        assert!(!managed(
+            &iface(1, &[(AWS_NODE_INSTANCE, "i-1"), (NO_MANAGE, "true")]),
             "i-1"
         ));
     }

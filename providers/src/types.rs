@@ -141,4 +141,8 @@ pub mod tags {
     /// On an interface: "true" tells ipamd to leave it alone (aws-node's
     /// tag and meaning: its addresses are never used, it is never freed).
     pub const NO_MANAGE: &str = "node.k8s.amazonaws.com/no_manage";
+    /// aws-node's tag on the interfaces it creates: the instance's id. An
+    /// interface so tagged for this instance is taken over by ipamd when a
+    /// node moves from aws-node (see ipamd's `migrate`).
+    pub const AWS_NODE_INSTANCE: &str = "node.k8s.amazonaws.com/instance_id";
 }

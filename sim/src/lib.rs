@@ -82,6 +82,12 @@ pub enum Request {
         zone: String,
         tags: BTreeMap<String, String>,
     },
+    /// Replaces an interface's tags, as an operator or another controller
+    /// (aws-node) would have left them.
+    SetInterfaceTags {
+        interface_id: String,
+        tags: BTreeMap<String, String>,
+    },
     InjectFault(Fault),
     ClearFaults,
     DumpState,
@@ -538,6 +544,10 @@ impl Vpc {
                         tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                     s.add_subnet(&id, &cidr, &zone, &tags)
                 })?;
+                Reply::Done
+            }
+            Request::SetInterfaceTags { interface_id, tags } => {
+                self.mutate(|s| s.set_interface_tags(&interface_id, tags))?;
                 Reply::Done
             }
             Request::InjectFault(f) => {

@@ -276,6 +276,12 @@ impl VpcState {
             .ok_or_else(|| ProviderError::NotFound(format!("instance {id}")))
     }
 
+    /// Replaces interface `id`'s tags.
+    pub fn set_interface_tags(&mut self, id: &str, tags: BTreeMap<String, String>) -> Result<()> {
+        self.interface_mut(id)?.tags = tags;
+        Ok(())
+    }
+
     fn interface_mut(&mut self, id: &str) -> Result<&mut InterfaceState> {
         self.interfaces
             .get_mut(id)

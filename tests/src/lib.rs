@@ -353,6 +353,11 @@ impl Node {
     pub fn name(&self) -> &str {
         &self.ns.name
     }
+
+    /// ipamd's `--state-dir` (its journal and lock).
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
 }
 
 /// A pod wired by vpc-cni.
