@@ -153,10 +153,55 @@ async fn metrics_after_adds_a_full_node_a_del_and_throttling() {
         text.lines().filter(|l| l.starts_with("# TYPE")).count()
     );
 
+    // The Grafana dashboard shipped with the chart asks only for series
+    // this exposition has.
+    let mut known = std::collections::BTreeSet::new();
+    for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut w = l.split_whitespace().skip(2);
+        let (name, kind) = (w.next().unwrap(), w.next().unwrap());
+        known.insert(name.to_string());
+        if kind == "histogram" {
+            for s in ["_bucket", "_sum", "_count"] {
+                known.insert(format!("{name}{s}"));
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("charts/vpc-cni/files/grafana-dashboard.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut ids = std::collections::BTreeSet::new();
+    let mut used = 0;
+    for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().expect("a panel id")),
+            "duplicate id"
+        );
+        assert!(!p["title"].as_str().unwrap_or_default().is_empty());
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("an expr");
+            let names = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("awscni_") || w.starts_with("vpc_cni_"));
+            for name in names {
+                assert!(
+                    known.contains(name),
+                    "panel {:?} asks for {name}, which /metrics lacks",
+                    p["title"]
+                );
+                used += 1;
+            }
+        }
+    }
+    assert!(used >= 20, "{used}");
+
     // promtool: no finding beyond the listed ones from aws-node's names.
     let file = dir.path().join("metrics.txt");
     std::fs::write(&file, &text).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check-metrics.sh");
+    let script = root.join("scripts/check-metrics.sh");
     let out = std::process::Command::new(script)
         .arg(&file)
         .output()
