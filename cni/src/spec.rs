@@ -8,7 +8,9 @@ use ipamd_api::names;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-pub const SUPPORTED: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
+/// 0.3.0 and 0.3.1 because Calico's and Cilium's chaining guides write
+/// conflists at 0.3.1 with vpc-cni first.
+pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// Error codes from the CNI spec.
 pub mod code {
@@ -398,7 +400,9 @@ impl AddResult {
             "gateway": self.gateway.to_string(),
             "interface": 1,
         });
-        if version == "0.4.0" {
+        // Before 1.0.0 each IP names its family (spec 0.3.x and 0.4.0,
+        // "IP Allocation": `version`).
+        if matches!(version, "0.3.0" | "0.3.1" | "0.4.0") {
             ip["version"] = json!("4");
         }
         json!({
@@ -553,8 +557,13 @@ mod tests {
             NetConf::parse(b"{not json").unwrap_err().code(),
             code::DECODE_FAILURE
         );
-        let e = NetConf::parse(br#"{"cniVersion":"0.3.1","name":"n"}"#).unwrap_err();
+        let e = NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n"}"#).unwrap_err();
         assert_eq!(e.code(), code::INCOMPATIBLE_VERSION);
+        for v in ["0.3.0", "0.3.1"] {
+            let c =
+                NetConf::parse(format!(r#"{{"cniVersion":"{v}","name":"n"}}"#).as_bytes()).unwrap();
+            assert_eq!(c.cni_version, v);
+        }
         let e = NetConf::parse(
             br#"{"cniVersion":"1.0.0","name":"","mtu":10,"vethPrefix":"toolong","vethQueues":0}"#,
         )
@@ -591,6 +600,14 @@ mod tests {
         let v04 = r.to_json("0.4.0");
         assert_eq!(v04["ips"][0]["version"], "4");
         assert_eq!(v04["cniVersion"], "0.4.0");
+        // 0.3.x: the same shape as 0.4.0, per-IP `version` included.
+        for v in ["0.3.0", "0.3.1"] {
+            let old = r.to_json(v);
+            assert_eq!(old["cniVersion"], v);
+            assert_eq!(old["ips"][0]["version"], "4");
+            assert_eq!(old["ips"][0]["interface"], 1);
+            assert_eq!(old["ips"][0]["address"], "10.0.0.5/32");
+        }
         let conf = NetConf::parse(
             serde_json::to_vec(&json!({"cniVersion": "1.0.0", "name": "n", "prevResult": v1}))
                 .unwrap()

@@ -88,7 +88,7 @@ async fn status_gc_version_and_error_codes() {
     assert!(r.ok);
     assert_eq!(
         r.json()["supportedVersions"],
-        json!(["0.4.0", "1.0.0", "1.1.0"])
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
 
     // STATUS follows ipamd's readiness latch.
