@@ -1,6 +1,7 @@
-//! ipamd's settings from the environment, under aws-node's names so a
-//! cluster moves over without rewriting them. Every bad setting is reported
-//! at once; the daemon exits 64 (EX_USAGE) on any.
+//! ipamd's settings from the environment, under aws-node's names and with
+//! aws-node's meanings (see [`crate::awsnode`]) so a cluster moves over
+//! without rewriting them. Every bad setting is reported at once; the
+//! daemon exits 64 (EX_USAGE) on any.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -53,6 +54,9 @@ pub const KNOWN_VARS: &[&str] = &[
     "IPAMD_RECLAIM_GONE_NETNS",
     "AWS_VPC_K8S_CNI_VETHPREFIX",
     "IPAMD_LEAKED_INTERFACE_GC_SECONDS",
+    "ENABLE_SUBNET_DISCOVERY",
+    "DISABLE_LEAKED_ENI_CLEANUP",
+    "ADDITIONAL_ENI_TAGS",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -72,6 +76,14 @@ pub struct Settings {
     pub veth_prefix: String,
     /// How often (jittered) leaked interfaces of ours are looked for.
     pub leaked_gc_interval: Duration,
+    /// Whether leaked interfaces are looked for at all
+    /// (DISABLE_LEAKED_ENI_CLEANUP=true turns it off).
+    pub leaked_gc: bool,
+    /// New interfaces may go to subnets tagged `kubernetes.io/role/cni`
+    /// (ENABLE_SUBNET_DISCOVERY, default true); else the node's subnet only.
+    pub subnet_discovery: bool,
+    /// Extra tags for new interfaces (ADDITIONAL_ENI_TAGS).
+    pub additional_tags: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Settings {
@@ -86,6 +98,9 @@ impl Default for Settings {
             reclaim_gone_netns: true,
             veth_prefix: "eni".into(),
             leaked_gc_interval: Duration::from_secs(600),
+            leaked_gc: true,
+            subnet_discovery: true,
+            additional_tags: Default::default(),
         }
     }
 }
@@ -122,14 +137,21 @@ impl Reader<'_> {
         }
     }
 
+    /// A whole number where 0 means unset (aws-node's WARM_IP_TARGET and
+    /// MINIMUM_IP_TARGET).
+    fn uint_or_unset(&mut self, key: &str) -> Option<u32> {
+        self.uint(key).filter(|n| *n > 0)
+    }
+
+    /// Go's `strconv.ParseBool`, as aws-node reads booleans.
     fn boolean(&mut self, key: &str) -> Option<bool> {
         let v = self.raw(key)?;
-        match v.to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" => Some(true),
-            "false" | "0" | "no" => Some(false),
-            _ => {
-                self.problems
-                    .push(format!("{key}={v:?}: expected true or false"));
+        match crate::awsnode::parse_bool(&v) {
+            Some(b) => Some(b),
+            None => {
+                self.problems.push(format!(
+                    "{key}={v:?}: expected true or false (1, t, TRUE, true, True, 0, f, FALSE, false, False)"
+                ));
                 None
             }
         }
@@ -144,19 +166,51 @@ impl Settings {
             problems: vec![],
         };
         let d = Settings::default();
+        r.problems.extend(crate::awsnode::check(src).refusals);
         let warm_eni = r.uint("WARM_ENI_TARGET");
-        let warm_ip = r.uint("WARM_IP_TARGET");
-        let min_ip = r.uint("MINIMUM_IP_TARGET");
+        let warm_ip = r.uint_or_unset("WARM_IP_TARGET");
+        let min_ip = r.uint_or_unset("MINIMUM_IP_TARGET");
         let warm_prefix = r.uint("WARM_PREFIX_TARGET");
         let pd = r.boolean("ENABLE_PREFIX_DELEGATION").unwrap_or(false);
-        let max_eni = r.uint("MAX_ENI");
+        // aws-node: 0 or negative (its default is -1) is the instance's limit.
+        let max_eni = match r.raw("MAX_ENI") {
+            None => None,
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if n <= 0 => None,
+                Ok(n) => Some(u32::try_from(n).unwrap_or(u32::MAX)),
+                Err(_) => {
+                    r.problems
+                        .push(format!("MAX_ENI={v:?}: expected a whole number"));
+                    None
+                }
+            },
+        };
+        let subnet_discovery = r.boolean("ENABLE_SUBNET_DISCOVERY").unwrap_or(true);
+        let leaked_gc = !r.boolean("DISABLE_LEAKED_ENI_CLEANUP").unwrap_or(false);
+        let mut additional_tags = std::collections::BTreeMap::new();
+        if let Some(json) = r.raw("ADDITIONAL_ENI_TAGS") {
+            match serde_json::from_str::<std::collections::BTreeMap<String, String>>(&json) {
+                Ok(tags) => {
+                    // aws-node skips its own keys; ours are ipamd's to set.
+                    additional_tags = tags
+                        .into_iter()
+                        .filter(|(k, _)| {
+                            !k.contains("k8s.amazonaws.com") && !k.starts_with("vpc-cni.io/")
+                        })
+                        .collect();
+                }
+                Err(e) => r.problems.push(format!(
+                    "ADDITIONAL_ENI_TAGS={json:?}: expected a JSON object of strings ({e})"
+                )),
+            }
+        }
         let max_pods = r.uint("MAX_PODS");
         let cooldown = r.uint("IP_COOLDOWN_PERIOD");
         let add_wait = r.uint("IPAMD_ADD_WAIT_SECONDS");
         let external_snat = r.boolean("AWS_VPC_K8S_CNI_EXTERNALSNAT").unwrap_or(false);
         let reclaim_gone_netns = r.boolean("IPAMD_RECLAIM_GONE_NETNS").unwrap_or(true);
-        let leaked_gc = r.uint("IPAMD_LEAKED_INTERFACE_GC_SECONDS");
-        if leaked_gc == Some(0) {
+        let leaked_gc_secs = r.uint("IPAMD_LEAKED_INTERFACE_GC_SECONDS");
+        if leaked_gc_secs == Some(0) {
             r.problems
                 .push("IPAMD_LEAKED_INTERFACE_GC_SECONDS=0: must be at least 1".into());
         }
@@ -166,14 +220,21 @@ impl Settings {
         if veth_prefix.is_empty()
             || veth_prefix.len() > 4
             || !veth_prefix.chars().all(|c| c.is_ascii_alphanumeric())
+            || ["eth", "lo", "vlan"].contains(&veth_prefix.as_str())
         {
             r.problems.push(format!(
-                "AWS_VPC_K8S_CNI_VETHPREFIX={veth_prefix:?}: 1 to 4 letters or digits"
+                "AWS_VPC_K8S_CNI_VETHPREFIX={veth_prefix:?}: 1 to 4 letters or digits, not eth, lo or vlan"
             ));
         }
         let mut exclude = vec![];
         if let Some(list) = r.raw("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS") {
-            for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            // IPv6 entries are skipped (with a warning, see awsnode), as
+            // aws-node skips them.
+            for item in list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && !s.contains(':'))
+            {
                 match item.parse::<Ipv4Net>() {
                     Ok(n) => exclude.push(n.trunc()),
                     Err(_) => r.problems.push(format!(
@@ -184,11 +245,6 @@ impl Settings {
         }
 
         let ip_targets = warm_ip.is_some() || min_ip.is_some();
-        let ip_targets_zero = ip_targets && warm_ip.unwrap_or(0) == 0 && min_ip.unwrap_or(0) == 0;
-        if max_eni == Some(0) {
-            r.problems
-                .push("MAX_ENI=0: at least the primary interface is needed".into());
-        }
         if max_pods == Some(0) {
             r.problems
                 .push("MAX_PODS=0: the node could run no pod".into());
@@ -198,28 +254,11 @@ impl Settings {
                 "IPAMD_ADD_WAIT_SECONDS=0: an ADD must be able to wait for the pool to grow".into(),
             );
         }
-        if ip_targets_zero {
+        // As aws-node's start-up check.
+        if pd && warm_prefix == Some(0) && !ip_targets {
             r.problems.push(
-                "WARM_IP_TARGET and MINIMUM_IP_TARGET are both 0: the pool would keep no address ready; unset them to use WARM_ENI_TARGET".into(),
+                "ENABLE_PREFIX_DELEGATION=true with WARM_PREFIX_TARGET=0 and no WARM_IP_TARGET/MINIMUM_IP_TARGET: the pool would never keep a prefix ready".into(),
             );
-        }
-        if pd {
-            if warm_prefix == Some(0) && !ip_targets {
-                r.problems.push(
-                    "ENABLE_PREFIX_DELEGATION=true with WARM_PREFIX_TARGET=0 and no WARM_IP_TARGET/MINIMUM_IP_TARGET: the pool would never keep a prefix ready".into(),
-                );
-            }
-        } else {
-            if warm_eni == Some(0) && !ip_targets {
-                r.problems.push(
-                    "WARM_ENI_TARGET=0 with no WARM_IP_TARGET/MINIMUM_IP_TARGET: the pool would keep no address ready".into(),
-                );
-            }
-            if warm_prefix.is_some() {
-                r.problems.push(
-                    "WARM_PREFIX_TARGET is set but ENABLE_PREFIX_DELEGATION is not true".into(),
-                );
-            }
         }
         if !r.problems.is_empty() {
             return Err(ConfigError {
@@ -249,8 +288,11 @@ impl Settings {
             cluster_name: r.raw("CLUSTER_NAME").unwrap_or(d.cluster_name),
             reclaim_gone_netns,
             veth_prefix,
-            leaked_gc_interval: leaked_gc
+            leaked_gc_interval: leaked_gc_secs
                 .map_or(d.leaked_gc_interval, |s| Duration::from_secs(s.into())),
+            leaked_gc,
+            subnet_discovery,
+            additional_tags,
         })
     }
 }
@@ -278,13 +320,14 @@ mod tests {
     fn every_bad_setting_is_listed_at_once() {
         let e = read(&[
             ("WARM_IP_TARGET", "lots"),
-            ("MAX_ENI", "0"),
+            ("MAX_ENI", "many"),
             ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "maybe"),
             ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.1.0.0/16,bogus"),
             ("IP_COOLDOWN_PERIOD", "-5"),
+            ("ENABLE_POD_ENI", "true"),
         ])
         .unwrap_err();
-        assert_eq!(e.problems.len(), 5, "{e}");
+        assert_eq!(e.problems.len(), 6, "{e}");
         let text = e.to_string();
         for key in [
             "WARM_IP_TARGET",
@@ -292,6 +335,7 @@ mod tests {
             "EXTERNALSNAT",
             "bogus",
             "IP_COOLDOWN_PERIOD",
+            "ENABLE_POD_ENI",
         ] {
             assert!(text.contains(key), "{key} missing from: {text}");
         }
@@ -321,15 +365,207 @@ mod tests {
         assert_eq!(s.pool.warm_prefix_target, Some(1));
     }
 
+    /// aws-node's meanings of 0, negative and empty values.
     #[test]
-    fn contradictory_targets_are_rejected() {
-        assert!(read(&[("WARM_ENI_TARGET", "0")]).is_err());
-        assert!(read(&[("WARM_IP_TARGET", "0"), ("MINIMUM_IP_TARGET", "0")]).is_err());
-        assert!(
-            read(&[("WARM_PREFIX_TARGET", "2")]).is_err(),
-            "prefix target without delegation"
+    fn zero_and_empty_mean_what_they_mean_to_aws_node() {
+        // 0 is unset for the IP targets: the ENI target rules again.
+        let s = read(&[("WARM_IP_TARGET", "0"), ("MINIMUM_IP_TARGET", "0")]).unwrap();
+        assert_eq!(
+            (s.pool.warm_ip_target, s.pool.minimum_ip_target),
+            (None, None)
         );
-        assert!(read(&[("WARM_ENI_TARGET", "0"), ("WARM_IP_TARGET", "3")]).is_ok());
+        let s = read(&[("WARM_IP_TARGET", "0"), ("MINIMUM_IP_TARGET", "10")]).unwrap();
+        assert_eq!(
+            (s.pool.warm_ip_target, s.pool.minimum_ip_target),
+            (None, Some(10))
+        );
+        // WARM_ENI_TARGET=0 is accepted: grow when nothing is free.
+        assert_eq!(
+            read(&[("WARM_ENI_TARGET", "0")])
+                .unwrap()
+                .pool
+                .warm_eni_target,
+            0
+        );
+        // MAX_ENI 0 or negative (aws-node's default -1): the instance's limit.
+        for v in ["0", "-1", "-7"] {
+            assert_eq!(read(&[("MAX_ENI", v)]).unwrap().pool.max_eni, None, "{v}");
+        }
+        assert_eq!(read(&[("MAX_ENI", "3")]).unwrap().pool.max_eni, Some(3));
+        // WARM_PREFIX_TARGET without prefix delegation is ignored (aws-node's
+        // chart sets it to 1 by default).
+        let s = read(&[("WARM_PREFIX_TARGET", "1")]).unwrap();
+        assert_eq!(s.pool.warm_prefix_target, None);
+        // Empty is unset everywhere.
+        assert_eq!(
+            read(&[("WARM_ENI_TARGET", ""), ("ENABLE_PREFIX_DELEGATION", " ")]).unwrap(),
+            read(&[]).unwrap()
+        );
+        // Booleans as Go's ParseBool reads them.
+        for t in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert!(
+                read(&[("ENABLE_PREFIX_DELEGATION", t)])
+                    .unwrap()
+                    .pool
+                    .prefix_delegation,
+                "{t}"
+            );
+        }
+        assert!(read(&[("ENABLE_PREFIX_DELEGATION", "yes")]).is_err());
+        // IP_COOLDOWN_PERIOD 0 is allowed, negative is not (aws-node exits too).
+        assert_eq!(
+            read(&[("IP_COOLDOWN_PERIOD", "0")]).unwrap().cooldown,
+            Duration::ZERO
+        );
+        assert!(read(&[("IP_COOLDOWN_PERIOD", "-1")]).is_err());
+        // The veth prefixes aws-node refuses.
+        for p in ["eth", "lo", "vlan", "toolong"] {
+            assert!(read(&[("AWS_VPC_K8S_CNI_VETHPREFIX", p)]).is_err(), "{p}");
+        }
+    }
+
+    /// Every variable the README's table calls honoured, read with its
+    /// meaning (the others are tested in `awsnode`; the ones main reads are
+    /// in ipamd's start-up test).
+    #[test]
+    fn honoured_aws_node_variables() {
+        use crate::awsnode::{Treatment, VARIABLES};
+        let checked: &[(&str, fn())] = &[
+            ("WARM_ENI_TARGET", || {
+                assert_eq!(
+                    read(&[("WARM_ENI_TARGET", "2")])
+                        .unwrap()
+                        .pool
+                        .warm_eni_target,
+                    2
+                )
+            }),
+            ("WARM_IP_TARGET", || {
+                assert_eq!(
+                    read(&[("WARM_IP_TARGET", "5")])
+                        .unwrap()
+                        .pool
+                        .warm_ip_target,
+                    Some(5)
+                )
+            }),
+            ("MINIMUM_IP_TARGET", || {
+                assert_eq!(
+                    read(&[("MINIMUM_IP_TARGET", "9")])
+                        .unwrap()
+                        .pool
+                        .minimum_ip_target,
+                    Some(9)
+                )
+            }),
+            ("WARM_PREFIX_TARGET", || {
+                let s = read(&[
+                    ("WARM_PREFIX_TARGET", "2"),
+                    ("ENABLE_PREFIX_DELEGATION", "true"),
+                ])
+                .unwrap();
+                assert_eq!(s.pool.warm_prefix_target, Some(2));
+            }),
+            ("ENABLE_PREFIX_DELEGATION", || {
+                assert!(
+                    read(&[("ENABLE_PREFIX_DELEGATION", "T")])
+                        .unwrap()
+                        .pool
+                        .prefix_delegation
+                )
+            }),
+            ("MAX_ENI", || {
+                assert_eq!(read(&[("MAX_ENI", "2")]).unwrap().pool.max_eni, Some(2))
+            }),
+            ("IP_COOLDOWN_PERIOD", || {
+                assert_eq!(
+                    read(&[("IP_COOLDOWN_PERIOD", "5")]).unwrap().cooldown,
+                    Duration::from_secs(5)
+                )
+            }),
+            ("ENABLE_SUBNET_DISCOVERY", || {
+                assert!(read(&[]).unwrap().subnet_discovery);
+                assert!(
+                    !read(&[("ENABLE_SUBNET_DISCOVERY", "false")])
+                        .unwrap()
+                        .subnet_discovery
+                );
+            }),
+            ("DISABLE_LEAKED_ENI_CLEANUP", || {
+                assert!(read(&[]).unwrap().leaked_gc);
+                assert!(
+                    !read(&[("DISABLE_LEAKED_ENI_CLEANUP", "true")])
+                        .unwrap()
+                        .leaked_gc
+                );
+            }),
+            ("ADDITIONAL_ENI_TAGS", || {
+                let s = read(&[(
+                    "ADDITIONAL_ENI_TAGS",
+                    r#"{"team": "net", "node.k8s.amazonaws.com/x": "y", "vpc-cni.io/owner": "z"}"#,
+                )])
+                .unwrap();
+                assert_eq!(s.additional_tags.len(), 1);
+                assert_eq!(s.additional_tags["team"], "net");
+                assert!(read(&[("ADDITIONAL_ENI_TAGS", "team=net")]).is_err());
+            }),
+            ("CLUSTER_NAME", || {
+                assert_eq!(
+                    read(&[("CLUSTER_NAME", "prod")]).unwrap().cluster_name,
+                    "prod"
+                )
+            }),
+            ("MANAGE_UNTAGGED_ENI", || {
+                // Accepted either way; false is what vpc-cni does.
+                assert!(read(&[("MANAGE_UNTAGGED_ENI", "false")]).is_ok());
+                assert!(read(&[("MANAGE_UNTAGGED_ENI", "true")]).is_ok());
+            }),
+            ("AWS_VPC_K8S_CNI_EXTERNALSNAT", || {
+                assert!(
+                    read(&[("AWS_VPC_K8S_CNI_EXTERNALSNAT", "1")])
+                        .unwrap()
+                        .external_snat
+                )
+            }),
+            ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", || {
+                let s = read(&[(
+                    "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+                    "10.9.0.0/16, fd00::/8",
+                )])
+                .unwrap();
+                assert_eq!(s.exclude_snat_cidrs, vec!["10.9.0.0/16".parse().unwrap()]);
+            }),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", || {
+                assert_eq!(
+                    read(&[("AWS_VPC_K8S_CNI_VETHPREFIX", "pod")])
+                        .unwrap()
+                        .veth_prefix,
+                    "pod"
+                )
+            }),
+        ];
+        // Read by main (flags and the provider), tested against the binary.
+        let in_main = [
+            "AWS_VPC_K8S_CNI_BACKING_STORE",
+            "DISABLE_METRICS",
+            "DISABLE_INTROSPECTION",
+            "INTROSPECTION_BIND_ADDRESS",
+            "AWS_EC2_ENDPOINT",
+            "MY_NODE_NAME",
+        ];
+        for var in VARIABLES
+            .iter()
+            .filter(|v| matches!(v.treatment, Treatment::Honoured))
+        {
+            match checked.iter().find(|(n, _)| *n == var.name) {
+                Some((_, test)) => test(),
+                None => assert!(
+                    in_main.contains(&var.name),
+                    "{} is honoured but untested",
+                    var.name
+                ),
+            }
+        }
     }
 
     #[test]

@@ -22,12 +22,23 @@ pub struct GrowStatus {
     pub last_error_kind: Option<&'static str>,
     /// When the reconciler tries again after `last_error`.
     pub retry_at: Option<Instant>,
+    /// (interfaces the pool may have, addresses per interface for pods).
+    pub capacity: Option<(u32, u32)>,
 }
 
 /// Everything a verdict rests on, as `/v1/explain` shows it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Facts {
     pub interfaces: u32,
+    /// Addresses in the pool, whatever their state.
+    pub total: u32,
+    /// Interfaces the pool may have (the instance's limit, MAX_ENI,
+    /// interfaces ipamd does not manage), once the reconciler has planned.
+    pub max_interfaces: Option<u32>,
+    /// Addresses an interface holds for pods.
+    pub per_interface: Option<u32>,
+    /// MAX_PODS, when set.
+    pub max_pods: Option<u32>,
     pub assigned: u32,
     pub cooling: u32,
     /// Free on an interface whose node side is in place.
@@ -165,7 +176,25 @@ impl Facts {
                 ),
             );
         }
-        match &self.blocked {
+        // The reconciler says the pool is blocked only while an ADD waits;
+        // the same condition without one is read from the counts.
+        let blocked = self.blocked.clone().or_else(|| {
+            if let Some(max_pods) = self.max_pods.filter(|m| self.total >= *m) {
+                return Some(Blocked::MaxPods { max_pods });
+            }
+            match (self.max_interfaces, self.per_interface) {
+                (Some(mi), Some(per))
+                    if self.interfaces >= mi && self.total >= self.interfaces * per =>
+                {
+                    Some(Blocked::InterfaceLimit {
+                        interfaces: self.interfaces,
+                        per_interface: per,
+                    })
+                }
+                _ => None,
+            }
+        });
+        match &blocked {
             Some(Blocked::MaxPods { max_pods }) => {
                 return (
                     Verdict::MaxPods,
@@ -343,6 +372,36 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn limits_are_read_from_the_counts_when_no_add_waits() {
+        let full = Facts {
+            total: 27,
+            max_pods: Some(27),
+            ..base()
+        };
+        assert_eq!(full.next_add().0, Verdict::MaxPods);
+        let at_limit = Facts {
+            total: 27,
+            max_interfaces: Some(3),
+            per_interface: Some(9),
+            ..base()
+        };
+        let (v, msg) = at_limit.next_add();
+        assert_eq!(v, Verdict::InterfaceLimit, "{msg}");
+        assert!(
+            msg.contains("limit of 3 interfaces with 9 addresses"),
+            "{msg}"
+        );
+        let room = Facts {
+            total: 18,
+            interfaces: 2,
+            max_interfaces: Some(3),
+            per_interface: Some(9),
+            ..base()
+        };
+        assert_eq!(room.next_add().0, Verdict::PoolGrowing);
     }
 
     #[test]

@@ -116,7 +116,10 @@ async fn aws() -> Result<Arc<dyn CloudProvider>, FactoryError> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let settings = providers::aws::AwsSettings {
         region: env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")),
-        endpoint_url: env("AWS_ENDPOINT_URL_EC2").or_else(|| env("AWS_ENDPOINT_URL")),
+        // AWS_EC2_ENDPOINT is aws-node's name for it.
+        endpoint_url: env("AWS_ENDPOINT_URL_EC2")
+            .or_else(|| env("AWS_EC2_ENDPOINT"))
+            .or_else(|| env("AWS_ENDPOINT_URL")),
         imds_endpoint: env("AWS_EC2_METADATA_SERVICE_ENDPOINT"),
         static_credentials: None,
     };

@@ -1,5 +1,6 @@
 //! ipamd: the per-node IP address manager of vpc-cni.
 
+pub mod awsnode;
 pub mod config;
 pub mod datastore;
 pub mod exit;

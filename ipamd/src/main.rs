@@ -36,28 +36,24 @@ struct Cli {
     /// Directory for the journal (tmpfs on nodes: survives ipamd restarts).
     #[arg(long, env = "IPAMD_STATE_DIR", default_value = "/run/vpc-cni")]
     state_dir: PathBuf,
-    /// Introspection HTTP address (loopback only); "off" disables it.
-    #[arg(
-        long,
-        env = "IPAMD_INTROSPECTION_ADDR",
-        default_value = "127.0.0.1:61679"
-    )]
-    introspection: String,
+    /// Introspection HTTP address (loopback only) [default: aws-node's
+    /// INTROSPECTION_BIND_ADDRESS, else 127.0.0.1:61679]; "off" disables it,
+    /// as does aws-node's DISABLE_INTROSPECTION=true.
+    #[arg(long, env = "IPAMD_INTROSPECTION_ADDR")]
+    introspection: Option<String>,
     /// Prometheus metrics address (`GET /metrics`, no pod or secret in any
     /// label); reachable from the cluster's Prometheus by default, on
     /// aws-node's port. "off" disables it (`/metrics` stays on the
-    /// introspection address).
+    /// introspection address); aws-node's DISABLE_METRICS=true turns it off
+    /// too.
     #[arg(long, env = "IPAMD_METRICS_ADDR", default_value = "0.0.0.0:61678")]
     metrics: String,
     /// aws-node's checkpoint, imported on ipamd's first start on a node (no
-    /// journal yet) so that pods wired by aws-node keep their addresses;
-    /// "off" never imports.
-    #[arg(
-        long,
-        env = "IPAMD_AWS_NODE_CHECKPOINT",
-        default_value = ipamd::migrate::DEFAULT_CHECKPOINT
-    )]
-    aws_node_checkpoint: String,
+    /// journal yet) so that pods wired by aws-node keep their addresses
+    /// [default: aws-node's AWS_VPC_K8S_CNI_BACKING_STORE, else
+    /// /var/run/aws-node/ipam.json]; "off" never imports.
+    #[arg(long, env = "IPAMD_AWS_NODE_CHECKPOINT")]
+    aws_node_checkpoint: Option<String>,
     /// The `name` of vpc-cni's network configuration (conflist): the
     /// network under which imported aws-node pods' DELs will arrive.
     #[arg(long, env = "IPAMD_CNI_NETWORK_NAME", default_value = "vpc-cni")]
@@ -152,19 +148,42 @@ impl Config {
                 None
             }
         };
-        let introspection = match cli.introspection.as_str() {
+        // aws-node's variables: warnings now, refusals came with the
+        // settings above.
+        for w in ipamd::awsnode::check(&Env).warnings {
+            warn!("{w}");
+        }
+        let aws_env = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let aws_flag =
+            |k: &str| aws_env(k).and_then(|v| ipamd::awsnode::parse_bool(&v)) == Some(true);
+        let introspection_addr = match (&cli.introspection, aws_env("INTROSPECTION_BIND_ADDRESS")) {
+            (Some(a), _) => a.clone(),
+            (None, Some(a)) => a,
+            (None, None) => "127.0.0.1:61679".into(),
+        };
+        let introspection_addr = if aws_flag("DISABLE_INTROSPECTION") {
+            "off".to_string()
+        } else {
+            introspection_addr
+        };
+        let introspection = match introspection_addr.as_str() {
             "off" | "" => None,
             a => match a.parse::<SocketAddr>() {
                 Ok(a) if a.ip().is_loopback() => Some(a),
                 Ok(_) => {
                     bad.push(format!(
-                        "--introspection / IPAMD_INTROSPECTION_ADDR {a:?}: not a loopback address (the pool layout is not for the network)"
+                        "--introspection / IPAMD_INTROSPECTION_ADDR / INTROSPECTION_BIND_ADDRESS {a:?}: not a loopback address (the pool layout is not for the network)"
                     ));
                     None
                 }
                 Err(e) => {
                     bad.push(format!(
-                        "--introspection / IPAMD_INTROSPECTION_ADDR {a:?}: {e}"
+                        "--introspection / IPAMD_INTROSPECTION_ADDR / INTROSPECTION_BIND_ADDRESS {a:?}: {e}"
                     ));
                     None
                 }
@@ -173,7 +192,12 @@ impl Config {
         if let Err(e) = ipamd_api::names::check_id("network name", &cli.cni_network_name) {
             bad.push(format!("--cni-network-name / IPAMD_CNI_NETWORK_NAME: {e}"));
         }
-        let metrics = match cli.metrics.as_str() {
+        let metrics_addr = if aws_flag("DISABLE_METRICS") {
+            "off"
+        } else {
+            cli.metrics.as_str()
+        };
+        let metrics = match metrics_addr {
             "off" | "" => None,
             a => match a.parse::<SocketAddr>() {
                 Ok(a) => Some(a),
@@ -205,16 +229,17 @@ impl Config {
                 }
             },
         };
-        let configure_host = match cli.configure_host.as_deref() {
+        let configure_host = match cli.configure_host.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some("true") => Some(true),
-            Some("false") => Some(false),
-            Some(v) => {
-                bad.push(format!(
-                    "--configure-host / IPAMD_CONFIGURE_HOST {v:?}: expected true or false"
-                ));
-                None
-            }
+            Some(v) => match ipamd::awsnode::parse_bool(v) {
+                Some(b) => Some(b),
+                None => {
+                    bad.push(format!(
+                        "--configure-host / IPAMD_CONFIGURE_HOST {v:?}: expected true or false (1, t, TRUE, 0, f, FALSE, ...)"
+                    ));
+                    None
+                }
+            },
         };
         let (Some(settings), Some(kind), true) = (settings, kind, bad.is_empty()) else {
             return Err(Fatal::Config(bad));
@@ -297,9 +322,18 @@ async fn run(config: Config) -> Result<(), Fatal> {
     // (on a node's first start, from aws-node's checkpoint); 5. the node
     // side around it.
     let journal = cli.state_dir.join("ipamd.journal");
-    if cli.aws_node_checkpoint != "off" {
+    let checkpoint = cli
+        .aws_node_checkpoint
+        .clone()
+        .or_else(|| {
+            std::env::var("AWS_VPC_K8S_CNI_BACKING_STORE")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+        })
+        .unwrap_or_else(|| ipamd::migrate::DEFAULT_CHECKPOINT.to_string());
+    if checkpoint != "off" {
         ipamd::migrate::import_on_first_start(
-            std::path::Path::new(&cli.aws_node_checkpoint),
+            std::path::Path::new(&checkpoint),
             &journal,
             &cli.cni_network_name,
         )

@@ -216,7 +216,9 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
             .count() as u32;
         PREFIX_SIZE * (in_use_prefixes.max(partial) + cfg.warm_prefix_target.unwrap_or(0))
     } else {
-        demand + cfg.warm_eni_target * slots
+        // WARM_ENI_TARGET=0 is aws-node's "grow when no address is free":
+        // one address's worth, filled to a whole interface below.
+        demand + (cfg.warm_eni_target * slots).max(1)
     };
     // In prefix mode the pool moves in whole prefixes.
     want = div_ceil(want, unit) * unit;

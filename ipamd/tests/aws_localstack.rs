@@ -130,7 +130,8 @@ async fn start(dir: &Path, instance: &str, env: &[(&str, &str)]) -> Node {
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:4566")
+        // aws-node's name for the EC2 endpoint (AWS_ENDPOINT_URL would do too).
+        .env("AWS_EC2_ENDPOINT", "http://127.0.0.1:4566")
         .env(
             "AWS_EC2_METADATA_SERVICE_ENDPOINT",
             format!("http://127.0.0.1:{port}"),

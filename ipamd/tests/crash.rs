@@ -268,7 +268,7 @@ async fn bad_configuration_exits_64_listing_every_problem() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ipamd"))
         .env_clear()
         .env("WARM_IP_TARGET", "many")
-        .env("MAX_ENI", "0")
+        .env("MAX_ENI", "lots")
         .env("ENABLE_PREFIX_DELEGATION", "perhaps")
         .args([
             "--state-dir",

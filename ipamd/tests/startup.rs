@@ -329,3 +329,111 @@ async fn a_second_ipamd_on_the_same_state_directory_exits_69_and_touches_nothing
     after.sort();
     assert_eq!(after, before, "assignments lost across the crash");
 }
+
+/// aws-node's variables at start: refused ones stop ipamd with exit 64
+/// naming each; warned ones are logged; the ones main reads take effect
+/// (INTROSPECTION_BIND_ADDRESS, DISABLE_METRICS, DISABLE_INTROSPECTION,
+/// AWS_VPC_K8S_CNI_BACKING_STORE, MY_NODE_NAME).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_node_variables_are_honoured_warned_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(dir.path(), VpcConfig::default()).await;
+    let base = |state: &str| {
+        let mut c = tokio::process::Command::new(ipamd_bin());
+        c.args(["--provider", "sim", "--sim-server", &sim.addr])
+            .arg("--socket")
+            .arg(dir.path().join(format!("{state}.sock")))
+            .arg("--state-dir")
+            .arg(dir.path().join(state))
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+
+    // Refused: exit 64, every one named.
+    let out = base("refused")
+        .env("ENABLE_POD_ENI", "true")
+        .env("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "TRUE")
+        .env("ENABLE_IPv4", "true")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("ENABLE_POD_ENI=\"true\" is aws-node's and is not supported"),
+        "{err}"
+    );
+    assert!(
+        err.contains("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=\"TRUE\""),
+        "{err}"
+    );
+    assert!(!err.contains("ENABLE_IPv4"), "{err}");
+
+    // Honoured and warned, on a running ipamd.
+    let ports = support::free_ports(2);
+    let checkpoint = dir.path().join("aws-node-ipam.json");
+    std::fs::write(
+        &checkpoint,
+        r#"{"version":"vpc-cni-ipam/1","allocations":[]}"#,
+    )
+    .unwrap();
+    let mut child = base("honoured")
+        .env("INTROSPECTION_BIND_ADDRESS", ports[0].to_string())
+        .env("IPAMD_METRICS_ADDR", ports[1].to_string())
+        .env("DISABLE_METRICS", "true")
+        .env("AWS_VPC_K8S_CNI_BACKING_STORE", &checkpoint)
+        .env("MY_NODE_NAME", "from-my-node-name")
+        .env("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG")
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..400 {
+        if support::get(ports[0], "/healthz").await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "introspection at INTROSPECTION_BIND_ADDRESS");
+    assert!(
+        tokio::net::TcpStream::connect(ports[1]).await.is_err(),
+        "DISABLE_METRICS=true left the metrics listener on"
+    );
+    assert!(sim
+        .vpc
+        .snapshot()
+        .instances
+        .values()
+        .any(|i| i.name == "from-my-node-name"));
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("AWS_VPC_K8S_CNI_LOGLEVEL=\"DEBUG\" has no effect in vpc-cni"),
+        "{log}"
+    );
+    assert!(log.contains("imported aws-node's allocations"), "{log}");
+
+    // DISABLE_INTROSPECTION=true: no introspection listener.
+    let port = support::free_port();
+    let mut child = base("nointro")
+        .env("INTROSPECTION_BIND_ADDRESS", port.to_string())
+        .env("DISABLE_INTROSPECTION", "true")
+        .env("IPAMD_METRICS_ADDR", "off")
+        .spawn()
+        .unwrap();
+    let sock = dir.path().join("nointro.sock");
+    for _ in 0..400 {
+        if ipamd_api::client(&sock).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ipamd_api::client(&sock).await.is_ok(), "ipamd serves");
+    assert!(tokio::net::TcpStream::connect(port).await.is_err());
+    child.start_kill().unwrap();
+}

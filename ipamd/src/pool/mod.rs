@@ -572,6 +572,10 @@ impl Pool {
         let in_s = |t: Instant| t.saturating_duration_since(now).as_secs_f64();
         Facts {
             interfaces: c.interfaces,
+            total: c.total,
+            max_interfaces: grow.capacity.map(|c| c.0),
+            per_interface: grow.capacity.map(|c| c.1),
+            max_pods: self.settings.pool.max_pods,
             assigned: c.assigned,
             cooling: c.cooling,
             assignable: c.assignable,

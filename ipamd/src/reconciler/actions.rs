@@ -2,8 +2,6 @@
 //! create and delete interfaces, with what a nearly full subnet or an
 //! ambiguous answer calls for.
 
-use std::collections::BTreeMap;
-
 use providers::{AssignRequest, Assigned, CreateInterface, ProviderError};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -136,6 +134,9 @@ impl Reconciler {
     /// Subnets a new interface may go in: the node's own and same-zone ones
     /// tagged for the CNI, most free addresses first; a tag of "0" excludes.
     async fn candidate_subnets(&self) -> Vec<String> {
+        if !self.settings.subnet_discovery {
+            return vec![self.instance.subnet_id.clone()];
+        }
         match self.provider.list_subnets().await {
             Ok(subnets) => {
                 let mut c: Vec<_> = subnets
@@ -160,7 +161,7 @@ impl Reconciler {
     }
 
     async fn create_interface(&self, initial: AssignRequest) -> Result<(), ProviderError> {
-        let mut tags = BTreeMap::new();
+        let mut tags = self.settings.additional_tags.clone();
         tags.insert(TAG_OWNER.to_string(), OWNER_VALUE.to_string());
         tags.insert(TAG_INSTANCE.to_string(), self.instance.id.clone());
         tags.insert(TAG_CLUSTER.to_string(), self.settings.cluster_name.clone());

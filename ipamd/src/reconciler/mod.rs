@@ -98,6 +98,11 @@ pub struct Status {
     /// When the run loop tries again after `last_error`.
     #[serde(skip)]
     pub retry_at: Option<Instant>,
+    /// Interfaces the pool may have and addresses each holds for pods, as
+    /// the last plan saw them (MAX_ENI, unmanaged interfaces and prefix
+    /// delegation counted).
+    #[serde(skip)]
+    pub capacity: Option<(u32, u32)>,
 }
 
 /// The reconciler's own state.
@@ -210,6 +215,7 @@ impl Reconciler {
                 last_error: s.last_error.clone(),
                 last_error_kind: s.last_error_kind,
                 retry_at: s.retry_at,
+                capacity: s.capacity,
             }
         };
         self.pool.set_grow_status(grow);
@@ -292,7 +298,7 @@ impl Reconciler {
                 });
             }
         }
-        let gc_due = Instant::now() >= self.lock().next_leak_gc;
+        let gc_due = self.settings.leaked_gc && Instant::now() >= self.lock().next_leak_gc;
         if gc_due {
             self.lock().next_leak_gc = Instant::now() + jittered(self.settings.leaked_gc_interval);
             match self.provider.collect_leaked(LEAKED_MIN_AGE).await {
@@ -324,7 +330,20 @@ impl Reconciler {
             limits.max_interfaces = limits.max_interfaces.saturating_sub(unmanaged);
             let view = self.pool.policy_view(limits, self.caps.hot_attach, now);
             let plan = policy::plan(&view, &self.settings.pool, now);
-            self.update(|s| s.blocked = plan.blocked.clone());
+            let cfg = &self.settings.pool;
+            let interfaces = cfg
+                .max_eni
+                .map_or(limits.max_interfaces, |m| m.min(limits.max_interfaces));
+            let unit = if cfg.prefix_delegation {
+                policy::PREFIX_SIZE
+            } else {
+                1
+            };
+            let capacity = (interfaces, limits.slots_per_interface() * unit);
+            self.update(|s| {
+                s.blocked = plan.blocked.clone();
+                s.capacity = Some(capacity);
+            });
             plan
         };
         let mut done = 0;
