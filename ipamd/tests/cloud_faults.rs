@@ -516,3 +516,47 @@ async fn an_ambiguous_release_hands_out_no_address_the_cloud_took_back() {
     }
     node.stop().await;
 }
+
+/// An Assign that times out having taken effect leaves addresses on the
+/// interface the pool does not know. The reconciler resyncs at the next
+/// step and learns them, instead of asking for them again (the cloud
+/// answering "limit reached") until the periodic resync a minute later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assign_that_timed_out_is_learned_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = Arc::new(Vpc::with_config(vpc_sim::VpcConfig {
+        attach_latency: Duration::from_millis(10),
+        timeout_after: Duration::from_millis(50),
+        ..vpc_sim::VpcConfig::default()
+    }));
+    vpc.handle(Request::InjectFault(Fault {
+        api: Some("AssignPrivateIpAddresses".into()),
+        kind: FaultKind::Timeout { applied: true },
+        count: 1,
+    }))
+    .await
+    .unwrap();
+    // m5.large: the primary interface takes 9 addresses, all of them wanted.
+    let env = [("WARM_IP_TARGET", "9")];
+    let started = Instant::now();
+    let node = Node::start(&vpc, "m5.large", &env, &dir.path().join("j")).await;
+    warm(&node.ipam, 9).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the pool waited for the periodic resync ({:?})",
+        started.elapsed()
+    );
+    let s = node.ipam.summary();
+    assert_eq!(s["counts"]["interfaces"], 1, "{s}");
+    // The addresses the timed-out call assigned are the pool's: none was
+    // asked for twice, none is missing.
+    let pool: Vec<String> = node.ipam.interfaces().as_array().unwrap()[0]["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["ip"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(pool.len(), 9);
+    assert_eq!(cloud_addresses(&vpc, "node-a").len(), 9, "asked for twice");
+    node.stop().await;
+}

@@ -3,12 +3,10 @@
 //! ambiguous answer calls for.
 
 use providers::{AssignRequest, Assigned, CreateInterface, ProviderError};
-use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{
-    Reconciler, StepError, RESYNC_EVERY, TAG_CLUSTER, TAG_CREATED, TAG_INSTANCE, TAG_OWNER,
-    TAG_SUBNET_ROLE,
+    Reconciler, StepError, TAG_CLUSTER, TAG_CREATED, TAG_INSTANCE, TAG_OWNER, TAG_SUBNET_ROLE,
 };
 use crate::policy::Action;
 use crate::pool::now_ms;
@@ -80,7 +78,22 @@ impl Reconciler {
                     }
                     None => return Err(e),
                 },
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // An Assign that timed out may have taken effect, and
+                    // an interface the cloud finds fuller than the pool
+                    // thinks holds addresses the pool missed: learn them
+                    // before planning on this interface again.
+                    if matches!(
+                        e,
+                        ProviderError::LimitExceeded(_)
+                            | ProviderError::Timeout { .. }
+                            | ProviderError::Server(_)
+                            | ProviderError::Transport(_)
+                    ) {
+                        self.resync_soon();
+                    }
+                    return Err(e);
+                }
             }
         };
         info!(
@@ -119,9 +132,7 @@ impl Reconciler {
             ) => {
                 warn!(interface = interface_id, error = %e, ips = claimed.ips.len(), "release may or may not have happened; dropping the addresses until the next resync");
                 self.pool.forget(interface_id, &claimed);
-                self.lock().last_resync = Instant::now()
-                    .checked_sub(RESYNC_EVERY)
-                    .unwrap_or_else(Instant::now);
+                self.resync_soon();
                 Err(e)
             }
             Err(e) => {

@@ -114,6 +114,10 @@ struct State {
     /// (draining, never deleted) until their last pod goes.
     frozen: BTreeSet<String>,
     last_resync: Instant,
+    /// The cloud may hold what the pool does not know (a call whose outcome
+    /// is unknown, an interface fuller than the pool thought): resync at the
+    /// next step instead of planning on stale counts.
+    resync_now: bool,
     /// This node's resync interval: [`RESYNC_EVERY`] give or take a fifth,
     /// so the nodes of an account do not describe together.
     resync_every: Duration,
@@ -156,6 +160,7 @@ impl Reconciler {
                 foreign: start.foreign,
                 frozen: start.frozen,
                 last_resync: now,
+                resync_now: false,
                 resync_every: jittered(RESYNC_EVERY),
                 next_leak_gc: now + jittered(settings.leaked_gc_interval),
                 // The first pass looks at once: pods may have gone while
@@ -278,7 +283,7 @@ impl Reconciler {
         }
         let resync_due = {
             let st = self.lock();
-            st.last_resync.elapsed() >= st.resync_every
+            st.resync_now || st.last_resync.elapsed() >= st.resync_every
         };
         if resync_due {
             // A throttled or failed Describe must not stop the pool from
@@ -291,7 +296,11 @@ impl Reconciler {
                     return Err(e.into());
                 }
                 warn!(error = %e, "resync failed; the pool goes on with what it knows");
-                self.lock().last_resync = Instant::now();
+                {
+                    let mut st = self.lock();
+                    st.last_resync = Instant::now();
+                    st.resync_now = false;
+                }
                 self.update(|s| {
                     s.last_error = Some(format!("resync: {e}"));
                     s.last_error_kind = Some(e.metric_label());
@@ -428,6 +437,11 @@ impl Reconciler {
         }
     }
 
+    /// Resync at the next step (see `State::resync_now`).
+    fn resync_soon(&self) {
+        self.lock().resync_now = true;
+    }
+
     fn count_error(&self, site: &'static str) {
         self.update(|s| *s.errors_by_site.entry(site).or_default() += 1);
     }
@@ -442,6 +456,7 @@ impl Reconciler {
         let (cloud, frozen) = {
             let mut st = self.lock();
             st.last_resync = Instant::now();
+            st.resync_now = false;
             // One it managed until now (tagged no_manage since) is frozen
             // for the pods it holds.
             let (cloud, foreign) = crate::ownership::split(
