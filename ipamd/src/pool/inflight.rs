@@ -70,6 +70,7 @@ impl Drop for AddGuard<'_> {
         warn!(pod = %self.key, %ip, "the caller of ADD went away before its answer; releasing the address");
         st.ds.release(&self.key, Instant::now());
         st.netns.remove(&self.key);
+        st.pods.remove(&self.key);
         // Queued behind the Assign; the next commit makes it durable.
         let _ = self.pool.append(
             &mut st,
