@@ -1,6 +1,7 @@
 //! ipamd: the per-node IP address manager of vpc-cni.
 
 pub mod awsnode;
+pub mod cniconf;
 pub mod config;
 pub mod datastore;
 pub mod exit;

@@ -58,6 +58,30 @@ struct Cli {
     /// network under which imported aws-node pods' DELs will arrive.
     #[arg(long, env = "IPAMD_CNI_NETWORK_NAME", default_value = "vpc-cni")]
     cni_network_name: String,
+    /// Write the node's CNI configuration (conflist) into this directory
+    /// once ipamd is ready (the host's /etc/cni/net.d, mounted); unset: no
+    /// conflist is written.
+    #[arg(long, env = "IPAMD_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The conflist's file name (runtimes take the first by name).
+    #[arg(
+        long,
+        env = "IPAMD_CNI_CONFLIST_FILE",
+        default_value = "10-vpc-cni.conflist"
+    )]
+    cni_conflist_file: String,
+    /// The conflist's cniVersion (0.3.1 for the policy engines' chaining
+    /// guides).
+    #[arg(long, env = "IPAMD_CNI_VERSION", default_value = "1.0.0")]
+    cni_version: String,
+    /// Plugins chained after vpc-cni in the conflist: a JSON array of plugin
+    /// objects (portmap, bandwidth, Calico or Cilium in chaining mode).
+    #[arg(long, env = "IPAMD_CHAINED_PLUGINS", default_value = "[]")]
+    chained_plugins: String,
+    /// Remove the conflist when ipamd stops (a clean uninstall; off by
+    /// default, so a restart or rolling update keeps the node's network).
+    #[arg(long, env = "IPAMD_CNI_UNINSTALL_ON_EXIT")]
+    cni_uninstall_on_exit: Option<String>,
     /// sim: address of a shared vpc-sim server (unix:/path or 127.0.0.1:PORT).
     /// Without it ipamd runs an embedded simulated VPC.
     #[arg(long, env = "SIM_SERVER")]
@@ -136,6 +160,7 @@ struct Config {
     introspection: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
     configure_host: bool,
+    cni_conf: Option<ipamd::cniconf::CniConf>,
 }
 
 impl Config {
@@ -241,6 +266,27 @@ impl Config {
                 }
             },
         };
+        let chained = ipamd::cniconf::parse_chained(&cli.chained_plugins)
+            .map_err(|e| bad.push(e))
+            .ok();
+        if let Err(e) = ipamd::cniconf::check_version(&cli.cni_version) {
+            bad.push(e);
+        }
+        let f = &cli.cni_conflist_file;
+        if f.contains('/') || f.starts_with('.') || !f.ends_with(".conflist") {
+            bad.push(format!(
+                "--cni-conflist-file / IPAMD_CNI_CONFLIST_FILE {f:?}: a file name ending in .conflist"
+            ));
+        }
+        let uninstall_on_exit = match cli.cni_uninstall_on_exit.as_deref().map(str::trim) {
+            None | Some("") => false,
+            Some(v) => ipamd::awsnode::parse_bool(v).unwrap_or_else(|| {
+                bad.push(format!(
+                    "--cni-uninstall-on-exit / IPAMD_CNI_UNINSTALL_ON_EXIT {v:?}: expected true or false"
+                ));
+                false
+            }),
+        };
         let (Some(settings), Some(kind), true) = (settings, kind, bad.is_empty()) else {
             return Err(Fatal::Config(bad));
         };
@@ -258,6 +304,16 @@ impl Config {
             },
         };
         let configure_host = configure_host.unwrap_or(kind != ProviderKind::Sim);
+        let cni_conf = cli.cni_conf_dir.clone().map(|dir| ipamd::cniconf::CniConf {
+            dir,
+            file: cli.cni_conflist_file.clone(),
+            network: cli.cni_network_name.clone(),
+            cni_version: cli.cni_version.clone(),
+            socket: cli.socket.clone(),
+            veth_prefix: settings.veth_prefix.clone(),
+            chained: chained.unwrap_or_default(),
+            uninstall_on_exit,
+        });
         Ok(Self {
             cli,
             provider,
@@ -265,6 +321,7 @@ impl Config {
             introspection,
             metrics,
             configure_host,
+            cni_conf,
         })
     }
 }
@@ -295,6 +352,7 @@ async fn run(config: Config) -> Result<(), Fatal> {
         introspection,
         metrics,
         configure_host,
+        cni_conf,
     } = config;
     // 2b. The state directory is ours alone before anything in it is read
     // (the journal is compacted at start); held until the process ends.
@@ -429,6 +487,13 @@ async fn run(config: Config) -> Result<(), Fatal> {
         }
     }
     let reconciler = tokio::spawn(ipam.clone().run(stop_rx.clone()));
+    if let Some(conf) = cni_conf.clone() {
+        tasks.spawn(ipamd::cniconf::install_when_ready(
+            ipam.clone(),
+            conf,
+            stop_rx.clone(),
+        ));
+    }
     let server = match rpc::spawn_server(ipam.clone(), listener, fast, stop_rx.clone()) {
         Ok(s) => s,
         Err(e) => {
@@ -472,6 +537,16 @@ async fn run(config: Config) -> Result<(), Fatal> {
     tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
         .await
         .ok();
+    if let Some(conf) = cni_conf.filter(|c| c.uninstall_on_exit) {
+        match conf.uninstall() {
+            Ok(()) => {
+                info!(path = %conf.path().display(), "CNI configuration removed (IPAMD_CNI_UNINSTALL_ON_EXIT)")
+            }
+            Err(e) => {
+                error!(path = %conf.path().display(), error = %e, "cannot remove the CNI configuration")
+            }
+        }
+    }
     std::fs::remove_file(&cli.socket).ok();
     std::fs::remove_file(&fast_socket).ok();
     info!("ipamd stopped");

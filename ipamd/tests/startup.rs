@@ -437,3 +437,123 @@ async fn aws_node_variables_are_honoured_warned_or_refused() {
     assert!(tokio::net::TcpStream::connect(port).await.is_err());
     child.start_kill().unwrap();
 }
+
+/// The conflist is written only once ipamd is ready, whole, with the
+/// chained plugins after vpc-cni; it stays when ipamd stops, unless a clean
+/// uninstall asks for it to go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cni_configuration_is_written_once_ready_and_removed_only_on_uninstall() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimServer::start(dir.path(), VpcConfig::default()).await;
+    // No address can be had: ipamd is not ready.
+    sim.vpc
+        .handle(vpc_sim::Request::InjectFault(Fault {
+            api: Some("AssignPrivateIpAddresses".into()),
+            kind: FaultKind::PermissionDenied,
+            count: 1000,
+        }))
+        .await
+        .unwrap();
+    let conf_dir = dir.path().join("net.d");
+    let conflist = conf_dir.join("10-vpc-cni.conflist");
+    let conf_dir_s = conf_dir.display().to_string();
+    let env = [
+        ("IPAMD_CNI_CONF_DIR", conf_dir_s.as_str()),
+        ("IPAMD_CNI_VERSION", "0.3.1"),
+        (
+            "IPAMD_CHAINED_PLUGINS",
+            r#"[{"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}]"#,
+        ),
+    ];
+    let mut d = Daemon::start(&DaemonSpec {
+        dir: dir.path(),
+        sim: &sim.addr,
+        node: "conf-node",
+        instance_type: "m5.large",
+        env: &env,
+        introspection: free_port(),
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!conflist.exists(), "written before ipamd was ready");
+    assert_eq!(get_any(d.introspection, "/readyz").await.0, 503);
+    sim.vpc.handle(vpc_sim::Request::ClearFaults).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !conflist.exists() {
+        assert!(Instant::now() < deadline, "never written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get_any(d.introspection, "/readyz").await.0, 200);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+    assert_eq!(v["cniVersion"], "0.3.1");
+    assert_eq!(v["name"], "vpc-cni");
+    assert_eq!(v["plugins"][0]["type"], "vpc-cni");
+    assert_eq!(
+        v["plugins"][0]["ipamdSocket"],
+        d.socket.display().to_string()
+    );
+    assert_eq!(v["plugins"][1]["type"], "portmap");
+    assert_eq!(
+        std::fs::read_dir(&conf_dir).unwrap().count(),
+        1,
+        "a temporary file was left"
+    );
+    // A restart or rolling update: the node keeps its network.
+    assert!(d.terminate().await.success());
+    assert!(conflist.exists(), "removed on an ordinary stop");
+
+    // A clean uninstall removes it.
+    let env = [
+        ("IPAMD_CNI_CONF_DIR", conf_dir_s.as_str()),
+        ("IPAMD_CNI_UNINSTALL_ON_EXIT", "true"),
+    ];
+    let mut d = Daemon::start(&DaemonSpec {
+        dir: dir.path(),
+        sim: &sim.addr,
+        node: "conf-node",
+        instance_type: "m5.large",
+        env: &env,
+        introspection: free_port(),
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get_any(d.introspection, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The configuration now has no chained plugins: rewritten.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+        if v["plugins"].as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not rewritten: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(d.terminate().await.success());
+    assert!(!conflist.exists(), "not removed on uninstall");
+
+    // Bad settings: exit 64, each named.
+    let out = tokio::process::Command::new(ipamd_bin())
+        .args(["--provider", "sim", "--metrics", "off"])
+        .env_clear()
+        .env("IPAMD_CNI_CONF_DIR", &conf_dir)
+        .env("IPAMD_CHAINED_PLUGINS", r#"[{"name": "no type"}]"#)
+        .env("IPAMD_CNI_VERSION", "0.2.0")
+        .env("IPAMD_CNI_CONFLIST_FILE", "../escape.conflist")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    for k in [
+        "IPAMD_CHAINED_PLUGINS[0]",
+        "IPAMD_CNI_VERSION",
+        "IPAMD_CNI_CONFLIST_FILE",
+    ] {
+        assert!(err.contains(k), "{k}: {err}");
+    }
+}
