@@ -232,7 +232,7 @@ impl Config {
                 }
             },
         };
-        let kind = match cli.provider.as_deref() {
+        let kind = match cli.provider.as_deref().map(str::trim) {
             None | Some("") => {
                 bad.push(
                     "--provider / IPAMD_PROVIDER is not set: say which cloud this node runs in (aws, or sim for the simulated VPC)"

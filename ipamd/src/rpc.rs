@@ -249,6 +249,20 @@ pub fn bind_socket(path: &Path) -> std::io::Result<std::os::unix::net::UnixListe
             format!("another ipamd is serving {}", path.display()),
         ));
     }
+    // A stale socket is replaced; anything else at the path is someone's
+    // file, which a typo in --socket must not destroy.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
+            ));
+        }
+    }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::remove_file(&tmp).ok();
     let listener = std::os::unix::net::UnixListener::bind(&tmp)?;

@@ -557,3 +557,33 @@ async fn the_cni_configuration_is_written_once_ready_and_removed_only_on_uninsta
         assert!(err.contains(k), "{k}: {err}");
     }
 }
+
+/// A --socket that names an existing regular file (a typo) is refused with
+/// exit 69, and the file is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_path_that_is_a_regular_file_is_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("precious.txt");
+    std::fs::write(&file, b"keep me").unwrap();
+    let out = tokio::process::Command::new(ipamd_bin())
+        .args([
+            "--provider",
+            " sim ",
+            "--metrics",
+            "off",
+            "--introspection",
+            "off",
+        ])
+        .arg("--socket")
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_clear()
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}
