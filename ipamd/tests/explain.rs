@@ -156,21 +156,7 @@ async fn subnet_exhausted() {
     let dir = tempfile::tempdir().unwrap();
     let vpc = vpc(10);
     // A /28 alone in its zone: the primary's 10 addresses leave 1.
-    vpc.handle(Request::CreateSubnet {
-        id: "subnet-tiny".into(),
-        cidr: "10.0.64.0/28".into(),
-        zone: "sim-1c".into(),
-        tags: Default::default(),
-    })
-    .await
-    .unwrap();
-    vpc.handle(Request::LaunchInstance {
-        name: "node-a".into(),
-        instance_type: "m5.large".into(),
-        subnet_id: Some("subnet-tiny".into()),
-    })
-    .await
-    .unwrap();
+    support::inproc::tiny_subnet_node(&vpc).await;
     let env = [("IPAMD_ADD_WAIT_SECONDS", "1")];
     let node = Node::start(&vpc, "m5.large", &env, &dir.path().join("j")).await;
     for i in 0..9 {

@@ -10,7 +10,7 @@ mod support;
 
 use ipamd::config::Settings;
 use ipamd::ipam::{Ipam, IpamError};
-use support::inproc::{key, vpc, warm, Node};
+use support::inproc::{key, tiny_subnet_node, vpc, warm, Node};
 use tokio::sync::watch;
 use vpc_sim::provider::Backend;
 use vpc_sim::{Fault, FaultKind, Request, SimProvider};
@@ -96,21 +96,7 @@ async fn add_fails_with_a_reason_when_the_subnet_is_exhausted() {
     let dir = tempfile::tempdir().unwrap();
     let vpc = vpc(10);
     // A /28 alone in its zone: 11 usable addresses.
-    vpc.handle(Request::CreateSubnet {
-        id: "subnet-tiny".into(),
-        cidr: "10.0.64.0/28".into(),
-        zone: "sim-1c".into(),
-        tags: Default::default(),
-    })
-    .await
-    .unwrap();
-    vpc.handle(Request::LaunchInstance {
-        name: "node-a".into(),
-        instance_type: "m5.large".into(),
-        subnet_id: Some("subnet-tiny".into()),
-    })
-    .await
-    .unwrap();
+    tiny_subnet_node(&vpc).await;
     let node = Node::start(
         &vpc,
         "m5.large",

@@ -457,6 +457,23 @@ async fn the_cni_configuration_is_written_once_ready_and_removed_only_on_uninsta
     let conf_dir = dir.path().join("net.d");
     let conflist = conf_dir.join("10-vpc-cni.conflist");
     let conf_dir_s = conf_dir.display().to_string();
+    let start = |env: &[(&'static str, &str)]| {
+        let env: Vec<(&'static str, String)> =
+            env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let (dir, sim) = (dir.path().to_path_buf(), sim.addr.clone());
+        async move {
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Daemon::start(&DaemonSpec {
+                dir: &dir,
+                sim: &sim,
+                node: "conf-node",
+                instance_type: "m5.large",
+                env: &env,
+                introspection: free_port(),
+            })
+            .await
+        }
+    };
     let env = [
         ("IPAMD_CNI_CONF_DIR", conf_dir_s.as_str()),
         ("IPAMD_CNI_VERSION", "0.3.1"),
@@ -465,15 +482,7 @@ async fn the_cni_configuration_is_written_once_ready_and_removed_only_on_uninsta
             r#"[{"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}]"#,
         ),
     ];
-    let mut d = Daemon::start(&DaemonSpec {
-        dir: dir.path(),
-        sim: &sim.addr,
-        node: "conf-node",
-        instance_type: "m5.large",
-        env: &env,
-        introspection: free_port(),
-    })
-    .await;
+    let mut d = start(&env).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!conflist.exists(), "written before ipamd was ready");
     assert_eq!(get_any(d.introspection, "/readyz").await.0, 503);
@@ -508,15 +517,7 @@ async fn the_cni_configuration_is_written_once_ready_and_removed_only_on_uninsta
         ("IPAMD_CNI_CONF_DIR", conf_dir_s.as_str()),
         ("IPAMD_CNI_UNINSTALL_ON_EXIT", "true"),
     ];
-    let mut d = Daemon::start(&DaemonSpec {
-        dir: dir.path(),
-        sim: &sim.addr,
-        node: "conf-node",
-        instance_type: "m5.large",
-        env: &env,
-        introspection: free_port(),
-    })
-    .await;
+    let mut d = start(&env).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while get_any(d.introspection, "/readyz").await.0 != 200 {
         assert!(Instant::now() < deadline, "never ready");

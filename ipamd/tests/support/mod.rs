@@ -384,6 +384,27 @@ pub mod inproc {
         }))
     }
 
+    /// Launches "node-a" (m5.large) in "subnet-tiny", a /28 alone in its
+    /// zone: 11 usable addresses, the primary interface's own included.
+    pub async fn tiny_subnet_node(vpc: &Vpc) {
+        use vpc_sim::Request;
+        vpc.handle(Request::CreateSubnet {
+            id: "subnet-tiny".into(),
+            cidr: "10.0.64.0/28".into(),
+            zone: "sim-1c".into(),
+            tags: Default::default(),
+        })
+        .await
+        .unwrap();
+        vpc.handle(Request::LaunchInstance {
+            name: "node-a".into(),
+            instance_type: "m5.large".into(),
+            subnet_id: Some("subnet-tiny".into()),
+        })
+        .await
+        .unwrap();
+    }
+
     /// Waits until the pool has `n` available addresses.
     pub async fn warm(ipam: &Ipam, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
