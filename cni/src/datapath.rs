@@ -602,13 +602,7 @@ pub async fn held_elsewhere_on_host(
     host_veth: &str,
     ip: Ipv4Addr,
 ) -> Result<bool, rtnetlink::Error> {
-    let local: Vec<_> = host.address().get().execute().try_collect().await?;
-    let on_a_link = local.iter().any(|a| {
-        a.attributes.iter().any(|x| {
-            matches!(x, AddressAttribute::Address(IpAddr::V4(v)) | AddressAttribute::Local(IpAddr::V4(v)) if *v == ip)
-        })
-    });
-    if on_a_link {
+    if on_a_host_link(host, ip).await? {
         return Ok(true);
     }
     let ours = if host_veth.is_empty() {
@@ -620,6 +614,17 @@ pub async fn held_elsewhere_on_host(
         .await?
         .into_iter()
         .any(|oif| Some(oif) != ours))
+}
+
+/// Whether `ip` is an address of a link of this host (an interface's own
+/// primary address, whose `from` rule is ipamd's): never a pod's.
+pub async fn on_a_host_link(host: &Handle, ip: Ipv4Addr) -> Result<bool, rtnetlink::Error> {
+    let local: Vec<_> = host.address().get().execute().try_collect().await?;
+    Ok(local.iter().any(|a| {
+        a.attributes.iter().any(|x| {
+            matches!(x, AddressAttribute::Address(IpAddr::V4(v)) | AddressAttribute::Local(IpAddr::V4(v)) if *v == ip)
+        })
+    }))
 }
 
 async fn delete_from_rules(host: &Handle, ip: Ipv4Addr) -> Result<(), rtnetlink::Error> {

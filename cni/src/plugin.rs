@@ -460,7 +460,21 @@ async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     let netns = (!env.netns.is_empty()).then(|| Path::new(&env.netns));
     let mut errors = vec![];
     let ip = if found {
-        ip
+        // Whatever ipamd said, a host link's own address is never a pod's.
+        match ip {
+            Some(a) => match datapath::on_a_host_link(&host, a).await {
+                Ok(false) => Some(a),
+                Ok(true) => {
+                    info!(ip = %a, "a host interface holds this address; leaving its rules");
+                    None
+                }
+                Err(e) => {
+                    errors.push(format!("cannot tell who holds {a}, left its rules: {e}"));
+                    None
+                }
+            },
+            None => None,
+        }
     } else {
         ours(&host, &host_veth, ip, held_elsewhere, &mut errors).await
     };

@@ -88,11 +88,26 @@ fn refuse_strict(v: &str) -> Refusal {
     }
 }
 
+/// An integer as Go's `strconv.ParseInt(v, 0, 64)` reads it (aws-node's
+/// connmark): `0x`/`0X` hex, `0o`/`0O` or a leading `0` octal, `0b`/`0B`
+/// binary, else decimal.
+fn go_int(v: &str) -> Result<u64, std::num::ParseIntError> {
+    let lower = v.to_ascii_lowercase();
+    if let Some(h) = lower.strip_prefix("0x") {
+        u64::from_str_radix(h, 16)
+    } else if let Some(b) = lower.strip_prefix("0b") {
+        u64::from_str_radix(b, 2)
+    } else if let Some(o) = lower.strip_prefix("0o") {
+        u64::from_str_radix(o, 8)
+    } else if lower.len() > 1 && lower.starts_with('0') {
+        u64::from_str_radix(&lower[1..], 8)
+    } else {
+        lower.parse()
+    }
+}
+
 fn refuse_other_mark(v: &str) -> Refusal {
-    let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => v.parse(),
-    };
+    let n = go_int(v);
     match n {
         Ok(0x80) => Refusal::Accept,
         Ok(_) => Refusal::Refuse,
@@ -206,12 +221,24 @@ pub fn check(src: &dyn ConfigSource) -> Verdicts {
             },
         }
     }
-    // Honoured, but only in part.
     let get = |k: &str| {
         src.get(k)
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
     };
+    // Honoured booleans that ipamd's settings do not parse themselves.
+    for name in [
+        "DISABLE_METRICS",
+        "DISABLE_INTROSPECTION",
+        "MANAGE_UNTAGGED_ENI",
+    ] {
+        if let Some(v) = get(name).filter(|v| parse_bool(v).is_none()) {
+            out.refusals.push(format!(
+                "{name}={v:?}: expected true or false (1, t, TRUE, 0, f, FALSE, ...)"
+            ));
+        }
+    }
+    // Honoured, but only in part.
     if get("MANAGE_UNTAGGED_ENI").and_then(|v| parse_bool(&v)) == Some(true) {
         out.warnings.push(
             "MANAGE_UNTAGGED_ENI=true: vpc-cni never uses interfaces that neither it nor aws-node created".into(),
@@ -224,7 +251,11 @@ pub fn check(src: &dyn ConfigSource) -> Verdicts {
         );
     }
     if let Some(list) = get("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS") {
-        for item in list.split(',').map(str::trim).filter(|s| s.contains(':')) {
+        for item in list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| s.parse::<ipnet::Ipv6Net>().is_ok())
+        {
             out.warnings.push(format!(
                 "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS: {item:?} is IPv6 and is skipped (pods are IPv4 only)"
             ));
@@ -344,10 +375,15 @@ mod tests {
             v.refusals.iter().all(|r| !r.contains("not supported")),
             "{v:?}"
         );
-        // The mark in decimal is the same mark.
-        assert!(verdicts(&[("AWS_VPC_K8S_CNI_CONNMARK", "128")])
-            .refusals
-            .is_empty());
+        // The mark in decimal or octal is the same mark (Go's base 0).
+        for same in ["128", "0200", "0X80", "0b10000000"] {
+            assert!(
+                verdicts(&[("AWS_VPC_K8S_CNI_CONNMARK", same)])
+                    .refusals
+                    .is_empty(),
+                "{same}"
+            );
+        }
     }
 
     #[test]
@@ -361,6 +397,17 @@ mod tests {
             // Empty is unset: nothing to say.
             assert_eq!(verdicts(&[(var.name, "")]), Verdicts::default());
         }
+    }
+
+    #[test]
+    fn honoured_booleans_must_be_booleans() {
+        let v = verdicts(&[
+            ("DISABLE_METRICS", "yes"),
+            ("DISABLE_INTROSPECTION", "maybe"),
+            ("MANAGE_UNTAGGED_ENI", "garbage"),
+        ]);
+        assert_eq!(v.refusals.len(), 3, "{v:?}");
+        assert!(verdicts(&[("DISABLE_METRICS", "true")]).refusals.is_empty());
     }
 
     #[test]

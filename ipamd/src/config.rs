@@ -233,7 +233,7 @@ impl Settings {
             for item in list
                 .split(',')
                 .map(str::trim)
-                .filter(|s| !s.is_empty() && !s.contains(':'))
+                .filter(|s| !s.is_empty() && s.parse::<ipnet::Ipv6Net>().is_err())
             {
                 match item.parse::<Ipv4Net>() {
                     Ok(n) => exclude.push(n.trunc()),
@@ -396,6 +396,9 @@ mod tests {
         // chart sets it to 1 by default).
         let s = read(&[("WARM_PREFIX_TARGET", "1")]).unwrap();
         assert_eq!(s.pool.warm_prefix_target, None);
+        // Only what parses as an IPv6 network is skipped as IPv6.
+        assert!(read(&[("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "junk:")]).is_err());
+        assert!(read(&[("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.1.0.0:16")]).is_err());
         // Empty is unset everywhere.
         assert_eq!(
             read(&[("WARM_ENI_TARGET", ""), ("ENABLE_PREFIX_DELEGATION", " ")]).unwrap(),

@@ -115,7 +115,11 @@ pub fn assignments(pool: &Pool) -> serde_json::Value {
                     })
                 })
                 .collect();
-        v.sort_by_key(|a| a["ip"].as_str().unwrap_or_default().to_string());
+        v.sort_by_key(|a| {
+            a["ip"]
+                .as_str()
+                .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
+        });
         serde_json::Value::Array(v)
     })
 }

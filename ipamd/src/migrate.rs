@@ -35,6 +35,10 @@ pub const DEFAULT_CHECKPOINT: &str = "/var/run/aws-node/ipam.json";
 /// The only checkpoint format read (aws-node's `CheckpointFormatVersion`).
 pub const CHECKPOINT_VERSION: &str = "vpc-cni-ipam/1";
 
+/// Largest checkpoint read: far above any node's (a few hundred pods, a
+/// few hundred bytes each), far below what would stall the start.
+pub const MAX_CHECKPOINT_BYTES: u64 = 16 << 20;
+
 #[derive(Debug, Deserialize)]
 struct Checkpoint {
     #[serde(default)]
@@ -133,6 +137,16 @@ pub fn parse(path: &Path, text: &str, network: &str) -> Result<Replayed, ImportE
                 continue;
             }
             (v4, _) => match v4.parse::<Ipv4Addr>() {
+                Ok(ip)
+                    if ip.is_unspecified()
+                        || ip.is_broadcast()
+                        || ip.is_loopback()
+                        || ip.is_multicast()
+                        || ip.is_link_local() =>
+                {
+                    problems.push(format!("{at}: {ip} is no pod's address"));
+                    continue;
+                }
                 Ok(ip) => ip,
                 Err(e) => {
                     problems.push(format!("{at}: ipv4 {v4:?}: {e}"));
@@ -188,16 +202,32 @@ pub fn import_on_first_start(
     if journal.exists() {
         return Ok(None);
     }
-    let text = match std::fs::read_to_string(checkpoint) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(ImportError::Read {
-                path: checkpoint.to_path_buf(),
-                source,
-            })
-        }
+    let read_err = |source| ImportError::Read {
+        path: checkpoint.to_path_buf(),
+        source,
     };
+    // A FIFO or a device would block the start (and SIGTERM with it).
+    match std::fs::metadata(checkpoint) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(read_err(e)),
+        Ok(m) if !m.is_file() => {
+            return Err(read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )))
+        }
+        Ok(m) if m.len() > MAX_CHECKPOINT_BYTES => {
+            return Err(read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} bytes, more than any node's checkpoint ({MAX_CHECKPOINT_BYTES} at most)",
+                    m.len()
+                ),
+            )))
+        }
+        Ok(_) => {}
+    }
+    let text = std::fs::read_to_string(checkpoint).map_err(read_err)?;
     let state = parse(checkpoint, &text, network)?;
     let imported = Imported {
         assignments: state.assignments.len(),
@@ -254,7 +284,8 @@ mod tests {
           {"containerID": "c3", "ifName": "eth0", "ipv6": "2001:db8::5"},
           {"containerID": "c4", "ifName": "eth0", "ipv4": "10.0.1.300"},
           {"containerID": "", "ifName": "eth0", "ipv4": "10.0.1.9"},
-          {"containerID": "c1", "ifName": "eth0", "ipv4": "10.0.1.10"}
+          {"containerID": "c1", "ifName": "eth0", "ipv4": "10.0.1.10"},
+          {"containerID": "c7", "ifName": "eth0", "ipv4": "0.0.0.0"}
         ]}"#;
         let e = parse(Path::new("/var/run/aws-node/ipam.json"), bad, "vpc-cni").unwrap_err();
         let ImportError::Invalid { problems, .. } = &e else {
@@ -268,10 +299,11 @@ mod tests {
             "ipv4 \"10.0.1.300\"",
             "container id \"\" is empty",
             "allocation 5 (c1): the attachment is allocated twice",
+            "0.0.0.0 is no pod's address",
         ] {
             assert!(all.contains(want), "{want} missing from:\n{all}");
         }
-        assert_eq!(problems.len(), 6, "{all}");
+        assert_eq!(problems.len(), 7, "{all}");
         assert!(e.to_string().contains("move it away if no pod"));
         let e = parse(Path::new("x"), "{", "vpc-cni").unwrap_err();
         assert!(e.to_string().contains("not JSON"), "{e}");
@@ -312,6 +344,19 @@ mod tests {
         // A bad checkpoint on a first start writes nothing.
         std::fs::remove_file(&journal).unwrap();
         assert!(import_on_first_start(&cp, &journal, "vpc-cni").is_err());
+        assert!(!journal.exists());
+        // Neither does a directory, nor a file too big to be one.
+        let not_a_file = dir.path().join("a-dir");
+        std::fs::create_dir(&not_a_file).unwrap();
+        let e = import_on_first_start(&not_a_file, &journal, "vpc-cni").unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.json");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_CHECKPOINT_BYTES + 1)
+            .unwrap();
+        let e = import_on_first_start(&big, &journal, "vpc-cni").unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
         assert!(!journal.exists());
     }
 }

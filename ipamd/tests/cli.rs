@@ -150,8 +150,18 @@ async fn status_interfaces_assignments_and_explain_as_tables_and_json() {
     let out = ipamctl(&d, &["explain", "not-a-pod"]);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected NAMESPACE/NAME"));
+    for odd in ["a b/c", "ns/x#y", "ns/a&pod=x", "ns/a\"b", "NS/upper"] {
+        let out = ipamctl(&d, &["explain", odd]);
+        assert_eq!(out.status.code(), Some(64), "{odd}: {out:?}");
+    }
     let out = ipamctl(&d, &["status", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(64));
+    let out = ipamctl(&d, &["status", "--introspection", "notanaddr"]);
+    assert_eq!(out.status.code(), Some(64));
+    // A socket that is not ipamd's gRPC socket (its fast path).
+    let fast = ipamd_api::fast::path(&d.socket);
+    let out = ipamctl(&d, &["add", "x", "--socket", fast.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
     let closed = free_ports(1)[0].to_string();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipamctl"))
         .args(["status", "--introspection", &closed])

@@ -542,3 +542,46 @@ async fn an_add_at_the_cap_waits_for_a_cooldown_or_says_when_it_ends() {
     assert!(err.contains("the next is free in"), "{err}");
     node.stop().await;
 }
+
+/// A journal (damaged, or imported from aws-node) that gives a pod an
+/// interface's own address: the assignment is dropped at start, never
+/// held, so no DEL could take that address's rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_of_an_interfaces_own_address_is_dropped_at_start() {
+    use ipamd::journal::{Journal, Record};
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    vpc.handle(Request::LaunchInstance {
+        name: "node-a".into(),
+        instance_type: "m5.large".into(),
+        subnet_id: None,
+    })
+    .await
+    .unwrap();
+    let state = vpc.snapshot();
+    let primary_ip = state.interfaces[&state
+        .instances
+        .values()
+        .next()
+        .unwrap()
+        .primary_interface_id]
+        .primary_ip;
+    let journal = dir.path().join("j");
+    let records = vec![
+        Record::Header { version: 1 },
+        Record::Assign {
+            key: key("impostor"),
+            ip: primary_ip,
+            netns: None,
+            netns_id: None,
+            pod: None,
+        },
+    ];
+    drop(Journal::open(&journal, records).unwrap());
+    let node = Node::start(&vpc, "m5.large", &[], &journal).await;
+    assert!(node.ipam.lookup(&key("impostor")).is_none());
+    let s = node.ipam.summary();
+    assert_eq!(s["unconfirmed_assignments"], 0, "{s}");
+    assert_eq!(s["counts"]["assigned"], 0, "{s}");
+    node.stop().await;
+}

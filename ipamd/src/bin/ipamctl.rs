@@ -352,6 +352,12 @@ async fn main() {
         e.exit()
     });
     let at = cli.introspection.as_str();
+    if at.parse::<std::net::SocketAddr>().is_err() {
+        fail(
+            64,
+            format!("--introspection {at:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:61679"),
+        );
+    }
     match &cli.cmd {
         Cmd::Status { json } => return print(*json, &fetch(at, "/v1/pool").await, status_text),
         Cmd::Pool => return print(true, &fetch(at, "/v1/pool").await, status_text),
@@ -364,15 +370,23 @@ async fn main() {
         Cmd::Explain { pod, json } => {
             let path = match pod {
                 None => "/v1/explain".to_string(),
-                Some(p) => match ipamd::datastore::PodName::parse(p) {
+                // Kubernetes names only: they need no escaping in the URL.
+                Some(p) => match ipamd::datastore::PodName::parse(p).filter(|n| {
+                    ipamd_api::names::check_k8s_name("namespace", &n.namespace).is_ok()
+                        && ipamd_api::names::check_k8s_name("name", &n.name).is_ok()
+                }) {
                     Some(p) => format!("/v1/explain?pod={}/{}", p.namespace, p.name),
-                    None => fail(64, format!("{p:?}: expected NAMESPACE/NAME")),
+                    None => fail(
+                        64,
+                        format!("{p:?}: expected NAMESPACE/NAME, each a Kubernetes name (a-z, 0-9, '-', '.')"),
+                    ),
                 },
             };
             return print(*json, &fetch(at, &path).await, explain_text);
         }
         Cmd::Add { .. } | Cmd::Del { .. } => {}
     }
+    let cli_socket = cli.socket.clone();
     let mut client = match ipamd_api::client(&cli.socket).await {
         Ok(c) => c,
         Err(e) => fail(69, e),
@@ -433,6 +447,19 @@ async fn main() {
     };
     match out {
         Ok(v) => println!("{v}"),
+        // No answer from ipamd at all (nothing, or not ipamd, on the socket).
+        Err(s)
+            if s.code() == tonic::Code::Unavailable || s.message().contains("transport error") =>
+        {
+            fail(
+                69,
+                format!(
+                    "{}: {} (is ipamd running?)",
+                    cli_socket.display(),
+                    s.message()
+                ),
+            )
+        }
         Err(s) => fail(1, format!("{:?}: {}", s.code(), s.message())),
     }
 }

@@ -167,6 +167,10 @@ impl Pool {
         } = from;
         let now = Instant::now();
         let mut ds = Datastore::new(settings.cooldown);
+        // An interface's own address is never a pod's (a damaged or
+        // imported journal could say so): such an assignment is dropped,
+        // never held, so no DEL can take that address's rules.
+        let primaries: HashSet<Ipv4Addr> = interfaces.iter().map(|i| i.primary_ip).collect();
         for i in interfaces {
             ds.add_interface(i, now);
         }
@@ -175,6 +179,10 @@ impl Pool {
         }
         let mut unconfirmed = BTreeMap::new();
         for (key, ip) in &replayed.assignments {
+            if primaries.contains(ip) {
+                error!(pod = %key, %ip, "the journal gives a pod an interface's own address; dropping that assignment");
+                continue;
+            }
             if !ds.restore(key, *ip) {
                 // One Describe answer is not proof (EC2's are eventually
                 // consistent): the address stays the pod's until seen again.
