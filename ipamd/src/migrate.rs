@@ -37,7 +37,12 @@ pub const CHECKPOINT_VERSION: &str = "vpc-cni-ipam/1";
 
 /// Largest checkpoint read: far above any node's (a few hundred pods, a
 /// few hundred bytes each), far below what would stall the start.
-pub const MAX_CHECKPOINT_BYTES: u64 = 16 << 20;
+pub const MAX_CHECKPOINT_BYTES: u64 = 4 << 20;
+
+/// Most allocations imported: more than any instance type has addresses
+/// for pods (aws-node's largest max-pods is 737; prefix delegation stays
+/// within a few thousand). Replaying the journal costs the square of this.
+pub const MAX_ALLOCATIONS: usize = 16_384;
 
 #[derive(Debug, Deserialize)]
 struct Checkpoint {
@@ -111,6 +116,12 @@ pub fn parse(path: &Path, text: &str, network: &str) -> Result<Replayed, ImportE
     let cp: Checkpoint =
         serde_json::from_str(text).map_err(|e| invalid(vec![format!("not JSON: {e}")]))?;
     let mut problems = vec![];
+    if cp.allocations.len() > MAX_ALLOCATIONS {
+        return Err(invalid(vec![format!(
+            "{} allocations, more than any node holds ({MAX_ALLOCATIONS} at most)",
+            cp.allocations.len()
+        )]));
+    }
     if cp.version != CHECKPOINT_VERSION {
         problems.push(format!(
             "version {:?}: only {CHECKPOINT_VERSION:?} is read",
@@ -358,5 +369,25 @@ mod tests {
         let e = import_on_first_start(&big, &journal, "vpc-cni").unwrap_err();
         assert!(e.to_string().contains("at most"), "{e}");
         assert!(!journal.exists());
+        let many: Vec<String> = (0..=MAX_ALLOCATIONS)
+            .map(|n| {
+                format!(
+                    r#"{{"containerID":"c{n}","ifName":"eth0","ipv4":"10.{}.{}.{}"}}"#,
+                    n >> 16,
+                    (n >> 8) & 255,
+                    n & 255
+                )
+            })
+            .collect();
+        let text = format!(
+            r#"{{"version":"vpc-cni-ipam/1","allocations":[{}]}}"#,
+            many.join(",")
+        );
+        let e = parse(&cp, &text, "vpc-cni").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("allocations, more than any node holds"),
+            "{e}"
+        );
     }
 }
