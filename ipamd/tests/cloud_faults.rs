@@ -560,3 +560,57 @@ async fn an_assign_that_timed_out_is_learned_at_once() {
     assert_eq!(cloud_addresses(&vpc, "node-a").len(), 9, "asked for twice");
     node.stop().await;
 }
+
+/// A resync whose Describe the cloud keeps throttling gives up after its
+/// budget instead of holding the step (the call layer alone would retry it
+/// for minutes), so an ADD waiting for the pool is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_resync_does_not_hold_a_waiting_add() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = Arc::new(Vpc::with_config(vpc_sim::VpcConfig {
+        attach_latency: Duration::from_millis(10),
+        timeout_after: Duration::from_millis(50),
+        ..vpc_sim::VpcConfig::default()
+    }));
+    let env = [("WARM_IP_TARGET", "1"), ("IPAMD_ADD_WAIT_SECONDS", "20")];
+    let node = Node::start(&vpc, "m5.large", &env, &dir.path().join("j")).await;
+    warm(&node.ipam, 1).await;
+    // The next grow times out without effect, which asks for a resync at
+    // the next step; every Describe from now on is throttled.
+    for (api, kind, count) in [
+        (
+            "AssignPrivateIpAddresses",
+            FaultKind::Timeout { applied: false },
+            1,
+        ),
+        ("DescribeNetworkInterfaces", FaultKind::Throttle, 10_000),
+    ] {
+        vpc.handle(Request::InjectFault(Fault {
+            api: Some(api.into()),
+            kind,
+            count,
+        }))
+        .await
+        .unwrap();
+    }
+    let started = Instant::now();
+    node.ipam
+        .add(key("a"))
+        .await
+        .expect("the first from the pool");
+    node.ipam
+        .add(key("b"))
+        .await
+        .expect("served although every Describe is throttled");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    let s = node.ipam.summary();
+    assert!(
+        s["provider_api"]["DescribeNetworkInterfaces"]["throttles"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "no resync was tried: {s}"
+    );
+    node.stop().await;
+}

@@ -31,6 +31,12 @@ use actions::fewer;
 
 /// How often the pool is compared with what the cloud reports.
 const RESYNC_EVERY: Duration = Duration::from_secs(60);
+/// Longest a resync waits for the cloud's Describe. The call layer retries
+/// a throttled Describe for minutes (20 answers, delays up to 10 s); a
+/// resync runs inside the step, so past this it gives up for now and the
+/// pool goes on growing with what it knows (at 2,000 nodes the account's
+/// Describe budget is spent, and ADDs waited behind resyncs).
+const RESYNC_BUDGET: Duration = Duration::from_secs(5);
 /// How often the reconciler looks at the pool when nothing wakes it.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 /// An unattached interface of ours younger than this may still be on its
@@ -448,7 +454,15 @@ impl Reconciler {
 
     /// Compares the pool with the cloud's view of the instance.
     pub async fn resync(&self) -> Result<(), ProviderError> {
-        let all = self.provider.describe_interfaces().await?;
+        // A read: dropping it half-way changes nothing.
+        let all = tokio::time::timeout(RESYNC_BUDGET, self.provider.describe_interfaces())
+            .await
+            .map_err(|_| ProviderError::Timeout {
+                api: format!(
+                    "DescribeNetworkInterfaces: the resync gave up after {} s",
+                    RESYNC_BUDGET.as_secs()
+                ),
+            })??;
         if let Some(e) = complete_half_made(&*self.provider, &self.instance.id, &all).await {
             self.update(|s| s.last_error = Some(e));
         }
