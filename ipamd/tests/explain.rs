@@ -279,3 +279,56 @@ async fn pool_growing_while_an_interface_attaches() {
     until_verdict(&node.ipam, Verdict::AddressAvailable).await;
     node.stop().await;
 }
+
+/// A failure the pool no longer needs to retry does not stay as the pool's
+/// last error: once a step passes without one, explain stops citing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_no_longer_current_is_not_cited() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    let layer = CallLayer::new(
+        RetryPolicy {
+            max_throttled: 2,
+            base: Duration::from_millis(10),
+            ..RetryPolicy::default()
+        },
+        None,
+    );
+    let env = [("WARM_IP_TARGET", "2"), ("IP_COOLDOWN_PERIOD", "0")];
+    let node = Node::start_with(&vpc, "m5.large", &env, &dir.path().join("j"), layer).await;
+    warm(&node.ipam, 2).await;
+    // Growing is throttled from now on; two ADDs take the free addresses.
+    inject(
+        &vpc,
+        "AssignPrivateIpAddresses",
+        FaultKind::Throttle,
+        1_000_000,
+    )
+    .await;
+    node.ipam.add(key("a")).await.unwrap();
+    node.ipam.add(key("b")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node.ipam.summary()["status"]["last_error_kind"] != "throttled" {
+        assert!(Instant::now() < deadline, "the grow was never throttled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The pods go: the pool is back at its target without growing.
+    node.ipam.del(key("a")).await.unwrap();
+    node.ipam.del(key("b")).await.unwrap();
+    let e = until_verdict(&node.ipam, Verdict::AddressAvailable).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = node.ipam.summary();
+        if s["status"]["last_error"].is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a stale error stays: {}",
+            s["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!e.message.contains("throttled"), "{}", e.message);
+    node.stop().await;
+}

@@ -279,6 +279,7 @@ impl Reconciler {
     /// One pass: finish pending deletes, resync now and then, plan, act.
     /// Returns how many actions were carried out.
     pub async fn step(&self) -> Result<usize, StepError> {
+        let errors_before = self.errors_total();
         self.pool.heal_journal().await;
         self.node_step().await;
         for id in self.pool.pending_deletes() {
@@ -380,7 +381,21 @@ impl Reconciler {
             });
             self.pool.publish();
         }
+        // Nothing failed in this step: an earlier failure (one a later plan
+        // no longer needed to retry) is not the pool's state any more.
+        if self.errors_total() == errors_before && self.lock().status.last_error.is_some() {
+            self.update(|s| {
+                s.last_error = None;
+                s.last_error_kind = None;
+                s.consecutive_errors = 0;
+                s.retry_at = None;
+            });
+        }
         Ok(done)
+    }
+
+    fn errors_total(&self) -> u64 {
+        self.lock().status.errors_by_site.values().sum()
     }
 
     /// Sets up what is pending on the node's side; what cannot be done yet
@@ -464,6 +479,7 @@ impl Reconciler {
                 ),
             })??;
         if let Some(e) = complete_half_made(&*self.provider, &self.instance.id, &all).await {
+            self.count_error("resync");
             self.update(|s| s.last_error = Some(e));
         }
         let known = self.pool.interface_ids();
