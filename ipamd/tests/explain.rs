@@ -39,6 +39,19 @@ async fn until_verdict(ipam: &Ipam, want: Verdict) -> Explanation {
     }
 }
 
+/// A call layer that gives up after the second throttled answer, so the
+/// reconciler's own failure and backoff show at once.
+fn impatient_layer() -> CallLayer {
+    CallLayer::new(
+        RetryPolicy {
+            max_throttled: 2,
+            base: Duration::from_millis(10),
+            ..RetryPolicy::default()
+        },
+        None,
+    )
+}
+
 async fn inject(vpc: &Arc<Vpc>, api: &str, kind: FaultKind, count: u32) {
     vpc.handle(Request::InjectFault(Fault {
         api: Some(api.into()),
@@ -184,14 +197,7 @@ async fn throttled_says_when_the_next_attempt_is() {
     inject(&vpc, "AssignPrivateIpAddresses", FaultKind::Throttle, 1000).await;
     // A layer that gives up after the second throttled answer, so the
     // reconciler's own backoff shows.
-    let layer = CallLayer::new(
-        RetryPolicy {
-            max_throttled: 2,
-            base: Duration::from_millis(10),
-            ..RetryPolicy::default()
-        },
-        None,
-    );
+    let layer = impatient_layer();
     let node = Node::start_with(&vpc, "m5.large", &[], &dir.path().join("j"), layer).await;
     let e = until_verdict(&node.ipam, Verdict::Throttled).await;
     assert!(
@@ -286,14 +292,7 @@ async fn pool_growing_while_an_interface_attaches() {
 async fn a_failure_no_longer_current_is_not_cited() {
     let dir = tempfile::tempdir().unwrap();
     let vpc = vpc(10);
-    let layer = CallLayer::new(
-        RetryPolicy {
-            max_throttled: 2,
-            base: Duration::from_millis(10),
-            ..RetryPolicy::default()
-        },
-        None,
-    );
+    let layer = impatient_layer();
     let env = [("WARM_IP_TARGET", "2"), ("IP_COOLDOWN_PERIOD", "0")];
     let node = Node::start_with(&vpc, "m5.large", &env, &dir.path().join("j"), layer).await;
     warm(&node.ipam, 2).await;
