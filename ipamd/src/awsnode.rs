@@ -181,6 +181,19 @@ pub const VARIABLES: &[Var] = &[
     Var { name: "VPC_CNI_VERSION", treatment: Warned, note: "informational" },
 ];
 
+/// `name`'s value in `src`, trimmed; `None` when unset or empty (empty is
+/// unset for every aws-node variable).
+pub fn value(src: &dyn ConfigSource, name: &str) -> Option<String> {
+    src.get(name)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether the boolean `name` is set to true (as [`parse_bool`] reads it).
+pub fn is_true(src: &dyn ConfigSource, name: &str) -> bool {
+    value(src, name).and_then(|v| parse_bool(&v)) == Some(true)
+}
+
 /// The variable named `name`, if it is aws-node's.
 pub fn find(name: &str) -> Option<&'static Var> {
     VARIABLES.iter().find(|v| v.name == name)
@@ -221,11 +234,7 @@ pub fn check(src: &dyn ConfigSource) -> Verdicts {
             },
         }
     }
-    let get = |k: &str| {
-        src.get(k)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    };
+    let get = |k: &str| value(src, k);
     // Honoured booleans that ipamd's settings do not parse themselves.
     for name in [
         "DISABLE_METRICS",

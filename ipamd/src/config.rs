@@ -119,10 +119,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn raw(&self, key: &str) -> Option<String> {
-        self.src
-            .get(key)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
+        crate::awsnode::value(self.src, key)
     }
 
     fn uint(&mut self, key: &str) -> Option<u32> {

@@ -178,20 +178,16 @@ impl Config {
         for w in ipamd::awsnode::check(&Env).warnings {
             warn!("{w}");
         }
-        let aws_env = |k: &str| {
-            std::env::var(k)
-                .ok()
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        let aws_flag =
-            |k: &str| aws_env(k).and_then(|v| ipamd::awsnode::parse_bool(&v)) == Some(true);
-        let introspection_addr = match (&cli.introspection, aws_env("INTROSPECTION_BIND_ADDRESS")) {
+        use ipamd::awsnode::{is_true, value};
+        let introspection_addr = match (
+            &cli.introspection,
+            value(&Env, "INTROSPECTION_BIND_ADDRESS"),
+        ) {
             (Some(a), _) => a.clone(),
             (None, Some(a)) => a,
             (None, None) => "127.0.0.1:61679".into(),
         };
-        let introspection_addr = if aws_flag("DISABLE_INTROSPECTION") {
+        let introspection_addr = if is_true(&Env, "DISABLE_INTROSPECTION") {
             "off".to_string()
         } else {
             introspection_addr
@@ -217,7 +213,7 @@ impl Config {
         if let Err(e) = ipamd_api::names::check_id("network name", &cli.cni_network_name) {
             bad.push(format!("--cni-network-name / IPAMD_CNI_NETWORK_NAME: {e}"));
         }
-        let metrics_addr = if aws_flag("DISABLE_METRICS") {
+        let metrics_addr = if is_true(&Env, "DISABLE_METRICS") {
             "off"
         } else {
             cli.metrics.as_str()
@@ -383,11 +379,7 @@ async fn run(config: Config) -> Result<(), Fatal> {
     let checkpoint = cli
         .aws_node_checkpoint
         .clone()
-        .or_else(|| {
-            std::env::var("AWS_VPC_K8S_CNI_BACKING_STORE")
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-        })
+        .or_else(|| ipamd::awsnode::value(&Env, "AWS_VPC_K8S_CNI_BACKING_STORE"))
         .unwrap_or_else(|| ipamd::migrate::DEFAULT_CHECKPOINT.to_string());
     if checkpoint != "off" {
         ipamd::migrate::import_on_first_start(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ipamd::ipam::IpamError;
 use providers::tags::{NO_MANAGE, OWNER, OWNER_VALUE};
 use support::cloud_addresses;
-use support::inproc::{key, vpc, warm, Node};
+use support::inproc::{inject, key, vpc, warm, Node};
 use vpc_sim::{Fault, FaultKind, Reply, Request, Vpc};
 
 /// t3.small (3 addresses per interface) with the primary full and the next
@@ -529,13 +529,13 @@ async fn an_assign_that_timed_out_is_learned_at_once() {
         timeout_after: Duration::from_millis(50),
         ..vpc_sim::VpcConfig::default()
     }));
-    vpc.handle(Request::InjectFault(Fault {
-        api: Some("AssignPrivateIpAddresses".into()),
-        kind: FaultKind::Timeout { applied: true },
-        count: 1,
-    }))
-    .await
-    .unwrap();
+    inject(
+        &vpc,
+        "AssignPrivateIpAddresses",
+        FaultKind::Timeout { applied: true },
+        1,
+    )
+    .await;
     // m5.large: the primary interface takes 9 addresses, all of them wanted.
     let env = [("WARM_IP_TARGET", "9")];
     let started = Instant::now();
@@ -577,22 +577,20 @@ async fn a_throttled_resync_does_not_hold_a_waiting_add() {
     warm(&node.ipam, 1).await;
     // The next grow times out without effect, which asks for a resync at
     // the next step; every Describe from now on is throttled.
-    for (api, kind, count) in [
-        (
-            "AssignPrivateIpAddresses",
-            FaultKind::Timeout { applied: false },
-            1,
-        ),
-        ("DescribeNetworkInterfaces", FaultKind::Throttle, 10_000),
-    ] {
-        vpc.handle(Request::InjectFault(Fault {
-            api: Some(api.into()),
-            kind,
-            count,
-        }))
-        .await
-        .unwrap();
-    }
+    inject(
+        &vpc,
+        "AssignPrivateIpAddresses",
+        FaultKind::Timeout { applied: false },
+        1,
+    )
+    .await;
+    inject(
+        &vpc,
+        "DescribeNetworkInterfaces",
+        FaultKind::Throttle,
+        10_000,
+    )
+    .await;
     let started = Instant::now();
     node.ipam
         .add(key("a"))

@@ -4,15 +4,14 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipamd::datastore::PodName;
 use ipamd::explain::{Explanation, Verdict};
 use ipamd::ipam::Ipam;
 use providers::layer::{CallLayer, RetryPolicy};
-use support::inproc::{key, vpc, warm, Node};
-use vpc_sim::{Fault, FaultKind, Request, Vpc};
+use support::inproc::{inject, key, vpc, warm, Node};
+use vpc_sim::FaultKind;
 
 fn pod(name: &str) -> PodName {
     PodName {
@@ -50,16 +49,6 @@ fn impatient_layer() -> CallLayer {
         },
         None,
     )
-}
-
-async fn inject(vpc: &Arc<Vpc>, api: &str, kind: FaultKind, count: u32) {
-    vpc.handle(Request::InjectFault(Fault {
-        api: Some(api.into()),
-        kind,
-        count,
-    }))
-    .await
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

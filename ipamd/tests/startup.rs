@@ -14,6 +14,20 @@ fn ipamd_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ipamd"))
 }
 
+/// ipamd on the shared simulated VPC at `sim`, with only the given
+/// environment; killed when dropped.
+fn sim_ipamd(sim: &str, socket: &Path, state: &Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(ipamd_bin());
+    c.args(["--provider", "sim", "--sim-server", sim])
+        .arg("--socket")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(state)
+        .env_clear()
+        .kill_on_drop(true);
+    c
+}
+
 /// The plugin, built next to ipamd (`cargo build --workspace --bins`).
 fn plugin_bin() -> PathBuf {
     let p = ipamd_bin().with_file_name("vpc-cni");
@@ -90,22 +104,8 @@ async fn sigterm_during_start_up_is_not_lost() {
         .await
         .unwrap();
     let socket = dir.path().join("s.sock");
-    let mut child = tokio::process::Command::new(ipamd_bin())
-        .args([
-            "--provider",
-            "sim",
-            "--metrics",
-            "off",
-            "--sim-server",
-            &sim.addr,
-        ])
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(["--introspection", "off"])
-        .env_clear()
-        .kill_on_drop(true)
+    let mut child = sim_ipamd(&sim.addr, &socket, &dir.path().join("state"))
+        .args(["--metrics", "off", "--introspection", "off"])
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -277,21 +277,9 @@ async fn a_second_ipamd_on_the_same_state_directory_exits_69_and_touches_nothing
     // Same socket and state directory, and then another socket on the
     // same state directory: both refused before the journal is read.
     for socket in [first.socket.clone(), dir.path().join("other.sock")] {
-        let out = tokio::process::Command::new(ipamd_bin())
-            .args([
-                "--provider",
-                "sim",
-                "--metrics",
-                "off",
-                "--sim-server",
-                &sim.addr,
-            ])
-            .args(["--node-name", "lock-node", "--introspection", "off"])
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(&first.state_dir)
-            .env_clear()
+        let out = sim_ipamd(&sim.addr, &socket, &first.state_dir)
+            .args(["--metrics", "off", "--node-name", "lock-node"])
+            .args(["--introspection", "off"])
             .output();
         let out = tokio::time::timeout(Duration::from_secs(30), out)
             .await
@@ -339,17 +327,11 @@ async fn aws_node_variables_are_honoured_warned_or_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sim = SimServer::start(dir.path(), VpcConfig::default()).await;
     let base = |state: &str| {
-        let mut c = tokio::process::Command::new(ipamd_bin());
-        c.args(["--provider", "sim", "--sim-server", &sim.addr])
-            .arg("--socket")
-            .arg(dir.path().join(format!("{state}.sock")))
-            .arg("--state-dir")
-            .arg(dir.path().join(state))
-            .env_clear()
-            .stdin(std::process::Stdio::null())
+        let socket = dir.path().join(format!("{state}.sock"));
+        let mut c = sim_ipamd(&sim.addr, &socket, &dir.path().join(state));
+        c.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(std::process::Stdio::piped());
         c
     };
 

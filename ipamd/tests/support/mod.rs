@@ -405,6 +405,17 @@ pub mod inproc {
         .unwrap();
     }
 
+    /// Injects `count` faults of `kind` into `api`'s calls.
+    pub async fn inject(vpc: &Vpc, api: &str, kind: vpc_sim::FaultKind, count: u32) {
+        vpc.handle(vpc_sim::Request::InjectFault(vpc_sim::Fault {
+            api: Some(api.into()),
+            kind,
+            count,
+        }))
+        .await
+        .unwrap();
+    }
+
     /// Waits until the pool has `n` available addresses.
     pub async fn warm(ipam: &Ipam, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
