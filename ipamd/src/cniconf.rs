@@ -102,14 +102,16 @@ impl CniConf {
     /// # Errors
     /// The directory cannot be created or written.
     pub fn install(&self) -> std::io::Result<bool> {
-        let text = serde_json::to_string_pretty(&self.conflist()).expect("JSON prints") + "\n";
+        let text = self.text();
         let path = self.path();
+        // A dot name: runtimes skip it while it is being written. One left
+        // by a crash mid-write goes now.
+        let tmp = self.dir.join(format!(".{}.tmp", self.file));
+        std::fs::remove_file(&tmp).ok();
         if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
             return Ok(false);
         }
         std::fs::create_dir_all(&self.dir)?;
-        // A dot name: runtimes skip it while it is being written.
-        let tmp = self.dir.join(format!(".{}.tmp", self.file));
         let written = std::fs::File::create(&tmp).and_then(|mut f| {
             f.write_all(text.as_bytes())?;
             f.sync_all()
@@ -123,19 +125,33 @@ impl CniConf {
         Ok(true)
     }
 
-    /// Removes the conflist (a clean uninstall); a missing file is fine.
+    fn text(&self) -> String {
+        serde_json::to_string_pretty(&self.conflist()).expect("JSON prints") + "\n"
+    }
+
+    /// Removes the conflist (a clean uninstall) if it is still the one
+    /// ipamd wrote; another tool's file of that name is left. Returns
+    /// whether it removed it; a missing file is fine.
     ///
     /// # Errors
-    /// The file exists and cannot be removed.
-    pub fn uninstall(&self) -> std::io::Result<()> {
+    /// The file is ipamd's and cannot be removed.
+    pub fn uninstall(&self) -> std::io::Result<bool> {
+        if std::fs::read_to_string(self.path()).ok() != Some(self.text()) {
+            return Ok(false);
+        }
         match std::fs::remove_file(self.path()) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            _ => Ok(true),
         }
     }
 }
 
-/// Waits for ipamd to be ready, then installs `conf`; logs what it did.
+/// How often the conflist is checked once written: a failed write is
+/// retried, and a file removed or changed by someone else is put back.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits for ipamd to be ready, then installs `conf` and keeps it in
+/// place until `stop`; logs what it did (an error once per failure run).
 pub async fn install_when_ready(
     ipam: std::sync::Arc<crate::ipam::Ipam>,
     conf: CniConf,
@@ -152,15 +168,23 @@ pub async fn install_when_ready(
             _ = stop.wait_for(|s| *s) => return,
         }
     }
-    match conf.install() {
-        Ok(true) => {
-            tracing::info!(path = %conf.path().display(), "ready: CNI configuration installed")
+    let mut failing = false;
+    loop {
+        match conf.install() {
+            Ok(true) => {
+                failing = false;
+                tracing::info!(path = %conf.path().display(), "ready: CNI configuration installed");
+            }
+            Ok(false) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(path = %conf.path().display(), error = %e, "cannot install the CNI configuration; pods cannot be scheduled here until it is (retrying)");
+            }
+            Err(_) => {}
         }
-        Ok(false) => {
-            tracing::info!(path = %conf.path().display(), "ready: CNI configuration already in place")
-        }
-        Err(e) => {
-            tracing::error!(path = %conf.path().display(), error = %e, "cannot install the CNI configuration; pods cannot be scheduled here")
+        tokio::select! {
+            _ = tokio::time::sleep(RECHECK) => {}
+            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }
@@ -206,9 +230,19 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, ["10-vpc-cni.conflist"], "no temporary file left");
-        c.uninstall().unwrap();
+        // Another tool's file of that name is not ours to remove.
+        std::fs::write(c.path(), "{}").unwrap();
+        assert!(!c.uninstall().unwrap());
+        assert!(c.path().exists());
+        c.install().unwrap();
+        assert!(c.uninstall().unwrap());
         assert!(!c.path().exists());
-        c.uninstall().unwrap();
+        assert!(!c.uninstall().unwrap());
+        // A temporary file left by a crash mid-write goes at the next install.
+        let tmp = dir.path().join(".10-vpc-cni.conflist.tmp");
+        std::fs::write(&tmp, "{").unwrap();
+        c.install().unwrap();
+        assert!(!tmp.exists());
     }
 
     #[test]

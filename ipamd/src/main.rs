@@ -531,8 +531,11 @@ async fn run(config: Config) -> Result<(), Fatal> {
         .ok();
     if let Some(conf) = cni_conf.filter(|c| c.uninstall_on_exit) {
         match conf.uninstall() {
-            Ok(()) => {
+            Ok(true) => {
                 info!(path = %conf.path().display(), "CNI configuration removed (IPAMD_CNI_UNINSTALL_ON_EXIT)")
+            }
+            Ok(false) => {
+                info!(path = %conf.path().display(), "CNI configuration left: it is not the one ipamd wrote")
             }
             Err(e) => {
                 error!(path = %conf.path().display(), error = %e, "cannot remove the CNI configuration")

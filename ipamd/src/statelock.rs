@@ -5,12 +5,15 @@
 //! rewrite the journal of the one already running, which would then append
 //! to a file no longer linked: a crash would lose acknowledged assignments.
 //! So ipamd takes an exclusive advisory lock (flock(2), via
-//! [`std::fs::File::try_lock`]) on `<state dir>/ipamd.lock` before it reads
-//! anything there, and holds it until it exits. The kernel drops the lock
-//! when the process ends, however it ends, so a crash leaves nothing stale.
+//! [`std::fs::File::try_lock`]) on the state directory itself before it
+//! reads anything there, and holds it until it exits. The kernel drops the
+//! lock when the process ends, however it ends, so a crash leaves nothing
+//! stale. The lock is on the directory, not on a file in it, so deleting a
+//! file (a cleanup of `/run`) cannot let a second ipamd in; `ipamd.lock`
+//! only tells a second ipamd the holder's pid.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// The lock file's name inside the state directory.
@@ -36,13 +39,14 @@ pub enum LockError {
 /// The held lock; dropping it (or exiting) releases it.
 #[derive(Debug)]
 pub struct StateLock {
-    _file: File,
+    _dir: File,
     path: PathBuf,
 }
 
 impl StateLock {
-    /// Creates `dir` if needed, then locks `dir/ipamd.lock` without waiting.
-    /// The file holds the holder's pid, for the message a second ipamd gives.
+    /// Creates `dir` if needed, then locks it without waiting and writes
+    /// the holder's pid to `dir/ipamd.lock`, for the message a second ipamd
+    /// gives.
     ///
     /// # Errors
     /// [`LockError::Held`] when another process holds it, [`LockError::Io`]
@@ -54,18 +58,20 @@ impl StateLock {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
-        match file.try_lock() {
+        let held = File::open(dir).map_err(io)?;
+        if !held.metadata().map_err(io)?.is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "the state directory is not a directory",
+            )));
+        }
+        match held.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut text = String::new();
-                file.read_to_string(&mut text).ok();
+                if let Ok(mut f) = File::open(&path) {
+                    f.read_to_string(&mut text).ok();
+                }
                 let holder = match text.trim().parse::<u32>() {
                     Ok(pid) => format!("pid {pid}"),
                     Err(_) => "pid unknown".to_string(),
@@ -74,10 +80,14 @@ impl StateLock {
             }
             Err(TryLockError::Error(e)) => return Err(io(e)),
         }
-        file.set_len(0).map_err(io)?;
-        file.rewind().map_err(io)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io)?;
         writeln!(file, "{}", std::process::id()).map_err(io)?;
-        Ok(Self { _file: file, path })
+        Ok(Self { _dir: held, path })
     }
 
     /// The lock file's path.
@@ -105,6 +115,10 @@ mod tests {
             other => panic!("unexpected error: {other}"),
         }
         assert!(err.to_string().contains("only one ipamd"));
+        // Deleting the pid file (a cleanup of /run) lets no one in.
+        std::fs::remove_file(first.path()).unwrap();
+        let err = StateLock::acquire(&state).expect_err("still held");
+        assert!(matches!(err, LockError::Held { .. }), "{err}");
         drop(first);
         StateLock::acquire(&state).expect("lock free again after the holder drops it");
     }

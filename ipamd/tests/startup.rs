@@ -490,6 +490,13 @@ async fn the_cni_configuration_is_written_once_ready_and_removed_only_on_uninsta
         1,
         "a temporary file was left"
     );
+    // Removed by someone else while ipamd runs: put back.
+    std::fs::remove_file(&conflist).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !conflist.exists() {
+        assert!(Instant::now() < deadline, "not put back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A restart or rolling update: the node keeps its network.
     assert!(d.terminate().await.success());
     assert!(conflist.exists(), "removed on an ordinary stop");
