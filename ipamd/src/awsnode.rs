@@ -164,12 +164,12 @@ pub const VARIABLES: &[Var] = &[
     Var { name: "DISABLE_INTROSPECTION", treatment: Honoured, note: "true: no introspection listener (--introspection off)" },
     Var { name: "INTROSPECTION_BIND_ADDRESS", treatment: Honoured, note: "the introspection address when --introspection is not given; loopback only, no unix: sockets" },
     Var { name: "AWS_EC2_ENDPOINT", treatment: Honoured, note: "the EC2 endpoint (after AWS_ENDPOINT_URL_EC2, before AWS_ENDPOINT_URL)" },
-    Var { name: "MY_NODE_NAME", treatment: Honoured, note: "the node's name" },
-    Var { name: "AWS_MANAGE_ENIS_NON_SCHEDULABLE", treatment: Warned, note: "cordoned nodes are not told apart yet (Kubernetes integration)" },
+    Var { name: "MY_NODE_NAME", treatment: Honoured, note: "the node's name; required with Kubernetes" },
+    Var { name: "AWS_MANAGE_ENIS_NON_SCHEDULABLE", treatment: Honoured, note: "false (default): a cordoned node neither attaches nor deletes interfaces; true: it does" },
     Var { name: "ENI_CONFIG_LABEL_DEF", treatment: Warned, note: "only with custom networking, which is refused" },
     Var { name: "ENI_CONFIG_ANNOTATION_DEF", treatment: Warned, note: "only with custom networking, which is refused" },
     Var { name: "ANNOTATE_POD_IP", treatment: Warned, note: "pods are not annotated" },
-    Var { name: "CLUSTER_ENDPOINT", treatment: Warned, note: "ipamd does not talk to the API server yet" },
+    Var { name: "CLUSTER_ENDPOINT", treatment: Warned, note: "the API server is found in-cluster (KUBERNETES_SERVICE_HOST) or from --kubeconfig" },
     Var { name: "AWS_VPC_K8S_CNI_LOGLEVEL", treatment: Warned, note: "use IPAMD_LOG" },
     Var { name: "AWS_VPC_K8S_CNI_LOG_FILE", treatment: Warned, note: "ipamd logs to stderr" },
     Var { name: "AWS_VPC_K8S_PLUGIN_LOG_FILE", treatment: Warned, note: "set logFile in vpc-cni's network configuration" },
@@ -240,6 +240,7 @@ pub fn check(src: &dyn ConfigSource) -> Verdicts {
         "DISABLE_METRICS",
         "DISABLE_INTROSPECTION",
         "MANAGE_UNTAGGED_ENI",
+        "AWS_MANAGE_ENIS_NON_SCHEDULABLE",
     ] {
         if let Some(v) = get(name).filter(|v| parse_bool(v).is_none()) {
             out.refusals.push(format!(
@@ -414,8 +415,9 @@ mod tests {
             ("DISABLE_METRICS", "yes"),
             ("DISABLE_INTROSPECTION", "maybe"),
             ("MANAGE_UNTAGGED_ENI", "garbage"),
+            ("AWS_MANAGE_ENIS_NON_SCHEDULABLE", "sometimes"),
         ]);
-        assert_eq!(v.refusals.len(), 3, "{v:?}");
+        assert_eq!(v.refusals.len(), 4, "{v:?}");
         assert!(verdicts(&[("DISABLE_METRICS", "true")]).refusals.is_empty());
     }
 

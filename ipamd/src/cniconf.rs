@@ -152,9 +152,12 @@ pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Waits for ipamd to be ready, then installs `conf` and keeps it in
 /// place until `stop`; logs what it did (an error once per failure run).
+/// `installed` turns true once the file is in place (the startup taint
+/// waits for it).
 pub async fn install_when_ready(
     ipam: std::sync::Arc<crate::ipam::Ipam>,
     conf: CniConf,
+    installed: tokio::sync::watch::Sender<bool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut changes = ipam.pool.subscribe();
@@ -173,9 +176,13 @@ pub async fn install_when_ready(
         match conf.install() {
             Ok(true) => {
                 failing = false;
+                installed.send_replace(true);
                 tracing::info!(path = %conf.path().display(), "ready: CNI configuration installed");
             }
-            Ok(false) => failing = false,
+            Ok(false) => {
+                failing = false;
+                installed.send_replace(true);
+            }
             Err(e) if !failing => {
                 failing = true;
                 tracing::error!(path = %conf.path().display(), error = %e, "cannot install the CNI configuration; pods cannot be scheduled here until it is (retrying)");

@@ -114,6 +114,17 @@ fn secs(s: f64) -> String {
 }
 
 impl Facts {
+    /// The node's pod address capacity: the interfaces the pool may have ×
+    /// the addresses each holds for pods, capped by MAX_PODS; `None` until
+    /// the reconciler has planned once.
+    pub fn pod_capacity(&self) -> Option<u32> {
+        let c = self
+            .max_interfaces
+            .zip(self.per_interface)
+            .map(|(i, p)| i.saturating_mul(p))?;
+        Some(self.max_pods.map_or(c, |m| m.min(c)))
+    }
+
     /// "N assigned, M cooling down (IP_COOLDOWN_PERIOD Xs; the next is
     /// free in Ys)".
     pub fn usage(&self) -> String {

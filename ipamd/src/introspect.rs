@@ -49,6 +49,9 @@ pub fn summary(ipam: &Ipam) -> serde_json::Value {
         "frozen_interfaces": r.frozen(),
         "unconfirmed_assignments": unconfirmed,
         "status": status,
+        "pod_ip_capacity": ipam.pool.facts().pod_capacity(),
+        "interfaces_held": r.interfaces_held(),
+        "kubernetes": ipam.kube_snapshot(),
         "config": ipam.settings(),
     })
 }

@@ -58,6 +58,8 @@ pub struct Ipam {
     /// Time from the process's start ([`crate::metrics::process_started`])
     /// to the first time it was ready.
     ready_after: std::sync::OnceLock<std::time::Duration>,
+    /// The Kubernetes side's status, once it runs (see [`crate::k8s`]).
+    kube: std::sync::OnceLock<Arc<std::sync::Mutex<crate::k8s::KubeStatus>>>,
 }
 
 impl Ipam {
@@ -145,6 +147,7 @@ impl Ipam {
             reconciler,
             latched: AtomicBool::new(false),
             ready_after: std::sync::OnceLock::new(),
+            kube: std::sync::OnceLock::new(),
         }))
     }
 
@@ -266,6 +269,17 @@ impl Ipam {
     /// until it has been.
     pub fn ready_after(&self) -> Option<std::time::Duration> {
         self.ready_after.get().copied()
+    }
+
+    /// The Kubernetes side's status (created at the first call: the
+    /// Kubernetes side runs from then on).
+    pub fn kube_status(&self) -> Arc<std::sync::Mutex<crate::k8s::KubeStatus>> {
+        self.kube.get_or_init(Default::default).clone()
+    }
+
+    /// [`Ipam::kube_status`] now, if the Kubernetes side runs.
+    pub fn kube_snapshot(&self) -> Option<crate::k8s::KubeStatus> {
+        self.kube.get().map(|k| k.lock().expect("lock").clone())
     }
 
     /// Liveness (see [`Pool::health`]).

@@ -11,6 +11,7 @@ pub mod hostnet;
 pub mod introspect;
 pub mod ipam;
 pub mod journal;
+pub mod k8s;
 pub mod latency;
 pub mod metrics;
 pub mod migrate;

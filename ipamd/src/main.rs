@@ -86,9 +86,31 @@ struct Cli {
     /// Without it ipamd runs an embedded simulated VPC.
     #[arg(long, env = "SIM_SERVER")]
     sim_server: Option<String>,
-    /// sim: this node's name; the simulated instance is found or launched by it.
-    #[arg(long, env = "MY_NODE_NAME", default_value = "sim-node-1")]
-    node_name: String,
+    /// This node's Kubernetes name (aws-node's MY_NODE_NAME, from the
+    /// downward API); required with Kubernetes. sim: the simulated instance
+    /// is found or launched by it [default for sim: sim-node-1].
+    #[arg(long, env = "MY_NODE_NAME")]
+    node_name: Option<String>,
+    /// Talk to Kubernetes: auto (when a kubeconfig is given or ipamd runs
+    /// in a pod, KUBERNETES_SERVICE_HOST), on, or off.
+    #[arg(long, env = "IPAMD_KUBERNETES", default_value = "auto")]
+    kubernetes: String,
+    /// The kubeconfig to use [default: in-cluster, else KUBECONFIG or
+    /// ~/.kube/config].
+    #[arg(long, env = "IPAMD_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The NoSchedule taint key removed from the node once ipamd is ready
+    /// and the CNI configuration is installed; "off": none.
+    #[arg(long, env = "IPAMD_STARTUP_TAINT", default_value = ipamd::k8s::DEFAULT_STARTUP_TAINT)]
+    startup_taint: String,
+    /// Set the vpc-cni.io/ip-exhausted NoSchedule taint while the node's pod
+    /// addresses are exhausted (the node condition is set either way).
+    #[arg(long, env = "IPAMD_EXHAUSTION_TAINT")]
+    exhaustion_taint: Option<String>,
+    /// Seconds a pod must be gone from the API (or finished) before the
+    /// address it holds without a DEL is released.
+    #[arg(long, env = "IPAMD_POD_GONE_GRACE_SECONDS", default_value_t = 60)]
+    pod_gone_grace_seconds: u64,
     /// sim: instance type of the simulated node.
     #[arg(long, env = "SIM_INSTANCE_TYPE", default_value = "m5.large")]
     sim_instance_type: String,
@@ -161,6 +183,7 @@ struct Config {
     metrics: Option<SocketAddr>,
     configure_host: bool,
     cni_conf: Option<ipamd::cniconf::CniConf>,
+    kube: Option<ipamd::k8s::KubeSettings>,
 }
 
 impl Config {
@@ -283,6 +306,72 @@ impl Config {
                 false
             }),
         };
+        let kube_on = match cli.kubernetes.trim() {
+            "auto" => {
+                cli.kubeconfig.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+            }
+            v => ipamd::awsnode::parse_bool(v)
+                .or(match v {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    _ => None,
+                })
+                .unwrap_or_else(|| {
+                    bad.push(format!(
+                        "--kubernetes / IPAMD_KUBERNETES {v:?}: expected auto, on or off"
+                    ));
+                    false
+                }),
+        };
+        let exhaustion_taint = match cli.exhaustion_taint.as_deref().map(str::trim) {
+            None | Some("") => false,
+            Some(v) => ipamd::awsnode::parse_bool(v).unwrap_or_else(|| {
+                bad.push(format!(
+                    "--exhaustion-taint / IPAMD_EXHAUSTION_TAINT {v:?}: expected true or false"
+                ));
+                false
+            }),
+        };
+        let startup_taint = match cli.startup_taint.trim() {
+            "off" | "" => None,
+            t => match ipamd_api::names::check_k8s_qualified_name(t) {
+                Ok(()) => Some(t.to_string()),
+                Err(e) => {
+                    bad.push(format!("--startup-taint / IPAMD_STARTUP_TAINT {t:?}: {e}"));
+                    None
+                }
+            },
+        };
+        if cli.pod_gone_grace_seconds < 10 {
+            bad.push(format!(
+                "--pod-gone-grace-seconds / IPAMD_POD_GONE_GRACE_SECONDS {}: at least 10 (a pod's watch event may lag its ADD)",
+                cli.pod_gone_grace_seconds
+            ));
+        }
+        let node_name = cli
+            .node_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty());
+        if let Some(n) = node_name {
+            if let Err(e) = ipamd_api::names::check_k8s_name("MY_NODE_NAME", n) {
+                bad.push(format!("--node-name / MY_NODE_NAME: {e}"));
+            }
+        }
+        let kube = match (kube_on, node_name) {
+            (false, _) => None,
+            (true, None) => {
+                bad.push("--node-name / MY_NODE_NAME is not set: with Kubernetes, ipamd must know its node (the chart sets it from spec.nodeName)".into());
+                None
+            }
+            (true, Some(n)) => Some(ipamd::k8s::KubeSettings {
+                startup_taint,
+                exhaustion_taint,
+                pod_gone_grace: Duration::from_secs(cli.pod_gone_grace_seconds),
+                manage_enis_non_schedulable: is_true(&Env, "AWS_MANAGE_ENIS_NON_SCHEDULABLE"),
+                ..ipamd::k8s::KubeSettings::new(n)
+            }),
+        };
         let (Some(settings), Some(kind), true) = (settings, kind, bad.is_empty()) else {
             return Err(Fatal::Config(bad));
         };
@@ -290,7 +379,7 @@ impl Config {
             kind,
             sim: SimOptions {
                 server: cli.sim_server.clone(),
-                node_name: cli.node_name.clone(),
+                node_name: node_name.unwrap_or("sim-node-1").to_string(),
                 instance_type: cli.sim_instance_type.clone(),
                 attach_latency: Duration::from_millis(cli.sim_attach_latency_ms),
                 state: cli
@@ -318,6 +407,7 @@ impl Config {
             metrics,
             configure_host,
             cni_conf,
+            kube,
         })
     }
 }
@@ -349,6 +439,7 @@ async fn run(config: Config) -> Result<(), Fatal> {
         metrics,
         configure_host,
         cni_conf,
+        kube,
     } = config;
     // 2b. The state directory is ours alone before anything in it is read
     // (the journal is compacted at start); held until the process ends.
@@ -356,6 +447,17 @@ async fn run(config: Config) -> Result<(), Fatal> {
         .map_err(|e| Fatal::Unavailable(e.to_string()))?;
     info!(lock = %lock.path().display(), "state directory locked");
     let mut signal = signals();
+    // 2c. The Kubernetes client (nothing is contacted yet: the API server
+    // may be down, and ipamd serves pods without it).
+    let kube = match kube {
+        None => None,
+        Some(k) => Some((
+            ipamd::k8s::client(cli.kubeconfig.as_deref())
+                .await
+                .map_err(Fatal::config)?,
+            k,
+        )),
+    };
     // 3. The provider.
     let built = with_retries(
         "provider",
@@ -479,10 +581,23 @@ async fn run(config: Config) -> Result<(), Fatal> {
         }
     }
     let reconciler = tokio::spawn(ipam.clone().run(stop_rx.clone()));
+    // Without a conflist to write, there is nothing to wait for.
+    let (installed_tx, installed_rx) = watch::channel(cni_conf.is_none());
     if let Some(conf) = cni_conf.clone() {
         tasks.spawn(ipamd::cniconf::install_when_ready(
             ipam.clone(),
             conf,
+            installed_tx,
+            stop_rx.clone(),
+        ));
+    }
+    if let Some((client, k)) = kube {
+        info!(node = %k.node_name, "Kubernetes: watching this node and its pods");
+        tasks.spawn(ipamd::k8s::run(
+            client,
+            ipam.clone(),
+            k,
+            installed_rx,
             stop_rx.clone(),
         ));
     }

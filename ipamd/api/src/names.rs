@@ -121,6 +121,35 @@ pub fn check_k8s_name(what: &'static str, value: &str) -> Result<(), BadName> {
     Ok(())
 }
 
+/// A label, annotation or taint key: an optional DNS-subdomain prefix and
+/// '/', then a name of at most 63 characters of letters, digits, '-', '_'
+/// and '.', beginning and ending with a letter or digit (Kubernetes'
+/// qualified-name rule).
+pub fn check_k8s_qualified_name(value: &str) -> Result<(), String> {
+    let (prefix, name) = match value.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, value),
+    };
+    if let Some(p) = prefix {
+        check_k8s_name("prefix", p).map_err(|e| e.to_string())?;
+    }
+    let ok_end = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty()
+        || name.len() > 63
+        || !ok_end(name.chars().next())
+        || !ok_end(name.chars().last())
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(
+            "not a qualified name (an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' or '.', beginning and ending with a letter or digit)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// Every problem with an attachment's key (network, container id, ifname).
 pub fn check_attachment(network: &str, container_id: &str, ifname: &str) -> Vec<BadName> {
     [
@@ -136,6 +165,32 @@ pub fn check_attachment(network: &str, container_id: &str, ifname: &str) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn taint_keys_follow_the_qualified_name_rule() {
+        for ok in [
+            "vpc-cni.io/agent-not-ready",
+            "node.cilium.io/agent-not-ready",
+            "simple",
+            "a_b.C-1",
+        ] {
+            assert!(check_k8s_qualified_name(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(64);
+        for bad in [
+            "",
+            "/x",
+            "x/",
+            "-x",
+            "x-",
+            "Bad_Prefix/x",
+            "a/b/c",
+            "sp ace",
+            long.as_str(),
+        ] {
+            assert!(check_k8s_qualified_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn interface_names_the_kernel_refuses() {

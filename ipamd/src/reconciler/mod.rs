@@ -150,6 +150,9 @@ pub struct Reconciler {
     settings: Settings,
     node: Arc<NodeTracker>,
     state: Mutex<State>,
+    /// Interfaces are neither created nor deleted while set (a cordoned
+    /// node, see [`Reconciler::hold_interfaces`]).
+    interfaces_held: std::sync::atomic::AtomicBool,
 }
 
 impl Reconciler {
@@ -175,6 +178,7 @@ impl Reconciler {
             }),
             settings,
             pool,
+            interfaces_held: Default::default(),
         };
         // Every interface waits for its node side, when there is one.
         for id in r.pool.interface_ids() {
@@ -212,6 +216,20 @@ impl Reconciler {
 
     pub fn frozen(&self) -> BTreeSet<String> {
         self.lock().frozen.clone()
+    }
+
+    /// Holds (or lets go of) interface creates and deletes: aws-node's
+    /// AWS_MANAGE_ENIS_NON_SCHEDULABLE=false on a cordoned node. Addresses
+    /// on attached interfaces are still assigned and released.
+    pub fn hold_interfaces(&self, held: bool) {
+        self.interfaces_held
+            .store(held, std::sync::atomic::Ordering::SeqCst);
+        self.pool.publish();
+    }
+
+    pub fn interfaces_held(&self) -> bool {
+        self.interfaces_held
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Updates the status under its lock and tells the pool why it cannot
@@ -363,7 +381,17 @@ impl Reconciler {
             plan
         };
         let mut done = 0;
+        let held = self.interfaces_held();
         for action in plan.actions {
+            if held
+                && matches!(
+                    action,
+                    policy::Action::CreateInterface { .. } | policy::Action::DeleteInterface { .. }
+                )
+            {
+                debug!(?action, "held: the node is cordoned");
+                continue;
+            }
             debug!(?action, "pool action");
             let kind = action.kind();
             if let Err(e) = self.execute(action).await {

@@ -1,0 +1,579 @@
+//! ipamd's own Node: the startup taint, the exhaustion condition and
+//! taint, the capacity annotation, cordon, and Events.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{describe, forbidden, KubeSettings, KubeStatus};
+use super::{CAPACITY_ANNOTATION, CONDITION, EXHAUSTED_TAINT, REPORTER};
+use crate::explain::Verdict;
+use crate::ipam::Ipam;
+
+/// What of the Node the plan looks at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeView {
+    pub resource_version: String,
+    /// (key, value, effect), in the node's order.
+    pub taints: Vec<(String, Option<String>, String)>,
+    pub annotations: BTreeMap<String, String>,
+    pub unschedulable: bool,
+    /// Our condition's (status, reason), if the node has it.
+    pub condition: Option<(String, String)>,
+}
+
+impl NodeView {
+    pub fn of(n: &Node) -> Self {
+        let spec = n.spec.clone().unwrap_or_default();
+        Self {
+            resource_version: n.metadata.resource_version.clone().unwrap_or_default(),
+            taints: spec
+                .taints
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| (t.key, t.value, t.effect))
+                .collect(),
+            annotations: n.metadata.annotations.clone().unwrap_or_default(),
+            unschedulable: spec.unschedulable.unwrap_or(false),
+            condition: n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION))
+                .map(|c| (c.status.clone(), c.reason.clone().unwrap_or_default())),
+        }
+    }
+}
+
+/// What the node should say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// Remove this startup taint (ipamd is ready and the conflist is in
+    /// place); `None` while not ready or when none is configured.
+    pub remove_startup_taint: Option<String>,
+    /// `Some((reason, message))` while exhausted.
+    pub exhausted: Option<(String, String)>,
+    /// Whether the exhaustion taint is enabled at all.
+    pub exhaustion_taint: bool,
+    pub capacity: Option<u32>,
+}
+
+/// The patches that bring the node to `want`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodePatch {
+    /// A merge patch of the object (taints, the capacity annotation), with
+    /// the node's resourceVersion as a precondition: taints are one list,
+    /// so a concurrent change to them must not be overwritten.
+    pub object: Option<Value>,
+    /// A strategic merge patch of `/status` (conditions merge by type).
+    pub status: Option<Value>,
+}
+
+/// The patches that bring `node` to `want` (none when it is there).
+/// `now` is the condition's transition time.
+pub fn plan_node(node: &NodeView, want: &Desired, now: &Value) -> NodePatch {
+    let mut out = NodePatch::default();
+    let mut taints = node.taints.clone();
+    if let Some(key) = &want.remove_startup_taint {
+        taints.retain(|(k, _, _)| k != key);
+    }
+    let ours = |t: &(String, Option<String>, String)| t.0 == EXHAUSTED_TAINT;
+    match (&want.exhausted, want.exhaustion_taint) {
+        (Some(_), true) => {
+            if !taints.iter().any(ours) {
+                taints.push((EXHAUSTED_TAINT.into(), None, "NoSchedule".into()));
+            }
+        }
+        // Not exhausted, or the taint was turned off since it was set.
+        _ => taints.retain(|t| !ours(t)),
+    }
+    let mut object = serde_json::Map::new();
+    if taints != node.taints {
+        let list: Vec<Value> = taints
+            .iter()
+            .map(|(k, v, e)| {
+                let mut t = json!({"key": k, "effect": e});
+                if let Some(v) = v {
+                    t["value"] = json!(v);
+                }
+                t
+            })
+            .collect();
+        object.insert("spec".into(), json!({ "taints": list }));
+    }
+    if let Some(c) = want.capacity {
+        if node.annotations.get(CAPACITY_ANNOTATION) != Some(&c.to_string()) {
+            object.insert(
+                "metadata".into(),
+                json!({"annotations": {CAPACITY_ANNOTATION: c.to_string()}}),
+            );
+        }
+    }
+    if !object.is_empty() {
+        let meta = object.entry("metadata").or_insert_with(|| json!({}));
+        meta["resourceVersion"] = json!(node.resource_version);
+        out.object = Some(Value::Object(object));
+    }
+    let (status, reason, message) = match &want.exhausted {
+        Some((reason, message)) => ("True", reason.as_str(), message.as_str()),
+        None => (
+            "False",
+            "AddressesAvailable",
+            "the pool has addresses or can grow",
+        ),
+    };
+    if node
+        .condition
+        .as_ref()
+        .map(|(s, r)| (s.as_str(), r.as_str()))
+        != Some((status, reason))
+    {
+        out.status = Some(json!({"status": {"conditions": [{
+            "type": CONDITION,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now,
+            "lastHeartbeatTime": now,
+        }]}}));
+    }
+    out
+}
+
+/// The verdicts that are the node's capacity running out.
+fn exhausted(v: Verdict) -> bool {
+    matches!(
+        v,
+        Verdict::SubnetExhausted | Verdict::MaxPods | Verdict::InterfaceLimit
+    )
+}
+
+/// The verdicts an operator must act on, with the Event's reason.
+fn event_reason(v: Verdict) -> Option<&'static str> {
+    Some(match v {
+        Verdict::PermissionDenied => "CloudPermissionDenied",
+        Verdict::SubnetExhausted => "SubnetExhausted",
+        Verdict::InterfaceLimit => "InterfaceLimit",
+        Verdict::MaxPods => "MaxPods",
+        _ => return None,
+    })
+}
+
+fn verdict_reason(v: Verdict) -> &'static str {
+    match v {
+        Verdict::SubnetExhausted => "SubnetExhausted",
+        Verdict::MaxPods => "MaxPods",
+        Verdict::InterfaceLimit => "InterfaceLimit",
+        _ => "Exhausted",
+    }
+}
+
+/// The same Event is not posted again within this (the recorder counts
+/// repeats as a series anyway).
+const EVENT_EVERY: Duration = Duration::from_secs(60);
+
+pub(super) struct NodeTask {
+    client: Client,
+    ipam: Arc<Ipam>,
+    s: KubeSettings,
+    status: Arc<Mutex<KubeStatus>>,
+    recorder: Recorder,
+    events_sent: BTreeMap<&'static str, Instant>,
+}
+
+impl NodeTask {
+    pub(super) fn new(
+        client: Client,
+        ipam: Arc<Ipam>,
+        s: KubeSettings,
+        status: Arc<Mutex<KubeStatus>>,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: REPORTER.into(),
+                instance: Some(s.node_name.clone()),
+            },
+        );
+        Self {
+            client,
+            ipam,
+            s,
+            status,
+            recorder,
+            events_sent: BTreeMap::new(),
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut KubeStatus)) {
+        f(&mut self.status.lock().expect("lock"));
+    }
+
+    async fn event(
+        &mut self,
+        node: Option<&Node>,
+        reason: &'static str,
+        note: String,
+        warning: bool,
+    ) {
+        let now = Instant::now();
+        if self
+            .events_sent
+            .get(reason)
+            .is_some_and(|t| now.duration_since(*t) < EVENT_EVERY)
+        {
+            return;
+        }
+        self.events_sent.insert(reason, now);
+        let reference = match node {
+            Some(n) => n.object_ref(&()),
+            None => k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(self.s.node_name.clone()),
+                ..Default::default()
+            },
+        };
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            warn!(reason, error = %describe(&e), "cannot post an Event on the node");
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut cni_installed: watch::Receiver<bool>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let (reader, writer) = reflector::store::<Node>();
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.s.node_name));
+        let stream = reflector::reflector(
+            writer,
+            watcher(api.clone(), cfg)
+                .default_backoff()
+                .modify(|n: &mut Node| n.metadata.managed_fields = None),
+        );
+        let mut stream = Box::pin(stream);
+        let key = ObjectRef::<Node>::new(&self.s.node_name);
+        let mut changes = self.ipam.pool.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let pp = PatchParams {
+            field_manager: Some(REPORTER.into()),
+            ..Default::default()
+        };
+        // (shown, since): the exhaustion state the node shows and when the
+        // other state began.
+        let mut shown: Option<(String, String)> = None;
+        let mut other_since: Option<Instant> = None;
+        let mut last_verdict = None;
+        let mut held = false;
+        let mut retry_at = Instant::now();
+        let mut backoff = Duration::from_millis(500);
+        let mut forbidden_logged = false;
+        loop {
+            tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(Err(e)) => {
+                        self.set(|s| s.last_error = Some(format!("node watch: {e}")));
+                        continue;
+                    }
+                    Some(Ok(_)) => {}
+                    None => return,
+                },
+                _ = changes.changed() => {}
+                _ = cni_installed.changed() => {}
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let node = reader.get(&key);
+            self.set(|s| s.node_seen = node.is_some());
+            // Cordon: hold interface changes (aws-node's meaning).
+            let cordoned = node.as_ref().is_some_and(|n| NodeView::of(n).unschedulable);
+            let hold = cordoned && !self.s.manage_enis_non_schedulable;
+            if hold != held {
+                held = hold;
+                self.ipam.reconciler.hold_interfaces(hold);
+                info!(
+                    cordoned,
+                    "interfaces {} (AWS_MANAGE_ENIS_NON_SCHEDULABLE={})",
+                    if hold {
+                        "are neither attached nor deleted while the node is cordoned"
+                    } else {
+                        "are managed again"
+                    },
+                    self.s.manage_enis_non_schedulable
+                );
+            }
+            self.set(|s| s.cordoned = cordoned);
+            // The pool's verdict, settled.
+            let facts = self.ipam.pool.facts();
+            let (verdict, message) = facts.next_add();
+            let now_state =
+                exhausted(verdict).then(|| (verdict_reason(verdict).to_string(), message.clone()));
+            let now = Instant::now();
+            if now_state.is_some() != shown.is_some() {
+                let since = *other_since.get_or_insert(now);
+                if now.duration_since(since) >= self.s.settle {
+                    shown = now_state.clone();
+                    other_since = None;
+                    match &shown {
+                        Some((reason, m)) => {
+                            warn!(reason, "pod addresses exhausted on this node: {m}")
+                        }
+                        None => info!("pod addresses available again on this node"),
+                    }
+                }
+            } else {
+                other_since = None;
+                if now_state.is_some() {
+                    // Keep the reason current (e.g. interface limit, then
+                    // subnet exhausted).
+                    shown = now_state.clone();
+                }
+            }
+            if last_verdict != Some(verdict) {
+                last_verdict = Some(verdict);
+                if let Some(reason) = event_reason(verdict) {
+                    self.event(node.as_deref(), reason, message.clone(), true)
+                        .await;
+                }
+            }
+            let capacity = facts.pod_capacity();
+            let ready = self.ipam.readiness().is_ok() && *cni_installed.borrow();
+            self.set(|s| {
+                s.exhausted = shown.is_some();
+                s.capacity = capacity;
+            });
+            let Some(node) = node else { continue };
+            if Instant::now() < retry_at {
+                continue;
+            }
+            let want = Desired {
+                remove_startup_taint: if ready {
+                    self.s.startup_taint.clone()
+                } else {
+                    None
+                },
+                exhausted: shown.clone(),
+                exhaustion_taint: self.s.exhaustion_taint,
+                capacity,
+            };
+            let view = NodeView::of(&node);
+            let stamp =
+                serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap_or_default();
+            let patch = plan_node(&view, &want, &stamp);
+            let startup_present = self
+                .s
+                .startup_taint
+                .as_ref()
+                .is_some_and(|k| view.taints.iter().any(|t| &t.0 == k));
+            let mut failed = None;
+            if let Some(p) = &patch.object {
+                match api.patch(&self.s.node_name, &pp, &Patch::Merge(p)).await {
+                    Ok(_) => {
+                        if startup_present && want.remove_startup_taint.is_some() {
+                            info!(
+                                taint = want.remove_startup_taint.as_deref().unwrap_or_default(),
+                                "startup taint removed: pods may be scheduled here"
+                            );
+                        }
+                    }
+                    // The node changed under us: the watch brings the new
+                    // version, and the plan is made again on it.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => failed = Some(e),
+                }
+            }
+            if failed.is_none() {
+                if let Some(p) = &patch.status {
+                    if let Err(e) = api
+                        .patch_status(&self.s.node_name, &pp, &Patch::Strategic(p))
+                        .await
+                    {
+                        failed = Some(e);
+                    }
+                }
+            }
+            if ready && !startup_present {
+                self.set(|s| s.startup_taint_removed = true);
+            }
+            match failed {
+                None => {
+                    backoff = Duration::from_millis(500);
+                    if patch != NodePatch::default() {
+                        self.set(|s| s.last_error = None);
+                    }
+                }
+                Some(e) => {
+                    let text = describe(&e);
+                    retry_at = Instant::now() + crate::reconciler::jittered(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    if forbidden(&e) {
+                        if !forbidden_logged {
+                            forbidden_logged = true;
+                            warn!(error = %text, "RBAC forbids ipamd to update its node (see the chart's ClusterRole)");
+                        }
+                        self.event(
+                            Some(&node),
+                            "KubernetesForbidden",
+                            format!("ipamd cannot update its node: {text}"),
+                            true,
+                        )
+                        .await;
+                    } else {
+                        warn!(error = %text, "cannot update the node; retrying");
+                    }
+                    self.set(|s| s.last_error = Some(text));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(taints: &[&str]) -> NodeView {
+        NodeView {
+            resource_version: "7".into(),
+            taints: taints
+                .iter()
+                .map(|k| (k.to_string(), None, "NoSchedule".to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn want() -> Desired {
+        Desired {
+            remove_startup_taint: None,
+            exhausted: None,
+            exhaustion_taint: false,
+            capacity: None,
+        }
+    }
+
+    #[test]
+    fn the_startup_taint_goes_only_when_ready_and_others_stay() {
+        let now = json!("t");
+        let v = view(&[super::super::DEFAULT_STARTUP_TAINT, "other"]);
+        let p = plan_node(&v, &want(), &now);
+        assert!(p.object.is_none(), "not ready: the taint stays");
+        let w = Desired {
+            remove_startup_taint: Some(super::super::DEFAULT_STARTUP_TAINT.into()),
+            ..want()
+        };
+        let p = plan_node(&v, &w, &now);
+        let o = p.object.unwrap();
+        assert_eq!(
+            o["spec"]["taints"],
+            json!([{"key": "other", "effect": "NoSchedule"}])
+        );
+        assert_eq!(
+            o["metadata"]["resourceVersion"], "7",
+            "a precondition on the version"
+        );
+        // The condition is written once, False.
+        assert_eq!(
+            p.status.unwrap()["status"]["conditions"][0]["status"],
+            "False"
+        );
+    }
+
+    #[test]
+    fn exhaustion_sets_the_condition_and_the_taint_only_when_enabled() {
+        let now = json!("t");
+        let mut v = view(&[]);
+        v.condition = Some(("False".into(), "AddressesAvailable".into()));
+        let w = Desired {
+            exhausted: Some(("InterfaceLimit".into(), "full".into())),
+            ..want()
+        };
+        let p = plan_node(&v, &w, &now);
+        assert!(p.object.is_none(), "the taint is off");
+        let c = &p.status.unwrap()["status"]["conditions"][0];
+        assert_eq!(
+            (
+                c["type"].as_str(),
+                c["status"].as_str(),
+                c["reason"].as_str()
+            ),
+            (Some(CONDITION), Some("True"), Some("InterfaceLimit"))
+        );
+        let w = Desired {
+            exhaustion_taint: true,
+            ..w
+        };
+        let o = plan_node(&v, &w, &now).object.unwrap();
+        assert_eq!(
+            o["spec"]["taints"],
+            json!([{"key": EXHAUSTED_TAINT, "effect": "NoSchedule"}])
+        );
+        // Back to normal: the taint goes, the condition turns False.
+        let v2 = NodeView {
+            condition: Some(("True".into(), "InterfaceLimit".into())),
+            ..view(&[EXHAUSTED_TAINT])
+        };
+        let p = plan_node(
+            &v2,
+            &Desired {
+                exhaustion_taint: true,
+                ..want()
+            },
+            &now,
+        );
+        assert_eq!(p.object.unwrap()["spec"]["taints"], json!([]));
+        assert_eq!(
+            p.status.unwrap()["status"]["conditions"][0]["status"],
+            "False"
+        );
+        // Nothing to do when the node already says it.
+        let v3 = NodeView {
+            condition: Some(("False".into(), "AddressesAvailable".into())),
+            ..view(&[])
+        };
+        assert_eq!(plan_node(&v3, &want(), &now), NodePatch::default());
+    }
+
+    #[test]
+    fn the_capacity_annotation_is_written_when_it_differs() {
+        let now = json!("t");
+        let mut v = view(&[]);
+        v.condition = Some(("False".into(), "AddressesAvailable".into()));
+        let w = Desired {
+            capacity: Some(27),
+            ..want()
+        };
+        let o = plan_node(&v, &w, &now).object.unwrap();
+        assert_eq!(o["metadata"]["annotations"][CAPACITY_ANNOTATION], "27");
+        assert!(o.get("spec").is_none(), "taints untouched");
+        v.annotations
+            .insert(CAPACITY_ANNOTATION.into(), "27".into());
+        assert!(plan_node(&v, &w, &now).object.is_none());
+    }
+}
