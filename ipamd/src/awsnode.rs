@@ -133,7 +133,7 @@ pub const VARIABLES: &[Var] = &[
     Var { name: "CLUSTER_NAME", treatment: Honoured, note: "tag value on new interfaces" },
     Var { name: "AWS_VPC_K8S_CNI_BACKING_STORE", treatment: Honoured, note: "aws-node's checkpoint, imported on the first start (when --aws-node-checkpoint is not given)" },
     Var { name: "MANAGE_UNTAGGED_ENI", treatment: Honoured, note: "false is what vpc-cni always does (only interfaces it or aws-node created); true (aws-node's default) is accepted with a warning" },
-    Var { name: "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", treatment: Refused(refuse_true), note: "true: custom networking (ENIConfig) is not built yet; pods would get addresses in the node's subnets" },
+    Var { name: "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", treatment: Honoured, note: "true: new interfaces go to the subnet and security groups of the node's ENIConfig, and the primary interface gives no pod addresses; needs Kubernetes" },
     Var { name: "ENABLE_POD_ENI", treatment: Refused(refuse_true), note: "true: security groups for pods (branch interfaces) are not supported" },
     Var { name: "ENABLE_IPv6", treatment: Refused(refuse_true), note: "true: vpc-cni is IPv4 only" },
     Var { name: "ENABLE_IPv4", treatment: Refused(refuse_false), note: "false: vpc-cni is IPv4 only" },
@@ -166,8 +166,8 @@ pub const VARIABLES: &[Var] = &[
     Var { name: "AWS_EC2_ENDPOINT", treatment: Honoured, note: "the EC2 endpoint (after AWS_ENDPOINT_URL_EC2, before AWS_ENDPOINT_URL)" },
     Var { name: "MY_NODE_NAME", treatment: Honoured, note: "the node's name; required with Kubernetes" },
     Var { name: "AWS_MANAGE_ENIS_NON_SCHEDULABLE", treatment: Honoured, note: "false (default): a cordoned node neither attaches nor deletes interfaces; true: it does" },
-    Var { name: "ENI_CONFIG_LABEL_DEF", treatment: Warned, note: "only with custom networking, which is refused" },
-    Var { name: "ENI_CONFIG_ANNOTATION_DEF", treatment: Warned, note: "only with custom networking, which is refused" },
+    Var { name: "ENI_CONFIG_LABEL_DEF", treatment: Honoured, note: "the node label whose value names its ENIConfig (after the annotation, before `default`)" },
+    Var { name: "ENI_CONFIG_ANNOTATION_DEF", treatment: Honoured, note: "the node annotation whose value names its ENIConfig (first)" },
     Var { name: "ANNOTATE_POD_IP", treatment: Warned, note: "pods are not annotated" },
     Var { name: "CLUSTER_ENDPOINT", treatment: Warned, note: "the API server is found in-cluster (KUBERNETES_SERVICE_HOST) or from --kubeconfig" },
     Var { name: "AWS_VPC_K8S_CNI_LOGLEVEL", treatment: Warned, note: "use IPAMD_LOG" },
@@ -348,7 +348,6 @@ mod tests {
     #[test]
     fn refused_variables_refuse_only_what_turns_their_feature_on() {
         let cases: &[(&str, &str, &str)] = &[
-            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true", "false"),
             ("ENABLE_POD_ENI", "TRUE", "false"),
             ("ENABLE_IPv6", "t", "false"),
             ("ENABLE_IPv4", "false", "true"),

@@ -84,7 +84,19 @@ pub struct Settings {
     pub subnet_discovery: bool,
     /// Extra tags for new interfaces (ADDITIONAL_ENI_TAGS).
     pub additional_tags: std::collections::BTreeMap<String, String>,
+    /// Custom networking (AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG): new
+    /// interfaces go to the subnet and security groups of the node's
+    /// ENIConfig, and the primary interface gives no pod addresses.
+    pub custom_networking: bool,
+    /// The node annotation naming its ENIConfig (ENI_CONFIG_ANNOTATION_DEF).
+    pub eni_config_annotation_def: String,
+    /// The node label naming its ENIConfig (ENI_CONFIG_LABEL_DEF), e.g.
+    /// `topology.kubernetes.io/zone` for one ENIConfig per zone.
+    pub eni_config_label_def: String,
 }
+
+/// aws-node's default for ENI_CONFIG_ANNOTATION_DEF and ENI_CONFIG_LABEL_DEF.
+pub const ENI_CONFIG_KEY: &str = "k8s.amazonaws.com/eniConfig";
 
 impl Default for Settings {
     fn default() -> Self {
@@ -101,6 +113,9 @@ impl Default for Settings {
             leaked_gc: true,
             subnet_discovery: true,
             additional_tags: Default::default(),
+            custom_networking: false,
+            eni_config_annotation_def: ENI_CONFIG_KEY.into(),
+            eni_config_label_def: ENI_CONFIG_KEY.into(),
         }
     }
 }
@@ -184,6 +199,18 @@ impl Settings {
         };
         let subnet_discovery = r.boolean("ENABLE_SUBNET_DISCOVERY").unwrap_or(true);
         let leaked_gc = !r.boolean("DISABLE_LEAKED_ENI_CLEANUP").unwrap_or(false);
+        let custom_networking = r
+            .boolean("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG")
+            .unwrap_or(false);
+        let mut eni_key = |name: &str| {
+            let v = r.raw(name).unwrap_or_else(|| ENI_CONFIG_KEY.into());
+            if let Err(e) = ipamd_api::names::check_k8s_qualified_name(&v) {
+                r.problems.push(format!("{name}={v:?}: {e}"));
+            }
+            v
+        };
+        let eni_config_annotation_def = eni_key("ENI_CONFIG_ANNOTATION_DEF");
+        let eni_config_label_def = eni_key("ENI_CONFIG_LABEL_DEF");
         let mut additional_tags = std::collections::BTreeMap::new();
         if let Some(json) = r.raw("ADDITIONAL_ENI_TAGS") {
             match serde_json::from_str::<std::collections::BTreeMap<String, String>>(&json) {
@@ -290,6 +317,9 @@ impl Settings {
             leaked_gc,
             subnet_discovery,
             additional_tags,
+            custom_networking,
+            eni_config_annotation_def,
+            eni_config_label_def,
         })
     }
 }
@@ -535,6 +565,27 @@ mod tests {
                 .unwrap();
                 assert_eq!(s.exclude_snat_cidrs, vec!["10.9.0.0/16".parse().unwrap()]);
             }),
+            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", || {
+                assert!(!read(&[]).unwrap().custom_networking);
+                assert!(
+                    read(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "TRUE")])
+                        .unwrap()
+                        .custom_networking
+                );
+                assert!(read(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "yes")]).is_err());
+            }),
+            ("ENI_CONFIG_LABEL_DEF", || {
+                assert_eq!(read(&[]).unwrap().eni_config_label_def, ENI_CONFIG_KEY);
+                let zone = "topology.kubernetes.io/zone";
+                let s = read(&[("ENI_CONFIG_LABEL_DEF", zone)]).unwrap();
+                assert_eq!(s.eni_config_label_def, zone);
+                assert!(read(&[("ENI_CONFIG_LABEL_DEF", "not a key")]).is_err());
+            }),
+            ("ENI_CONFIG_ANNOTATION_DEF", || {
+                assert_eq!(read(&[]).unwrap().eni_config_annotation_def, ENI_CONFIG_KEY);
+                let s = read(&[("ENI_CONFIG_ANNOTATION_DEF", "example.com/eni")]).unwrap();
+                assert_eq!(s.eni_config_annotation_def, "example.com/eni");
+            }),
             ("AWS_VPC_K8S_CNI_VETHPREFIX", || {
                 assert_eq!(
                     read(&[("AWS_VPC_K8S_CNI_VETHPREFIX", "pod")])
@@ -552,6 +603,8 @@ mod tests {
             "INTROSPECTION_BIND_ADDRESS",
             "AWS_EC2_ENDPOINT",
             "MY_NODE_NAME",
+            // The Kubernetes side (tests/kube.rs).
+            "AWS_MANAGE_ENIS_NON_SCHEDULABLE",
         ];
         for var in VARIABLES
             .iter()

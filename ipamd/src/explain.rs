@@ -98,6 +98,9 @@ pub enum Verdict {
     SubnetExhausted,
     /// The pool holds MAX_PODS addresses.
     MaxPods,
+    /// Custom networking is on and the node has no ENIConfig (or it names
+    /// no subnet): no interface may be created.
+    NoEniConfig,
     /// Every interface the instance may have is attached and full.
     InterfaceLimit,
     /// The cloud throttled the last grow; the reconciler tries again later.
@@ -206,6 +209,15 @@ impl Facts {
             }
         });
         match &blocked {
+            Some(Blocked::NoEniConfig { why }) => {
+                return (
+                    Verdict::NoEniConfig,
+                    format!(
+                        "custom networking is on and no interface may be created: {why}; {}",
+                        self.usage()
+                    ),
+                )
+            }
             Some(Blocked::MaxPods { max_pods }) => {
                 return (
                     Verdict::MaxPods,

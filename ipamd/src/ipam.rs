@@ -113,8 +113,13 @@ impl Ipam {
         let all = provider.describe_interfaces().await?;
         // A failure is logged; the next resync tries again.
         complete_half_made(&*provider, &instance.id, &all).await;
-        let (interfaces, foreign) =
-            crate::ownership::split(all, &instance.id, |i| holds_any(i, &held), &mut frozen);
+        let (interfaces, foreign) = crate::ownership::split(
+            all,
+            &instance.id,
+            !settings.custom_networking,
+            |i| holds_any(i, &held),
+            &mut frozen,
+        );
         crate::ownership::log_new_foreign(&foreign, &BTreeMap::new());
         let pool = Arc::new(Pool::restore(
             settings,

@@ -358,6 +358,11 @@ impl Config {
                 bad.push(format!("--node-name / MY_NODE_NAME: {e}"));
             }
         }
+        // Read from the variable itself: listed even when other settings
+        // are bad.
+        if is_true(&Env, "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG") && !kube_on {
+            bad.push("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true: custom networking needs Kubernetes (the node's ENIConfig is read there); give --kubeconfig or run ipamd in a pod".into());
+        }
         let kube = match (kube_on, node_name) {
             (false, _) => None,
             (true, None) => {

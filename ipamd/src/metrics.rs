@@ -392,7 +392,7 @@ pub fn render(ipam: &Ipam) -> Result<String, std::fmt::Error> {
         .and_then(|v| v["reason"].as_str().map(str::to_string));
     out.add(
         "vpc_cni_pool_blocked",
-        "1 while the pool is short and cannot grow, with the reason (interface_limit, max_pods)",
+        "1 while the pool is short and cannot grow, with the reason (interface_limit, max_pods, no_eni_config)",
         MetricType::Gauge,
         per("reason", blocked.map(|r| (r, Value::Int(1)))),
     );

@@ -14,10 +14,12 @@ use providers::Interface;
 use tracing::{info, warn};
 
 /// Whether ipamd may use and change `i`, an interface of instance
-/// `instance_id`.
-pub fn managed(i: &Interface, instance_id: &str) -> bool {
+/// `instance_id`. Under custom networking the primary interface is not the
+/// pool's (`primary_for_pods` false): its subnet is the node's, not the
+/// ENIConfig's.
+pub fn managed(i: &Interface, instance_id: &str, primary_for_pods: bool) -> bool {
     if i.is_primary() {
-        return true;
+        return primary_for_pods;
     }
     let tag = |k: &str| i.tags.get(k).map(String::as_str);
     if tag(NO_MANAGE).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
@@ -35,13 +37,14 @@ pub fn managed(i: &Interface, instance_id: &str) -> bool {
 pub fn split(
     all: Vec<Interface>,
     instance_id: &str,
+    primary_for_pods: bool,
     keep: impl Fn(&Interface) -> bool,
     frozen: &mut BTreeSet<String>,
 ) -> (Vec<Interface>, BTreeMap<String, Interface>) {
     let mut pool = vec![];
     let mut foreign = BTreeMap::new();
     for i in all {
-        if managed(&i, instance_id) {
+        if managed(&i, instance_id, primary_for_pods) {
             pool.push(i);
         } else if keep(&i) {
             if frozen.insert(i.id.clone()) {
@@ -87,34 +90,57 @@ mod tests {
 
     #[test]
     fn only_the_primary_and_our_own_are_managed() {
-        assert!(managed(&iface(0, &[]), "i-1"));
-        assert!(!managed(&iface(1, &[]), "i-1"), "untagged");
-        assert!(managed(&iface(1, &[(OWNER, OWNER_VALUE)]), "i-1"));
+        assert!(managed(&iface(0, &[]), "i-1", true));
+        assert!(
+            !managed(&iface(0, &[]), "i-1", false),
+            "custom networking: the primary gives no pod addresses"
+        );
+        assert!(!managed(&iface(1, &[]), "i-1", true), "untagged");
+        assert!(managed(&iface(1, &[(OWNER, OWNER_VALUE)]), "i-1", true));
         assert!(managed(
             &iface(1, &[(OWNER, OWNER_VALUE), (INSTANCE, "i-1")]),
-            "i-1"
+            "i-1",
+            true
         ));
         assert!(
-            !managed(&iface(1, &[(OWNER, OWNER_VALUE), (INSTANCE, "i-2")]), "i-1"),
+            !managed(
+                &iface(1, &[(OWNER, OWNER_VALUE), (INSTANCE, "i-2")]),
+                "i-1",
+                true
+            ),
             "another instance's"
         );
-        assert!(!managed(&iface(1, &[(OWNER, "someone-else")]), "i-1"));
+        assert!(!managed(&iface(1, &[(OWNER, "someone-else")]), "i-1", true));
         for v in ["true", "TRUE", "True"] {
             assert!(
-                !managed(&iface(1, &[(OWNER, OWNER_VALUE), (NO_MANAGE, v)]), "i-1"),
+                !managed(
+                    &iface(1, &[(OWNER, OWNER_VALUE), (NO_MANAGE, v)]),
+                    "i-1",
+                    true
+                ),
                 "no_manage={v} is honoured even on our own"
             );
         }
         assert!(managed(
             &iface(1, &[(OWNER, OWNER_VALUE), (NO_MANAGE, "false")]),
-            "i-1"
+            "i-1",
+            true
         ));
         // aws-node's, for this instance: taken over; for another: not.
-        assert!(managed(&iface(1, &[(AWS_NODE_INSTANCE, "i-1")]), "i-1"));
-        assert!(!managed(&iface(1, &[(AWS_NODE_INSTANCE, "i-2")]), "i-1"));
+        assert!(managed(
+            &iface(1, &[(AWS_NODE_INSTANCE, "i-1")]),
+            "i-1",
+            true
+        ));
+        assert!(!managed(
+            &iface(1, &[(AWS_NODE_INSTANCE, "i-2")]),
+            "i-1",
+            true
+        ));
         assert!(!managed(
             &iface(1, &[(AWS_NODE_INSTANCE, "i-1"), (NO_MANAGE, "true")]),
-            "i-1"
+            "i-1",
+            true
         ));
     }
 }

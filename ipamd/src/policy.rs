@@ -162,6 +162,9 @@ pub enum Blocked {
     InterfaceLimit { interfaces: u32, per_interface: u32 },
     /// The pool already holds max-pods addresses.
     MaxPods { max_pods: u32 },
+    /// Custom networking, and no ENIConfig is known for this node: no
+    /// interface may be created (set by the reconciler, not the plan).
+    NoEniConfig { why: String },
 }
 
 impl std::fmt::Display for Blocked {
@@ -175,6 +178,10 @@ impl std::fmt::Display for Blocked {
                 "instance is at its limit: {interfaces} interfaces with {per_interface} addresses or prefixes each, all assigned or cooling down"
             ),
             Self::MaxPods { max_pods } => write!(f, "max pods ({max_pods}) reached on this node"),
+            Self::NoEniConfig { why } => write!(
+                f,
+                "custom networking is on and no interface may be created: {why}"
+            ),
         }
     }
 }

@@ -641,3 +641,119 @@ async fn with_the_api_server_down_at_start_ipamd_serves_pods_and_catches_up_late
         .into_inner();
     assert_ne!(r.ipv4_address, r2.ipv4_address);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_networking_puts_interfaces_in_the_eniconfigs_subnet_with_its_groups() {
+    let fake = FakeApiServer::start(Options::default()).await;
+    // The node selects its ENIConfig by its zone label (one per zone).
+    fake.put(Res::Nodes, node_object(&[], false));
+    let v = vpc(50);
+    v.handle(vpc_sim::Request::CreateSubnet {
+        id: "subnet-custom-a".into(),
+        cidr: "10.0.96.0/20".into(),
+        zone: "sim-1a".into(),
+        tags: Default::default(),
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true"),
+        ("ENI_CONFIG_LABEL_DEF", "topology.kubernetes.io/zone"),
+    ];
+    let node = Node::start(&v, "m5.large", &env, &dir.path().join("j")).await;
+    let kube = Kube::start(&fake, &node.ipam, settings(), true).await;
+    // No ENIConfig "sim-1a" yet: no interface, no address, not ready, and
+    // the operator is told why.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = fake.list(Res::Events);
+        if let Some(e) = ev.iter().find(|e| e["reason"] == "ENIConfigMissing") {
+            let note = e["note"].as_str().unwrap();
+            assert!(
+                note.contains("\"sim-1a\"") && note.contains("topology.kubernetes.io/zone"),
+                "{note}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ENIConfigMissing event: {ev:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let e = node.ipam.explain(None);
+    assert_eq!(
+        e.verdict,
+        ipamd::explain::Verdict::NoEniConfig,
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("does not exist"), "{}", e.message);
+    assert!(node.ipam.readiness().is_err());
+    let ours = |v: &vpc_sim::Vpc| -> Vec<vpc_sim::model::InterfaceState> {
+        v.snapshot()
+            .interfaces
+            .into_values()
+            .filter(|i| {
+                i.attachment
+                    .as_ref()
+                    .is_some_and(|a| a.instance_id == node.ipam.instance().id)
+            })
+            .collect()
+    };
+    let now = ours(&v);
+    assert_eq!(now.len(), 1, "only the primary: {now:#?}");
+    assert!(
+        now[0].secondary_ips.is_empty(),
+        "the primary gives no pod addresses"
+    );
+    // The ENIConfig appears: interfaces go to its subnet, with its groups.
+    fake.put(
+        Res::EniConfigs,
+        json!({"metadata": {"name": "sim-1a"}, "spec": {"subnet": "subnet-custom-a", "securityGroups": ["sg-custom"]}}),
+    );
+    warm(&node.ipam, 1).await;
+    let w = node
+        .ipam
+        .add_in(key("p"), None, Some(pod("p")))
+        .await
+        .unwrap();
+    let ip: std::net::Ipv4Addr = w.ip;
+    assert!(
+        "10.0.96.0/20"
+            .parse::<ipnet::Ipv4Net>()
+            .unwrap()
+            .contains(&ip),
+        "{ip}"
+    );
+    let now = ours(&v);
+    let primary = now
+        .iter()
+        .find(|i| i.attachment.as_ref().unwrap().device_index == 0)
+        .unwrap();
+    assert!(
+        primary.secondary_ips.is_empty(),
+        "the primary gives no pod addresses"
+    );
+    for i in now
+        .iter()
+        .filter(|i| i.attachment.as_ref().unwrap().device_index > 0)
+    {
+        assert_eq!(i.subnet_id, "subnet-custom-a");
+        assert_eq!(i.security_groups, ["sg-custom"]);
+    }
+    // Capacity: the primary does not count (2 interfaces x 9).
+    let n = until_node(&fake, 5, "the capacity annotation", |n| {
+        n["metadata"]["annotations"][CAPACITY_ANNOTATION] == "18"
+    })
+    .await;
+    assert!(n["metadata"]["annotations"].is_object());
+    assert_eq!(
+        node.ipam.summary()["kubernetes"]["eni_config"],
+        "sim-1a: subnet-custom-a"
+    );
+    kube.stop().await;
+    node.stop().await;
+}

@@ -349,8 +349,10 @@ async fn aws_node_variables_are_honoured_warned_or_refused() {
         err.contains("ENABLE_POD_ENI=\"true\" is aws-node's and is not supported"),
         "{err}"
     );
+    // Custom networking is honoured, but only with Kubernetes (where the
+    // node's ENIConfig is).
     assert!(
-        err.contains("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=\"TRUE\""),
+        err.contains("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true: custom networking needs Kubernetes"),
         "{err}"
     );
     assert!(!err.contains("ENABLE_IPv4"), "{err}");

@@ -15,12 +15,13 @@
 //! | `pods` (this node's, field selector `spec.nodeName`) | list, watch | release the address of a pod gone without its DEL |
 //! | `pods` | get | confirm that a pod is gone before its address is released |
 //! | `events.k8s.io` `events` | create, patch | Events on the node (patch: a repeated Event's count) |
-//! | `crd.k8s.amazonaws.com` `eniconfigs` | get, list, watch | custom networking |
+//! | `crd.k8s.amazonaws.com` `eniconfigs` | list, watch | custom networking: the node's ENIConfig |
 //!
 //! Memory stays flat in the cluster's size: both watches select this node's
 //! objects on the server, and the cached objects keep only what is used
 //! (`managedFields`, specs and most of the status dropped).
 
+pub mod eniconfig;
 mod node;
 mod pods;
 
@@ -101,6 +102,9 @@ pub struct KubeStatus {
     pub cordoned: bool,
     /// Addresses released because their pod left the API without a DEL.
     pub released_gone_pods: u64,
+    /// Custom networking: the ENIConfig new interfaces follow
+    /// (`name: subnet`), or why there is none.
+    pub eni_config: Option<String>,
     pub last_error: Option<String>,
 }
 

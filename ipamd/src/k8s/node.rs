@@ -18,10 +18,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::eniconfig::{selected_name, ENIConfig};
 use super::{describe, forbidden, KubeSettings, KubeStatus};
 use super::{CAPACITY_ANNOTATION, CONDITION, EXHAUSTED_TAINT, REPORTER};
 use crate::explain::Verdict;
 use crate::ipam::Ipam;
+use crate::reconciler::InterfaceTarget;
 
 /// What of the Node the plan looks at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -168,6 +170,7 @@ fn event_reason(v: Verdict) -> Option<&'static str> {
         Verdict::SubnetExhausted => "SubnetExhausted",
         Verdict::InterfaceLimit => "InterfaceLimit",
         Verdict::MaxPods => "MaxPods",
+        // Posted when the selection fails (see the ENIConfig below).
         _ => return None,
     })
 }
@@ -178,6 +181,15 @@ fn verdict_reason(v: Verdict) -> &'static str {
         Verdict::MaxPods => "MaxPods",
         Verdict::InterfaceLimit => "InterfaceLimit",
         _ => "Exhausted",
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -279,6 +291,36 @@ impl NodeTask {
         );
         let mut stream = Box::pin(stream);
         let key = ObjectRef::<Node>::new(&self.s.node_name);
+        // Custom networking: the ENIConfigs, cached by a task of their own;
+        // `eni_synced` turns true once they are listed and changes with
+        // every event.
+        let settings = self.ipam.settings().clone();
+        let custom = settings.custom_networking;
+        let (eni_reader, eni_writer) = reflector::store::<ENIConfig>();
+        let (eni_tx, mut eni_synced) = watch::channel(false);
+        let _eni_task = custom.then(|| {
+            let api: Api<ENIConfig> = Api::all(self.client.clone());
+            let eni_tx = eni_tx.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                let stream = reflector::reflector(
+                    eni_writer,
+                    watcher(api, watcher::Config::default())
+                        .default_backoff()
+                        .modify(|e: &mut ENIConfig| e.metadata.managed_fields = None),
+                );
+                let mut stream = Box::pin(stream);
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(watcher::Event::InitDone) => {
+                            eni_tx.send_replace(true);
+                        }
+                        Ok(_) => eni_tx.send_modify(|_| {}),
+                        Err(e) => warn!(error = %e, "ENIConfig watch failed; retrying"),
+                    }
+                }
+            }))
+        });
+        let mut last_target_err: Option<String> = None;
         let mut changes = self.ipam.pool.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let pp = PatchParams {
@@ -306,6 +348,7 @@ impl NodeTask {
                 },
                 _ = changes.changed() => {}
                 _ = cni_installed.changed() => {}
+                _ = eni_synced.changed() => {}
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
@@ -329,6 +372,64 @@ impl NodeTask {
                 );
             }
             self.set(|s| s.cordoned = cordoned);
+            // Custom networking: the node's ENIConfig.
+            if custom {
+                let target = match (&node, *eni_synced.borrow()) {
+                    (None, _) => Err("this node is not in the Kubernetes API yet".to_string()),
+                    (_, false) => Err("the ENIConfigs have not been listed yet".to_string()),
+                    (Some(n), true) => {
+                        let (name, by) = selected_name(
+                            n.metadata.annotations.as_ref().unwrap_or(&BTreeMap::new()),
+                            n.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+                            &settings.eni_config_annotation_def,
+                            &settings.eni_config_label_def,
+                        );
+                        match eni_reader.get(&ObjectRef::new(&name)) {
+                            Some(e) if !e.spec.subnet.trim().is_empty() => Ok(InterfaceTarget {
+                                eni_config: name,
+                                subnet_id: e.spec.subnet.trim().to_string(),
+                                security_groups: e.spec.security_groups.clone(),
+                            }),
+                            Some(_) => Err(format!(
+                                "ENIConfig {name:?} (selected by {by}) names no subnet"
+                            )),
+                            None => Err(format!(
+                                "ENIConfig {name:?} (selected by {by}) does not exist"
+                            )),
+                        }
+                    }
+                };
+                let listed = node.is_some() && *eni_synced.borrow();
+                match &target {
+                    Err(why) if listed && last_target_err.as_ref() != Some(why) => {
+                        last_target_err = Some(why.clone());
+                        warn!("custom networking: {why}; no interface is created until it does");
+                        self.event(
+                            node.as_deref(),
+                            "ENIConfigMissing",
+                            format!(
+                                "custom networking: {why}; no interface is created until it does"
+                            ),
+                            true,
+                        )
+                        .await;
+                    }
+                    Ok(t)
+                        if last_target_err.is_some()
+                            || self.status.lock().expect("lock").eni_config.is_none() =>
+                    {
+                        last_target_err = None;
+                        info!(eni_config = %t.eni_config, subnet = %t.subnet_id, security_groups = ?t.security_groups, "custom networking: new interfaces follow this ENIConfig");
+                    }
+                    _ => {}
+                }
+                let shown = match &target {
+                    Ok(t) => format!("{}: {}", t.eni_config, t.subnet_id),
+                    Err(why) => why.clone(),
+                };
+                self.set(|s| s.eni_config = Some(shown));
+                self.ipam.reconciler.set_interface_target(target);
+            }
             // The pool's verdict, settled.
             let facts = self.ipam.pool.facts();
             let (verdict, message) = facts.next_add();

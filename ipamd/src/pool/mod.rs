@@ -254,6 +254,11 @@ impl Pool {
         self.wake.notified().await
     }
 
+    /// Wakes the reconciler (something it plans on changed).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
     /// The journal's length in bytes as last written.
     pub fn journal_size_bytes(&self) -> u64 {
         self.journal.size_bytes()

@@ -145,6 +145,12 @@ impl Reconciler {
     /// Subnets a new interface may go in: the node's own and same-zone ones
     /// tagged for the CNI, most free addresses first; a tag of "0" excludes.
     async fn candidate_subnets(&self) -> Vec<String> {
+        if self.settings.custom_networking {
+            return self
+                .interface_target()
+                .map(|t| vec![t.subnet_id])
+                .unwrap_or_default();
+        }
         if !self.settings.subnet_discovery {
             return vec![self.instance.subnet_id.clone()];
         }
@@ -180,11 +186,21 @@ impl Reconciler {
         let mut last = ProviderError::SubnetExhausted {
             subnet: self.instance.subnet_id.clone(),
         };
+        // Custom networking: the ENIConfig's groups (none: the node's, as
+        // aws-node does).
+        let security_groups = match self.settings.custom_networking {
+            true => self
+                .interface_target()
+                .map(|t| t.security_groups)
+                .unwrap_or_default(),
+            false => vec![],
+        };
         for subnet_id in self.candidate_subnets().await {
             let mut spec = CreateInterface {
                 subnet_id: subnet_id.clone(),
-                // The node's groups, read by the provider as they are now.
-                security_groups: vec![],
+                // Empty: the node's groups, read by the provider as they
+                // are now.
+                security_groups: security_groups.clone(),
                 tags: tags.clone(),
                 initial,
             };

@@ -153,6 +153,20 @@ pub struct Reconciler {
     /// Interfaces are neither created nor deleted while set (a cordoned
     /// node, see [`Reconciler::hold_interfaces`]).
     interfaces_held: std::sync::atomic::AtomicBool,
+    /// Custom networking: where new interfaces go (the node's ENIConfig),
+    /// or why that is not known.
+    target: Mutex<Result<InterfaceTarget, String>>,
+}
+
+/// Where new interfaces go under custom networking: an ENIConfig's subnet
+/// and security groups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InterfaceTarget {
+    /// The ENIConfig's name.
+    pub eni_config: String,
+    pub subnet_id: String,
+    /// Empty: the node's own groups.
+    pub security_groups: Vec<String>,
 }
 
 impl Reconciler {
@@ -179,6 +193,9 @@ impl Reconciler {
             settings,
             pool,
             interfaces_held: Default::default(),
+            target: Mutex::new(Err(
+                "the node's ENIConfig is not known yet (Kubernetes has not answered)".into(),
+            )),
         };
         // Every interface waits for its node side, when there is one.
         for id in r.pool.interface_ids() {
@@ -225,6 +242,44 @@ impl Reconciler {
         self.interfaces_held
             .store(held, std::sync::atomic::Ordering::SeqCst);
         self.pool.publish();
+    }
+
+    /// Custom networking: where new interfaces go from now on, or why no
+    /// interface may be created (no ENIConfig for this node).
+    pub fn set_interface_target(&self, target: Result<InterfaceTarget, String>) {
+        let changed = {
+            let mut t = self.target.lock().expect("lock");
+            let changed = *t != target;
+            *t = target.clone();
+            changed
+        };
+        if changed {
+            // What explain says follows at once; the reconciler plans again.
+            self.update(|s| {
+                if let Some(Blocked::NoEniConfig { why }) = &mut s.blocked {
+                    match &target {
+                        Ok(_) => s.blocked = None,
+                        Err(w) => *why = w.clone(),
+                    }
+                }
+            });
+            self.pool.publish();
+            self.pool.wake();
+        }
+    }
+
+    /// The custom-networking target, when one is known.
+    pub fn interface_target(&self) -> Option<InterfaceTarget> {
+        self.target.lock().expect("lock").clone().ok()
+    }
+
+    /// Under custom networking without an ENIConfig: why no interface may
+    /// be created; `None` otherwise.
+    pub fn target_missing(&self) -> Option<String> {
+        if !self.settings.custom_networking {
+            return None;
+        }
+        self.target.lock().expect("lock").clone().err()
     }
 
     pub fn interfaces_held(&self) -> bool {
@@ -382,6 +437,7 @@ impl Reconciler {
         };
         let mut done = 0;
         let held = self.interfaces_held();
+        let no_target = self.target_missing();
         for action in plan.actions {
             if held
                 && matches!(
@@ -390,6 +446,11 @@ impl Reconciler {
                 )
             {
                 debug!(?action, "held: the node is cordoned");
+                continue;
+            }
+            if let (Some(why), policy::Action::CreateInterface { .. }) = (&no_target, &action) {
+                debug!(?action, %why, "held: custom networking without an ENIConfig");
+                self.update(|s| s.blocked = Some(Blocked::NoEniConfig { why: why.clone() }));
                 continue;
             }
             debug!(?action, "pool action");
@@ -520,6 +581,7 @@ impl Reconciler {
             let (cloud, foreign) = crate::ownership::split(
                 all,
                 &self.instance.id,
+                !self.settings.custom_networking,
                 |i| known.contains(&i.id),
                 &mut st.frozen,
             );
@@ -564,10 +626,11 @@ pub(crate) async fn complete_half_made(
     all: &[Interface],
 ) -> Option<String> {
     let mut failed = None;
+    // Never the primary, so whether it is the pool's does not matter here.
     let half_made = all.iter().filter(|i| {
         !i.is_primary()
             && i.delete_on_termination == Some(false)
-            && crate::ownership::managed(i, instance_id)
+            && crate::ownership::managed(i, instance_id, true)
     });
     for i in half_made {
         match provider.ensure_delete_on_termination(&i.id).await {
