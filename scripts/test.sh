@@ -12,6 +12,9 @@ cargo fmt --all --check
 # /metrics exposition itself goes through promtool in ipamd's metrics test).
 (cd charts/vpc-cni && ../../.tools/bin/promtool check rules files/prometheus-rules.yaml &&
   ../../.tools/bin/promtool test rules tests/prometheus-rules.test.yaml)
+# The Helm chart: lint, four value sets rendered and validated, ENIConfigs
+# against the CRD, the values schema.
+./scripts/check-chart.sh
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo build --locked --workspace --bins
 cargo test --locked --workspace

@@ -969,7 +969,13 @@ fn translate(c: &Change, f: &Filter) -> Option<Bytes> {
     match (was, is, &c.new) {
         (false, true, Some(n)) => Some(event_line("ADDED", n)),
         (true, true, Some(n)) => Some(event_line("MODIFIED", n)),
-        (true, false, Some(n)) => Some(event_line("DELETED", n)),
+        // Leaving the selector: the object as the watcher knew it, at the
+        // new version (as the real server sends it).
+        (true, false, Some(n)) => {
+            let mut old = c.old.as_deref()?.clone();
+            old["metadata"]["resourceVersion"] = n["metadata"]["resourceVersion"].clone();
+            Some(event_line("DELETED", &old))
+        }
         (true, false, None) => Some(event_line("DELETED", c.old.as_deref()?)),
         _ => None,
     }
@@ -994,7 +1000,16 @@ fn create(sh: &Shared, t: &Target, body: &[u8]) -> Response {
         );
     }
     if let Some(ns) = &t.namespace {
-        obj["metadata"]["namespace"] = json!(ns);
+        match obj["metadata"]["namespace"].as_str() {
+            Some(given) if given != ns => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                )
+            }
+            _ => obj["metadata"]["namespace"] = json!(ns),
+        }
     }
     let mut st = sh.store.lock().expect("lock");
     let key = (

@@ -36,8 +36,14 @@ pub struct CniConf {
     /// Plugins after vpc-cni (portmap, bandwidth, a policy engine in
     /// chaining mode), as conflist entries.
     pub chained: Vec<Value>,
-    /// Remove the file when ipamd stops.
+    /// Remove the file when ipamd stops (and the plugin, when ipamd
+    /// installs it).
     pub uninstall_on_exit: bool,
+    /// Install the plugin too, before the conflist that names it: (the
+    /// plugin in the image, the host's CNI bin dir). A container restarted
+    /// by the kubelet reruns no init container, so ipamd puts back a
+    /// plugin removed when it stopped.
+    pub plugin: Option<(PathBuf, PathBuf)>,
 }
 
 /// Versions the plugin speaks (its VERSION answer).
@@ -102,6 +108,9 @@ impl CniConf {
     /// # Errors
     /// The directory cannot be created or written.
     pub fn install(&self) -> std::io::Result<bool> {
+        if let Some((source, bin_dir)) = &self.plugin {
+            crate::install::install_plugin(source, bin_dir)?;
+        }
         let text = self.text();
         let path = self.path();
         // A dot name: runtimes skip it while it is being written. One left
@@ -136,6 +145,9 @@ impl CniConf {
     /// # Errors
     /// The file is ipamd's and cannot be removed.
     pub fn uninstall(&self) -> std::io::Result<bool> {
+        if let Some((source, bin_dir)) = &self.plugin {
+            crate::install::remove_plugin(source, bin_dir)?;
+        }
         if std::fs::read_to_string(self.path()).ok() != Some(self.text()) {
             return Ok(false);
         }
@@ -214,6 +226,7 @@ mod tests {
             )
             .unwrap(),
             uninstall_on_exit: false,
+            plugin: None,
         }
     }
 

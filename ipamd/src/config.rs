@@ -57,6 +57,9 @@ pub const KNOWN_VARS: &[&str] = &[
     "ENABLE_SUBNET_DISCOVERY",
     "DISABLE_LEAKED_ENI_CLEANUP",
     "ADDITIONAL_ENI_TAGS",
+    "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
+    "ENI_CONFIG_ANNOTATION_DEF",
+    "ENI_CONFIG_LABEL_DEF",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -327,6 +330,66 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chart's `settings:` (values.yaml and values.schema.json) are
+    /// exactly ipamd's settings: KNOWN_VARS and the honoured aws-node
+    /// variables the chart does not set through values of its own.
+    #[test]
+    fn the_charts_settings_are_ipamds() {
+        use crate::awsnode::{Treatment, VARIABLES};
+        use std::collections::BTreeSet;
+        // Set by the chart itself: MY_NODE_NAME (the downward API),
+        // INTROSPECTION_BIND_ADDRESS and DISABLE_INTROSPECTION (the probes
+        // use it; introspectionPort), DISABLE_METRICS (metrics.enabled),
+        // AWS_VPC_K8S_CNI_BACKING_STORE (aws-node's path, mounted), and
+        // MANAGE_UNTAGGED_ENI (no effect either way).
+        let set_by_chart = [
+            "MY_NODE_NAME",
+            "INTROSPECTION_BIND_ADDRESS",
+            "DISABLE_INTROSPECTION",
+            "DISABLE_METRICS",
+            "AWS_VPC_K8S_CNI_BACKING_STORE",
+            "MANAGE_UNTAGGED_ENI",
+        ];
+        let want: BTreeSet<String> = KNOWN_VARS
+            .iter()
+            .copied()
+            .chain(
+                VARIABLES
+                    .iter()
+                    .filter(|v| matches!(v.treatment, Treatment::Honoured))
+                    .map(|v| v.name)
+                    .filter(|n| !set_by_chart.contains(n)),
+            )
+            .map(String::from)
+            .collect();
+        let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/vpc-cni");
+        let values: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(chart.join("values.yaml")).unwrap())
+                .unwrap();
+        let in_values: BTreeSet<String> = values["settings"]
+            .as_mapping()
+            .expect("settings: a mapping")
+            .keys()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect();
+        let schema: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(chart.join("values.schema.json")).unwrap(),
+        )
+        .unwrap();
+        let in_schema: BTreeSet<String> = schema["properties"]["settings"]["properties"]
+            .as_object()
+            .expect("settings in the schema")
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(in_values, want, "values.yaml settings vs ipamd's");
+        assert_eq!(in_schema, want, "values.schema.json settings vs ipamd's");
+        assert_eq!(
+            schema["properties"]["settings"]["additionalProperties"], false,
+            "a misspelt setting must be refused"
+        );
+    }
 
     fn read(pairs: &[(&'static str, &'static str)]) -> Result<Settings, ConfigError> {
         let m: HashMap<&str, &str> = pairs.iter().copied().collect();

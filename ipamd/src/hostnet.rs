@@ -70,15 +70,30 @@ pub struct SnatConfig {
 
 pub struct HostNet {
     handle: Handle,
+    /// The node's `/proc/sys/net` as ipamd sees it (a container mounts the
+    /// host's elsewhere: the runtime keeps its own `/proc/sys` read-only).
+    sys_net: std::path::PathBuf,
 }
 
+/// Where `/proc/sys/net` is when nothing else is said.
+pub const PROC_SYS_NET: &str = "/proc/sys/net";
+
 impl HostNet {
-    /// Opens a netlink socket in ipamd's own network namespace.
+    /// Opens a netlink socket in ipamd's own network namespace; sysctls
+    /// are written under [`PROC_SYS_NET`].
     pub fn new() -> Result<Self, HostError> {
+        Self::with_sys_net(PROC_SYS_NET)
+    }
+
+    /// [`HostNet::new`] with the node's `/proc/sys/net` at `sys_net`.
+    pub fn with_sys_net(sys_net: impl Into<std::path::PathBuf>) -> Result<Self, HostError> {
         let (conn, handle, _) = rtnetlink::new_connection()
             .map_err(|e| HostError::Io(format!("netlink socket: {e}")))?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            sys_net: sys_net.into(),
+        })
     }
 
     async fn link_by_mac(&self, mac: &str) -> Result<Option<LinkMessage>, HostError> {
@@ -134,7 +149,7 @@ impl HostNet {
             })?;
         let index = link.header.index;
         let name = Self::name(&link);
-        set_rp_filter_loose(&name)?;
+        set_rp_filter_loose(&self.sys_net, &name)?;
         if iface.is_primary() {
             return Ok(());
         }
@@ -242,8 +257,13 @@ impl HostNet {
     /// our table whole.
     pub async fn setup_snat(&self, cfg: &SnatConfig, primary: &Interface) -> Result<(), HostError> {
         // The node routes between pods' veths and its interfaces.
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| HostError::Io(format!("enable IPv4 forwarding: {e}")))?;
+        let forward = self.sys_net.join("ipv4/ip_forward");
+        std::fs::write(&forward, "1").map_err(|e| {
+            HostError::Io(format!(
+                "enable IPv4 forwarding ({}): {e}",
+                forward.display()
+            ))
+        })?;
         let primary_link = self.link_name(primary).await?;
         let h = &self.handle;
         let mut rule = h
@@ -346,9 +366,9 @@ fn nft(script: &str) -> Result<(), HostError> {
 
 /// Loose reverse-path filtering: replies to pods on a secondary interface
 /// arrive on that interface while the main table routes elsewhere.
-fn set_rp_filter_loose(link: &str) -> Result<(), HostError> {
-    let path = format!("/proc/sys/net/ipv4/conf/{link}/rp_filter");
-    std::fs::write(&path, "2").map_err(|e| HostError::Io(format!("{path}: {e}")))
+fn set_rp_filter_loose(sys_net: &std::path::Path, link: &str) -> Result<(), HostError> {
+    let path = sys_net.join(format!("ipv4/conf/{link}/rp_filter"));
+    std::fs::write(&path, "2").map_err(|e| HostError::Io(format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod exit;
 pub mod explain;
 pub mod factory;
 pub mod hostnet;
+pub mod install;
 pub mod introspect;
 pub mod ipam;
 pub mod journal;

@@ -78,8 +78,22 @@ struct Cli {
     /// objects (portmap, bandwidth, Calico or Cilium in chaining mode).
     #[arg(long, env = "IPAMD_CHAINED_PLUGINS", default_value = "[]")]
     chained_plugins: String,
-    /// Remove the conflist when ipamd stops (a clean uninstall; off by
-    /// default, so a restart or rolling update keeps the node's network).
+    /// Also install the vpc-cni plugin into this directory (the host's CNI
+    /// bin dir, mounted) before each conflist write, so the conflist never
+    /// names a missing plugin; unset: the plugin is installed by others
+    /// (`ipamctl install-cni`).
+    #[arg(long, env = "IPAMD_CNI_BIN_DIR")]
+    cni_bin_dir: Option<PathBuf>,
+    /// The plugin to install with --cni-bin-dir.
+    #[arg(
+        long,
+        env = "IPAMD_CNI_PLUGIN_SOURCE",
+        default_value = "/usr/local/bin/vpc-cni"
+    )]
+    cni_plugin_source: PathBuf,
+    /// Remove the conflist (and, with --cni-bin-dir, the plugin) when ipamd
+    /// stops (a clean uninstall; off by default, so a restart or rolling
+    /// update keeps the node's network).
     #[arg(long, env = "IPAMD_CNI_UNINSTALL_ON_EXIT")]
     cni_uninstall_on_exit: Option<String>,
     /// sim: address of a shared vpc-sim server (unix:/path or 127.0.0.1:PORT).
@@ -126,6 +140,11 @@ struct Cli {
     /// namespaces (vpc-sim --fabric).
     #[arg(long, env = "IPAMD_CONFIGURE_HOST")]
     configure_host: Option<String>,
+    /// The node's /proc/sys/net (sysctls: forwarding, rp_filter); in a
+    /// container, the host's mounted elsewhere (the runtime keeps the
+    /// container's /proc/sys read-only unless it is privileged).
+    #[arg(long, env = "IPAMD_HOST_PROC_SYS_NET", default_value = ipamd::hostnet::PROC_SYS_NET)]
+    host_proc_sys_net: PathBuf,
     /// Seconds in-flight calls get to finish after SIGTERM.
     #[arg(long, default_value_t = 5)]
     grace_seconds: u64,
@@ -291,6 +310,20 @@ impl Config {
         if let Err(e) = ipamd::cniconf::check_version(&cli.cni_version) {
             bad.push(e);
         }
+        if let Some(dir) = &cli.cni_bin_dir {
+            if cli.cni_conf_dir.is_none() {
+                bad.push(format!(
+                    "--cni-bin-dir / IPAMD_CNI_BIN_DIR {}: only with --cni-conf-dir (the plugin is installed with the conflist)",
+                    dir.display()
+                ));
+            }
+            if !cli.cni_plugin_source.is_file() {
+                bad.push(format!(
+                    "--cni-plugin-source / IPAMD_CNI_PLUGIN_SOURCE {}: not a file",
+                    cli.cni_plugin_source.display()
+                ));
+            }
+        }
         let f = &cli.cni_conflist_file;
         if f.contains('/') || f.starts_with('.') || !f.ends_with(".conflist") {
             bad.push(format!(
@@ -403,6 +436,10 @@ impl Config {
             veth_prefix: settings.veth_prefix.clone(),
             chained: chained.unwrap_or_default(),
             uninstall_on_exit,
+            plugin: cli
+                .cni_bin_dir
+                .clone()
+                .map(|dir| (cli.cni_plugin_source.clone(), dir)),
         });
         Ok(Self {
             cli,
@@ -502,8 +539,8 @@ async fn run(config: Config) -> Result<(), Fatal> {
         StartError::is_transient,
         async || {
             let node = if configure_host {
-                let host =
-                    ipamd::hostnet::HostNet::new().map_err(|e| StartError::Node(e.to_string()))?;
+                let host = ipamd::hostnet::HostNet::with_sys_net(&cli.host_proc_sys_net)
+                    .map_err(|e| StartError::Node(e.to_string()))?;
                 NodeTracker::new(Box::new(host))
             } else {
                 NodeTracker::nothing()

@@ -370,11 +370,10 @@ async fn a_vanished_pods_address_is_reclaimed_after_the_grace_and_not_while_the_
         "a pod the watch could not see lost its address"
     );
     assert!(held(&node.ipam, "p1"));
-    // Back, with the history compacted (the watch resumes into 410 Gone
-    // and lists again): p4 is released after a full grace in sync.
-    fake.compact();
+    // Back (the watch resumes from its resource version, no re-list): p4
+    // is released after a full grace, p5 kept.
     fake.set_down(false);
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while held(&node.ipam, "p4") {
         assert!(
             Instant::now() < deadline,
@@ -390,8 +389,27 @@ async fn a_vanished_pods_address_is_reclaimed_after_the_grace_and_not_while_the_
         held(&node.ipam, "p5"),
         "a pod that is there keeps its address"
     );
+    // Down again with the history compacted: the watch cannot resume (410
+    // Gone) and lists again; p1, deleted meanwhile, is released after it.
+    fake.set_down(true);
+    fake.delete(Res::Pods, "shop", "p1");
+    fake.compact();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fake.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held(&node.ipam, "p1") {
+        assert!(
+            Instant::now() < deadline,
+            "p1 never released after the re-list"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        held(&node.ipam, "p5"),
+        "a pod that is there keeps its address"
+    );
     let deadline = Instant::now() + Duration::from_secs(2);
-    while node.ipam.summary()["kubernetes"]["released_gone_pods"] != 3 {
+    while node.ipam.summary()["kubernetes"]["released_gone_pods"] != 4 {
         assert!(
             Instant::now() < deadline,
             "{}",

@@ -281,6 +281,8 @@ async fn the_reconciler_follows_a_scripted_provider_and_readiness_latches() {
 struct LateLinks {
     late: Mutex<u32>,
     set_up: Mutex<Vec<String>>,
+    /// The primary interface each SNAT set-up was given.
+    snat: Mutex<Vec<String>>,
 }
 
 struct Late(Arc<LateLinks>);
@@ -311,10 +313,39 @@ impl NodeSide for Late {
     async fn setup_snat(
         &self,
         _: &SnatConfig,
-        _: &Interface,
+        primary: &Interface,
     ) -> std::result::Result<(), HostError> {
+        self.0.snat.lock().unwrap().push(primary.id.clone());
         Ok(())
     }
+}
+
+/// Under custom networking the primary interface is not the pool's, and
+/// the node's SNAT is still set up on it (readiness waits for SNAT).
+#[tokio::test]
+async fn custom_networking_sets_up_snat_on_the_primary_it_does_not_manage() {
+    let cloud = Scripted::new(vec![primary(&["10.0.0.10"])]);
+    let side = Arc::new(LateLinks::default());
+    let ipam = Ipam::start_with(
+        cloud.clone(),
+        settings(&[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")]),
+        JournalAt::Memory(MemStore::default()),
+        NodeTracker::new(Box::new(Late(side.clone()))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ipam.summary()["counts"]["interfaces"],
+        0,
+        "the primary is not the pool's"
+    );
+    ipam.step().await.unwrap();
+    assert_eq!(*side.snat.lock().unwrap(), vec!["eni-primary".to_string()]);
+    let why = reasons(&ipam);
+    assert!(!why.contains("SNAT"), "{why}");
+    // The scripted instance has one interface: under custom networking no
+    // interface is left for pods, and ipamd says so.
+    assert!(why.contains("limit of 0 interfaces"), "{why}");
 }
 
 #[tokio::test]

@@ -1,9 +1,13 @@
 //! ipamctl: the node's pool from a shell. Reads ipamd's loopback
 //! introspection (`status`, `interfaces`, `assignments`, `explain`: a table,
 //! or `--json`), and calls its socket as the CNI plugin does (`add`, `del`).
+//! `install-cni` and `uninstall-cni` put the plugin on the node and take it
+//! off (the chart's init container and uninstall step; see
+//! [`ipamd::install`]).
 //!
 //! Exit status: 0 on an answer, 1 when ipamd refuses a call, 64 for bad
-//! arguments, 69 when ipamd cannot be reached.
+//! arguments, 69 when ipamd cannot be reached, 74 when install-cni or
+//! uninstall-cni cannot write.
 
 use std::fmt::Write as _;
 
@@ -75,6 +79,28 @@ enum Cmd {
         /// The pod, NAMESPACE/NAME, as the runtime's CNI_ARGS would name it.
         #[arg(long)]
         pod: Option<String>,
+    },
+    /// Install the vpc-cni plugin into the host's CNI bin directory (whole:
+    /// a temporary file, then rename; only when it differs).
+    InstallCni {
+        /// The plugin to install (in the image).
+        #[arg(long, default_value = "/usr/local/bin/vpc-cni")]
+        source: std::path::PathBuf,
+        /// The host's CNI bin directory, as mounted.
+        #[arg(long)]
+        bin_dir: std::path::PathBuf,
+    },
+    /// Remove the plugin (if it is SOURCE's copy) and the conflist (if its
+    /// first plugin is vpc-cni) from the host: a clean uninstall.
+    UninstallCni {
+        #[arg(long, default_value = "/usr/local/bin/vpc-cni")]
+        source: std::path::PathBuf,
+        #[arg(long)]
+        bin_dir: std::path::PathBuf,
+        #[arg(long)]
+        conf_dir: std::path::PathBuf,
+        #[arg(long, default_value = "10-vpc-cni.conflist")]
+        conflist_file: String,
     },
     /// Release CONTAINER_ID's address.
     Del {
@@ -383,6 +409,36 @@ async fn main() {
                 },
             };
             return print(*json, &fetch(at, &path).await, explain_text);
+        }
+        Cmd::InstallCni { source, bin_dir } => {
+            match ipamd::install::install_plugin(source, bin_dir) {
+                Ok(true) => println!(
+                    "installed {}",
+                    bin_dir.join(ipamd::install::PLUGIN).display()
+                ),
+                Ok(false) => println!(
+                    "{} is up to date",
+                    bin_dir.join(ipamd::install::PLUGIN).display()
+                ),
+                Err(e) => fail(74, format!("install-cni into {}: {e}", bin_dir.display())),
+            }
+            return;
+        }
+        Cmd::UninstallCni {
+            source,
+            bin_dir,
+            conf_dir,
+            conflist_file,
+        } => {
+            match ipamd::install::uninstall(source, bin_dir, conf_dir, conflist_file) {
+                Ok(r) => {
+                    for p in [r.plugin, r.conflist].into_iter().flatten() {
+                        println!("removed {}", p.display());
+                    }
+                }
+                Err(e) => fail(74, format!("uninstall-cni: {e}")),
+            }
+            return;
         }
         Cmd::Add { .. } | Cmd::Del { .. } => {}
     }

@@ -9,7 +9,7 @@
 //!
 //! | resource | verbs | why |
 //! |---|---|---|
-//! | `nodes` (its own, by field selector) | get, list, watch | labels, annotations, taints, cordon |
+//! | `nodes` (its own, by field selector) | list, watch | labels, annotations, taints, cordon |
 //! | `nodes` | patch | remove the startup taint, set or clear the exhaustion taint, the capacity annotation |
 //! | `nodes/status` | patch | the [`CONDITION`] node condition |
 //! | `pods` (this node's, field selector `spec.nodeName`) | list, watch | release the address of a pod gone without its DEL |

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -29,8 +29,9 @@ use crate::reconciler::InterfaceTarget;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeView {
     pub resource_version: String,
-    /// (key, value, effect), in the node's order.
-    pub taints: Vec<(String, Option<String>, String)>,
+    /// The node's taints as the API has them (every field kept, e.g. the
+    /// lifecycle controller's `timeAdded`), in its order.
+    pub taints: Vec<Value>,
     pub annotations: BTreeMap<String, String>,
     pub unschedulable: bool,
     /// Our condition's (status, reason), if the node has it.
@@ -45,8 +46,8 @@ impl NodeView {
             taints: spec
                 .taints
                 .unwrap_or_default()
-                .into_iter()
-                .map(|t| (t.key, t.value, t.effect))
+                .iter()
+                .filter_map(|t| serde_json::to_value(t).ok())
                 .collect(),
             annotations: n.metadata.annotations.clone().unwrap_or_default(),
             unschedulable: spec.unschedulable.unwrap_or(false),
@@ -90,13 +91,13 @@ pub fn plan_node(node: &NodeView, want: &Desired, now: &Value) -> NodePatch {
     let mut out = NodePatch::default();
     let mut taints = node.taints.clone();
     if let Some(key) = &want.remove_startup_taint {
-        taints.retain(|(k, _, _)| k != key);
+        taints.retain(|t| t["key"] != key.as_str());
     }
-    let ours = |t: &(String, Option<String>, String)| t.0 == EXHAUSTED_TAINT;
+    let ours = |t: &Value| t["key"] == EXHAUSTED_TAINT;
     match (&want.exhausted, want.exhaustion_taint) {
         (Some(_), true) => {
             if !taints.iter().any(ours) {
-                taints.push((EXHAUSTED_TAINT.into(), None, "NoSchedule".into()));
+                taints.push(json!({"key": EXHAUSTED_TAINT, "effect": "NoSchedule"}));
             }
         }
         // Not exhausted, or the taint was turned off since it was set.
@@ -104,17 +105,7 @@ pub fn plan_node(node: &NodeView, want: &Desired, now: &Value) -> NodePatch {
     }
     let mut object = serde_json::Map::new();
     if taints != node.taints {
-        let list: Vec<Value> = taints
-            .iter()
-            .map(|(k, v, e)| {
-                let mut t = json!({"key": k, "effect": e});
-                if let Some(v) = v {
-                    t["value"] = json!(v);
-                }
-                t
-            })
-            .collect();
-        object.insert("spec".into(), json!({ "taints": list }));
+        object.insert("spec".into(), json!({ "taints": taints }));
     }
     if let Some(c) = want.capacity {
         if node.annotations.get(CAPACITY_ANNOTATION) != Some(&c.to_string()) {
@@ -137,20 +128,24 @@ pub fn plan_node(node: &NodeView, want: &Desired, now: &Value) -> NodePatch {
             "the pool has addresses or can grow",
         ),
     };
-    if node
+    let have = node
         .condition
         .as_ref()
-        .map(|(s, r)| (s.as_str(), r.as_str()))
-        != Some((status, reason))
-    {
-        out.status = Some(json!({"status": {"conditions": [{
+        .map(|(s, r)| (s.as_str(), r.as_str()));
+    if have != Some((status, reason)) {
+        let mut c = json!({
             "type": CONDITION,
             "status": status,
             "reason": reason,
             "message": message,
-            "lastTransitionTime": now,
             "lastHeartbeatTime": now,
-        }]}}));
+        });
+        // A new reason for the same status is no transition: the merge
+        // keeps the old transition time.
+        if have.map(|(s, _)| s) != Some(status) {
+            c["lastTransitionTime"] = now.clone();
+        }
+        out.status = Some(json!({"status": {"conditions": [c]}}));
     }
     out
 }
@@ -259,6 +254,17 @@ impl NodeTask {
                 ..Default::default()
             },
         };
+        // events.k8s.io refuses a note over 1 KiB (a cloud's error text can
+        // be longer, e.g. EC2's encoded authorization message).
+        let mut note = note;
+        if note.len() > 1024 {
+            let mut cut = 1021;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+            note.push_str("...");
+        }
         let ev = Event {
             type_: if warning {
                 EventType::Warning
@@ -296,17 +302,22 @@ impl NodeTask {
         // every event.
         let settings = self.ipam.settings().clone();
         let custom = settings.custom_networking;
-        let (eni_reader, eni_writer) = reflector::store::<ENIConfig>();
+        // Read as untyped objects: one ENIConfig that does not match the
+        // schema (aws-node's CRD accepts anything) must not stop the list;
+        // only the selected one is read, field by field.
+        let eni_ar = ApiResource::erase::<ENIConfig>(&());
+        let eni_writer = reflector::store::Writer::<DynamicObject>::new(eni_ar.clone());
+        let eni_reader = eni_writer.as_reader();
         let (eni_tx, mut eni_synced) = watch::channel(false);
         let _eni_task = custom.then(|| {
-            let api: Api<ENIConfig> = Api::all(self.client.clone());
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &eni_ar);
             let eni_tx = eni_tx.clone();
             AbortOnDrop(tokio::spawn(async move {
                 let stream = reflector::reflector(
                     eni_writer,
                     watcher(api, watcher::Config::default())
                         .default_backoff()
-                        .modify(|e: &mut ENIConfig| e.metadata.managed_fields = None),
+                        .modify(|e: &mut DynamicObject| e.metadata.managed_fields = None),
                 );
                 let mut stream = Box::pin(stream);
                 while let Some(ev) = stream.next().await {
@@ -330,6 +341,13 @@ impl NodeTask {
         // (shown, since): the exhaustion state the node shows and when the
         // other state began.
         let mut shown: Option<(String, String)> = None;
+        // Seeded from the node's condition when first seen, so a restart
+        // on an exhausted node does not clear and re-set it.
+        let mut seeded = false;
+        // After a write, the version the watch must bring before the node
+        // is planned again (the cache has not seen the write yet); a
+        // deadline so a lost event does not stall it.
+        let mut wait_for: Option<(u64, Instant)> = None;
         let mut other_since: Option<Instant> = None;
         let mut last_verdict = None;
         let mut held = false;
@@ -384,16 +402,33 @@ impl NodeTask {
                             &settings.eni_config_annotation_def,
                             &settings.eni_config_label_def,
                         );
-                        match eni_reader.get(&ObjectRef::new(&name)) {
-                            Some(e) if !e.spec.subnet.trim().is_empty() => Ok(InterfaceTarget {
+                        let found = eni_reader.get(&ObjectRef::new_with(&name, eni_ar.clone()));
+                        let spec = found.as_ref().map(|e| e.data["spec"].clone());
+                        let subnet = spec
+                            .as_ref()
+                            .and_then(|s| s["subnet"].as_str())
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty());
+                        let groups: Option<Vec<String>> = spec.as_ref().map(|s| {
+                            s["securityGroups"]
+                                .as_array()
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(|g| g.as_str().map(String::from))
+                                        .collect()
+                                })
+                                .unwrap_or_default()
+                        });
+                        match (found.is_some(), subnet) {
+                            (true, Some(subnet_id)) => Ok(InterfaceTarget {
                                 eni_config: name,
-                                subnet_id: e.spec.subnet.trim().to_string(),
-                                security_groups: e.spec.security_groups.clone(),
+                                subnet_id,
+                                security_groups: groups.unwrap_or_default(),
                             }),
-                            Some(_) => Err(format!(
-                                "ENIConfig {name:?} (selected by {by}) names no subnet"
+                            (true, None) => Err(format!(
+                                "ENIConfig {name:?} (selected by {by}) names no subnet (spec.subnet)"
                             )),
-                            None => Err(format!(
+                            (false, _) => Err(format!(
                                 "ENIConfig {name:?} (selected by {by}) does not exist"
                             )),
                         }
@@ -470,8 +505,26 @@ impl NodeTask {
                 s.capacity = capacity;
             });
             let Some(node) = node else { continue };
+            if !seeded {
+                seeded = true;
+                if let Some((status, reason)) = NodeView::of(&node).condition {
+                    if status == "True" && shown.is_none() {
+                        shown = Some((reason, "(as the node said at start)".into()));
+                    }
+                }
+            }
             if Instant::now() < retry_at {
                 continue;
+            }
+            let seen: u64 = node
+                .metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            match wait_for {
+                Some((rv, until)) if seen < rv && Instant::now() < until => continue,
+                _ => wait_for = None,
             }
             let want = Desired {
                 remove_startup_taint: if ready {
@@ -491,11 +544,22 @@ impl NodeTask {
                 .s
                 .startup_taint
                 .as_ref()
-                .is_some_and(|k| view.taints.iter().any(|t| &t.0 == k));
+                .is_some_and(|k| view.taints.iter().any(|t| t["key"] == k.as_str()));
             let mut failed = None;
+            let mut written = |n: &Node| {
+                let rv = n
+                    .metadata
+                    .resource_version
+                    .as_deref()
+                    .and_then(|v| v.parse().ok());
+                if let Some(rv) = rv {
+                    wait_for = Some((rv, Instant::now() + Duration::from_secs(5)));
+                }
+            };
             if let Some(p) = &patch.object {
                 match api.patch(&self.s.node_name, &pp, &Patch::Merge(p)).await {
-                    Ok(_) => {
+                    Ok(n) => {
+                        written(&n);
                         if startup_present && want.remove_startup_taint.is_some() {
                             info!(
                                 taint = want.remove_startup_taint.as_deref().unwrap_or_default(),
@@ -511,11 +575,12 @@ impl NodeTask {
             }
             if failed.is_none() {
                 if let Some(p) = &patch.status {
-                    if let Err(e) = api
+                    match api
                         .patch_status(&self.s.node_name, &pp, &Patch::Strategic(p))
                         .await
                     {
-                        failed = Some(e);
+                        Ok(n) => written(&n),
+                        Err(e) => failed = Some(e),
                     }
                 }
             }
@@ -564,10 +629,29 @@ mod tests {
             resource_version: "7".into(),
             taints: taints
                 .iter()
-                .map(|k| (k.to_string(), None, "NoSchedule".to_string()))
+                .map(|k| json!({"key": k, "effect": "NoSchedule"}))
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn other_taints_keep_every_field_and_a_new_reason_is_no_transition() {
+        let now = json!("t2");
+        let mut v = view(&[super::super::DEFAULT_STARTUP_TAINT]);
+        let lifecycle = json!({"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": "2026-01-01T00:00:00Z"});
+        v.taints.push(lifecycle.clone());
+        v.condition = Some(("True".into(), "InterfaceLimit".into()));
+        let w = Desired {
+            remove_startup_taint: Some(super::super::DEFAULT_STARTUP_TAINT.into()),
+            exhausted: Some(("SubnetExhausted".into(), "m".into())),
+            ..want()
+        };
+        let p = plan_node(&v, &w, &now);
+        assert_eq!(p.object.unwrap()["spec"]["taints"], json!([lifecycle]));
+        let c = &p.status.unwrap()["status"]["conditions"][0];
+        assert_eq!(c["reason"], "SubnetExhausted");
+        assert!(c.get("lastTransitionTime").is_none(), "still True: {c}");
     }
 
     fn want() -> Desired {

@@ -154,21 +154,26 @@ impl PodTask {
             reflector::reflector(writer, watcher(api, cfg).default_backoff().modify(strip));
         let mut stream = Box::pin(stream);
         let mut tracker = GoneTracker::default();
+        // Since when the cache has been trusted: from the first full list;
+        // every watch error starts the clock again (a watch that resumes
+        // from its resource version after an error misses nothing, and
+        // says nothing when it has resumed; one that cannot resume lists
+        // again).
         let mut in_sync_since: Option<Instant> = None;
+        let mut listed = false;
         let mut tick = tokio::time::interval(CHECK_EVERY);
         loop {
             tokio::select! {
                 ev = stream.next() => {
                     match ev {
                         Some(Ok(watcher::Event::InitDone)) => {
+                            listed = true;
                             in_sync_since.get_or_insert_with(Instant::now);
                         }
-                        Some(Ok(watcher::Event::Init)) => {}
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {
-                            if in_sync_since.take().is_some() {
-                                warn!(error = %e, "pod watch failed; gone pods are not judged until it is in sync again");
-                            }
+                            warn!(error = %e, grace_s = self.s.pod_gone_grace.as_secs(), "pod watch failed; gone pods are judged again once it has held for the grace");
+                            in_sync_since = listed.then(Instant::now);
                             self.status.lock().expect("lock").last_error = Some(format!("pod watch: {e}"));
                         }
                         None => return,

@@ -144,12 +144,9 @@ impl Reconciler {
 
     /// Subnets a new interface may go in: the node's own and same-zone ones
     /// tagged for the CNI, most free addresses first; a tag of "0" excludes.
-    async fn candidate_subnets(&self) -> Vec<String> {
-        if self.settings.custom_networking {
-            return self
-                .interface_target()
-                .map(|t| vec![t.subnet_id])
-                .unwrap_or_default();
+    async fn candidate_subnets(&self, custom: Option<&super::InterfaceTarget>) -> Vec<String> {
+        if let Some(t) = custom {
+            return vec![t.subnet_id.clone()];
         }
         if !self.settings.subnet_discovery {
             return vec![self.instance.subnet_id.clone()];
@@ -186,16 +183,21 @@ impl Reconciler {
         let mut last = ProviderError::SubnetExhausted {
             subnet: self.instance.subnet_id.clone(),
         };
-        // Custom networking: the ENIConfig's groups (none: the node's, as
-        // aws-node does).
-        let security_groups = match self.settings.custom_networking {
-            true => self
-                .interface_target()
-                .map(|t| t.security_groups)
-                .unwrap_or_default(),
-            false => vec![],
+        // Custom networking: the ENIConfig's subnet and groups (no groups:
+        // the node's, as aws-node does), read once for this create.
+        let custom = match self.settings.custom_networking {
+            true => Some(self.interface_target().ok_or_else(|| {
+                ProviderError::Invalid(
+                    "custom networking: no ENIConfig is known for this node".into(),
+                )
+            })?),
+            false => None,
         };
-        for subnet_id in self.candidate_subnets().await {
+        let security_groups = custom
+            .as_ref()
+            .map(|t| t.security_groups.clone())
+            .unwrap_or_default();
+        for subnet_id in self.candidate_subnets(custom.as_ref()).await {
             let mut spec = CreateInterface {
                 subnet_id: subnet_id.clone(),
                 // Empty: the node's groups, read by the provider as they

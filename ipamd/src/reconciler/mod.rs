@@ -517,7 +517,16 @@ impl Reconciler {
             }
         }
         if !self.node.snat_done() {
-            if let Some(primary) = self.pool.primary() {
+            // Under custom networking the primary is not the pool's: it is
+            // among the interfaces ipamd leaves alone.
+            let primary = self.pool.primary().or_else(|| {
+                self.lock()
+                    .foreign
+                    .values()
+                    .find(|i| i.is_primary())
+                    .cloned()
+            });
+            if let Some(primary) = primary {
                 match side.setup_snat(&self.snat_config(), &primary).await {
                     Ok(()) => {
                         self.node.set_snat_done();
