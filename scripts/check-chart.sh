@@ -68,7 +68,14 @@ if "$helm" template vpc-cni "$chart" --set settings.WARM_IP_TAGRET=5 >/dev/null 
   echo "check-chart: a misspelt setting was accepted" >&2; exit 1
 fi
 grep -q "WARM_IP_TAGRET" "$out/err" || { echo "check-chart: the schema error does not name the setting:" >&2; cat "$out/err" >&2; exit 1; }
-if "$helm" template vpc-cni "$chart" --set podGoneGraceSeconds=3 >/dev/null 2>&1; then
-  echo "check-chart: podGoneGraceSeconds=3 was accepted" >&2; exit 1
-fi
-echo "check-chart: the schema refuses a misspelt setting and a grace under 10 s"
+# Values that would make ipamd exit 64 on every node, or that the API
+# server would refuse, are refused at render time.
+for bad in podGoneGraceSeconds=3 settings.WARM_IP_TARGET=abc \
+  settings.ENABLE_PREFIX_DELEGATION=yes settings.AWS_VPC_K8S_CNI_VETHPREFIX=toolong \
+  updateStrategy.maxUnavailable=0 stateDir=/ eniConfigs.Bad_Name.subnet=subnet-1 \
+  introspectionPort=61678 provider=gcp; do
+  if "$helm" template vpc-cni "$chart" --set "$bad" >/dev/null 2>&1; then
+    echo "check-chart: $bad was accepted" >&2; exit 1
+  fi
+done
+echo "check-chart: the schema and the templates refuse misspelt settings and bad values"

@@ -46,6 +46,18 @@ pub struct CniConf {
     pub plugin: Option<(PathBuf, PathBuf)>,
 }
 
+/// A conflist's file name as runtimes read it: `NAME.conflist`, no `/`,
+/// not hidden (a dot file is skipped by runtimes, and is where ipamd
+/// writes its temporary copy).
+pub fn check_file_name(f: &str) -> Result<(), String> {
+    if f.contains('/') || f.starts_with('.') || !f.ends_with(".conflist") || f == ".conflist" {
+        return Err(format!(
+            "conflist file {f:?}: a file name ending in .conflist (no '/', not hidden)"
+        ));
+    }
+    Ok(())
+}
+
 /// Versions the plugin speaks (its VERSION answer).
 const VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 

@@ -60,6 +60,10 @@ pub const KNOWN_VARS: &[&str] = &[
     "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
     "ENI_CONFIG_ANNOTATION_DEF",
     "ENI_CONFIG_LABEL_DEF",
+    "IPAM_SCALER_BATCH_SIZE",
+    "IPAM_SCALER_REQUEST_THRESHOLD_PERCENT",
+    "IPAM_SCALER_RELEASE_THRESHOLD_PERCENT",
+    "IPAM_SCALER_MAX_IP_COUNT",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -187,6 +191,59 @@ impl Settings {
         let min_ip = r.uint_or_unset("MINIMUM_IP_TARGET");
         let warm_prefix = r.uint("WARM_PREFIX_TARGET");
         let pd = r.boolean("ENABLE_PREFIX_DELEGATION").unwrap_or(false);
+        // Azure CNS's scaler: on when any of its knobs is set.
+        let scaler_keys = [
+            "IPAM_SCALER_BATCH_SIZE",
+            "IPAM_SCALER_REQUEST_THRESHOLD_PERCENT",
+            "IPAM_SCALER_RELEASE_THRESHOLD_PERCENT",
+            "IPAM_SCALER_MAX_IP_COUNT",
+        ];
+        let scaler = if scaler_keys.iter().any(|k| r.raw(k).is_some()) {
+            let d = crate::policy::Scaler::default();
+            let mut knob = |k: &str, default: u32| match r.uint(k) {
+                Some(0) => {
+                    r.problems.push(format!("{k}=0: must be at least 1"));
+                    default
+                }
+                Some(n) => n,
+                None => default,
+            };
+            let s = crate::policy::Scaler {
+                batch_size: knob("IPAM_SCALER_BATCH_SIZE", d.batch_size),
+                request_threshold_percent: knob(
+                    "IPAM_SCALER_REQUEST_THRESHOLD_PERCENT",
+                    d.request_threshold_percent,
+                ),
+                release_threshold_percent: knob(
+                    "IPAM_SCALER_RELEASE_THRESHOLD_PERCENT",
+                    d.release_threshold_percent,
+                ),
+                max_ip_count: knob("IPAM_SCALER_MAX_IP_COUNT", d.max_ip_count),
+            };
+            let others: Vec<&str> = [
+                "WARM_ENI_TARGET",
+                "WARM_IP_TARGET",
+                "MINIMUM_IP_TARGET",
+                "WARM_PREFIX_TARGET",
+            ]
+            .into_iter()
+            .filter(|k| r.raw(k).is_some())
+            .collect();
+            if !others.is_empty() {
+                r.problems.push(format!(
+                    "IPAM_SCALER_* (Azure CNS's batches) and {} are two ways to size the pool: set one",
+                    others.join(", ")
+                ));
+            }
+            if pd {
+                r.problems.push(
+                    "IPAM_SCALER_* with ENABLE_PREFIX_DELEGATION=true: the scaler moves single addresses".into(),
+                );
+            }
+            Some(s.clamped())
+        } else {
+            None
+        };
         // aws-node: 0 or negative (its default is -1) is the instance's limit.
         let max_eni = match r.raw("MAX_ENI") {
             None => None,
@@ -307,6 +364,7 @@ impl Settings {
                 max_eni,
                 max_pods,
                 min_interface_age: d.pool.min_interface_age,
+                scaler,
             },
             cooldown: cooldown.map_or(d.cooldown, |s| Duration::from_secs(s.into())),
             add_wait: add_wait.map_or(d.add_wait, |s| Duration::from_secs(s.into())),
@@ -330,6 +388,52 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cns_scaler_is_a_mode_of_its_own() {
+        assert_eq!(read(&[]).unwrap().pool.scaler, None);
+        let s = read(&[("IPAM_SCALER_BATCH_SIZE", "8")])
+            .unwrap()
+            .pool
+            .scaler
+            .unwrap();
+        assert_eq!(
+            (
+                s.batch_size,
+                s.request_threshold_percent,
+                s.release_threshold_percent,
+                s.max_ip_count
+            ),
+            (8, 50, 150, 250),
+            "CNS's defaults for the rest"
+        );
+        // CNS's clamp: release at least request + 100.
+        let s = read(&[
+            ("IPAM_SCALER_REQUEST_THRESHOLD_PERCENT", "80"),
+            ("IPAM_SCALER_RELEASE_THRESHOLD_PERCENT", "100"),
+        ])
+        .unwrap()
+        .pool
+        .scaler
+        .unwrap();
+        assert_eq!(s.release_threshold_percent, 180);
+        // Two ways to size the pool, 0 and junk: every problem named.
+        let e = read(&[
+            ("IPAM_SCALER_BATCH_SIZE", "0"),
+            ("IPAM_SCALER_MAX_IP_COUNT", "many"),
+            ("WARM_IP_TARGET", "5"),
+        ])
+        .unwrap_err()
+        .problems
+        .join("\n");
+        for want in [
+            "IPAM_SCALER_BATCH_SIZE=0",
+            "IPAM_SCALER_MAX_IP_COUNT",
+            "WARM_IP_TARGET",
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
 
     /// The chart's `settings:` (values.yaml and values.schema.json) are
     /// exactly ipamd's settings: KNOWN_VARS and the honoured aws-node

@@ -518,6 +518,7 @@ impl Datastore {
             limits,
             hot_attach,
             waiting,
+            subnet_low: false,
         }
     }
 

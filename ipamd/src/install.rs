@@ -16,29 +16,100 @@ use std::path::{Path, PathBuf};
 /// The plugin's file name in the CNI bin directory (its `type`).
 pub const PLUGIN: &str = "vpc-cni";
 
+/// The largest plugin accepted (the release build is ~6 MiB).
+const MAX_PLUGIN_BYTES: u64 = 256 << 20;
+
+fn with_path(p: &Path) -> impl FnOnce(std::io::Error) -> std::io::Error + '_ {
+    move |e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+}
+
+/// `p`'s contents if it is a regular file (a symlink to one counts) of at
+/// most [`MAX_PLUGIN_BYTES`]; never opens a FIFO or a device (that would
+/// block or never end).
+fn read_regular(p: &Path) -> std::io::Result<Vec<u8>> {
+    let m = std::fs::metadata(p).map_err(with_path(p))?;
+    if !m.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: not a regular file", p.display()),
+        ));
+    }
+    if m.len() > MAX_PLUGIN_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{}: {} bytes, more than a plugin can be",
+                p.display(),
+                m.len()
+            ),
+        ));
+    }
+    std::fs::read(p).map_err(with_path(p))
+}
+
+/// What identifies a file without reading it: (size, mtime, inode).
+type Seen = (u64, std::time::SystemTime, u64);
+/// The installed plugin and its source as they were when ipamd last wrote
+/// or compared them, so the check every few seconds reads nothing while
+/// neither changed.
+type Verified = (PathBuf, Seen, PathBuf, Seen);
+static VERIFIED: std::sync::Mutex<Option<Verified>> = std::sync::Mutex::new(None);
+
+fn identity(source: &Path, dest: &Path) -> Option<Verified> {
+    let src = std::fs::canonicalize(source).ok()?;
+    Some((dest.to_path_buf(), seen(dest)?, src.clone(), seen(&src)?))
+}
+
+fn seen(p: &Path) -> Option<Seen> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).ok()?;
+    m.is_file()
+        .then(|| (m.len(), m.modified().ok(), m.ino()))
+        .and_then(|(l, t, i)| Some((l, t?, i)))
+}
+
 /// Copies `source` to `bin_dir/vpc-cni` unless it is there already;
-/// whether it wrote.
+/// whether it wrote. Anything at that path that is not a regular file (a
+/// directory, a FIFO) is an error, not replaced.
 pub fn install_plugin(source: &Path, bin_dir: &Path) -> std::io::Result<bool> {
-    let bytes = std::fs::read(source)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", source.display())))?;
     let dest = bin_dir.join(PLUGIN);
-    let tmp = bin_dir.join(format!(".{PLUGIN}.tmp"));
-    std::fs::remove_file(&tmp).ok();
-    if std::fs::read(&dest).is_ok_and(|old| old == bytes) {
+    let now = identity(source, &dest);
+    if now.is_some() && *VERIFIED.lock().expect("lock") == now {
         return Ok(false);
     }
-    std::fs::create_dir_all(bin_dir)?;
+    let bytes = read_regular(source)?;
+    let tmp = bin_dir.join(format!(".{PLUGIN}.tmp"));
+    std::fs::remove_file(&tmp).ok();
+    match std::fs::symlink_metadata(&dest) {
+        Ok(m) if m.is_file() => {
+            if read_regular(&dest)? == bytes {
+                *VERIFIED.lock().expect("lock") = identity(source, &dest);
+                return Ok(false);
+            }
+        }
+        // A symlink is replaced, never written through.
+        Ok(m) if m.file_type().is_symlink() => {}
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{}: not a regular file; not replaced", dest.display()),
+            ))
+        }
+        Err(_) => {}
+    }
+    std::fs::create_dir_all(bin_dir).map_err(with_path(bin_dir))?;
     let written = std::fs::File::create(&tmp).and_then(|mut f| {
         f.write_all(&bytes)?;
         f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
         f.sync_all()
     });
-    if let Err(e) = written {
+    let renamed = written.and_then(|()| std::fs::rename(&tmp, &dest));
+    if let Err(e) = renamed {
         std::fs::remove_file(&tmp).ok();
-        return Err(e);
+        return Err(with_path(&dest)(e));
     }
-    std::fs::rename(&tmp, &dest)?;
     std::fs::File::open(bin_dir)?.sync_all()?;
+    *VERIFIED.lock().expect("lock") = identity(source, &dest);
     Ok(true)
 }
 
@@ -58,15 +129,20 @@ pub fn uninstall(
     conf_dir: &Path,
     conflist_file: &str,
 ) -> std::io::Result<Removed> {
+    // Bad input changes nothing.
+    crate::cniconf::check_file_name(conflist_file)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let mut out = Removed::default();
     if remove_plugin(source, bin_dir)? {
         out.plugin = Some(bin_dir.join(PLUGIN));
     }
     let conf = conf_dir.join(conflist_file);
-    let first_is_ours = std::fs::read_to_string(&conf)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["plugins"][0]["type"] == PLUGIN);
+    let regular = std::fs::symlink_metadata(&conf).is_ok_and(|m| m.is_file());
+    let first_is_ours = regular
+        && std::fs::read_to_string(&conf)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["plugins"][0]["type"] == PLUGIN);
     if first_is_ours {
         remove(&conf)?;
         out.conflist = Some(conf);
@@ -77,11 +153,13 @@ pub fn uninstall(
 /// Removes `bin_dir/vpc-cni` if it is `source`'s copy; whether it did.
 pub fn remove_plugin(source: &Path, bin_dir: &Path) -> std::io::Result<bool> {
     let plugin = bin_dir.join(PLUGIN);
-    let Ok(have) = std::fs::read(&plugin) else {
+    if !std::fs::symlink_metadata(&plugin).is_ok_and(|m| m.is_file()) {
+        return Ok(false);
+    }
+    let Ok(have) = read_regular(&plugin) else {
         return Ok(false);
     };
-    let ours = std::fs::read(source)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", source.display())))?;
+    let ours = read_regular(source)?;
     if have != ours {
         return Ok(false);
     }
@@ -124,6 +202,35 @@ mod tests {
         // A missing source is an error naming it.
         let e = install_plugin(&d.path().join("nope"), &bin).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+
+        // Not a regular file at the plugin's path: refused, not replaced; a
+        // FIFO as the source is refused without opening it (no hang).
+        std::fs::remove_file(&dest).ok();
+        std::fs::create_dir(&dest).unwrap();
+        let e = install_plugin(&src, &bin).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(!bin.join(".vpc-cni.tmp").exists());
+        std::fs::remove_dir(&dest).unwrap();
+        let fifo = d.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let e = install_plugin(&fifo, &bin).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        // Installed and verified once, it is not read again while unchanged;
+        // replaced by someone, it is compared again.
+        assert!(install_plugin(&src, &bin).unwrap());
+        assert!(!install_plugin(&src, &bin).unwrap());
+        std::fs::write(&dest, b"tampered").unwrap();
+        assert!(
+            install_plugin(&src, &bin).unwrap(),
+            "a changed plugin is put back"
+        );
+        // A conflist name that leaves the directory is refused.
+        let e = uninstall(&src, &bin, d.path(), "../x.conflist").unwrap_err();
+        assert!(e.to_string().contains(".conflist"), "{e}");
 
         // Uninstall: another tool's conflist of that name stays, ours goes.
         let conf = d.path().join("net.d");

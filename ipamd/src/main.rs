@@ -202,7 +202,7 @@ struct Config {
     metrics: Option<SocketAddr>,
     configure_host: bool,
     cni_conf: Option<ipamd::cniconf::CniConf>,
-    kube: Option<ipamd::k8s::KubeSettings>,
+    kube: Option<(kube::Config, ipamd::k8s::KubeSettings)>,
 }
 
 impl Config {
@@ -324,10 +324,9 @@ impl Config {
                 ));
             }
         }
-        let f = &cli.cni_conflist_file;
-        if f.contains('/') || f.starts_with('.') || !f.ends_with(".conflist") {
+        if let Err(e) = ipamd::cniconf::check_file_name(&cli.cni_conflist_file) {
             bad.push(format!(
-                "--cni-conflist-file / IPAMD_CNI_CONFLIST_FILE {f:?}: a file name ending in .conflist"
+                "--cni-conflist-file / IPAMD_CNI_CONFLIST_FILE: {e}"
             ));
         }
         let uninstall_on_exit = match cli.cni_uninstall_on_exit.as_deref().map(str::trim) {
@@ -410,6 +409,24 @@ impl Config {
                 ..ipamd::k8s::KubeSettings::new(n)
             }),
         };
+        // The client's configuration is read now (files only, nothing is
+        // contacted), so a bad kubeconfig is listed with the rest.
+        let kube = kube.and_then(|k| {
+            let read = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| rt.block_on(ipamd::k8s::config(cli.kubeconfig.as_deref())));
+            match read {
+                Ok(c) => Some((c, k)),
+                Err(e) => {
+                    bad.push(format!(
+                        "--kubeconfig / IPAMD_KUBECONFIG (or in-cluster): {e}"
+                    ));
+                    None
+                }
+            }
+        });
         let (Some(settings), Some(kind), true) = (settings, kind, bad.is_empty()) else {
             return Err(Fatal::Config(bad));
         };
@@ -492,13 +509,14 @@ async fn run(config: Config) -> Result<(), Fatal> {
     // 2c. The Kubernetes client (nothing is contacted yet: the API server
     // may be down, and ipamd serves pods without it).
     let kube = match kube {
-        None => None,
-        Some(k) => Some((
-            ipamd::k8s::client(cli.kubeconfig.as_deref())
-                .await
-                .map_err(Fatal::config)?,
-            k,
-        )),
+        None => {
+            info!(
+                "Kubernetes: off (--kubernetes {}; no --kubeconfig and not in a pod)",
+                cli.kubernetes
+            );
+            None
+        }
+        Some((config, k)) => Some((ipamd::k8s::client_from(config).map_err(Fatal::config)?, k)),
     };
     // 3. The provider.
     let built = with_retries(

@@ -13,6 +13,10 @@
 //!   apply in addresses and are rounded up to prefixes.
 //! * `MAX_ENI` and the max-pods cap bound growth.
 //!
+//! * The pool scaler of Azure CNS (`IPAM_SCALER_*`, a mode of its own):
+//!   batch size B, request and release threshold percents, max IP count;
+//!   see [`Scaler`].
+//!
 //! Where we deliberately differ: addresses in cooldown count as in use (never
 //! as available), and waiting ADDs count as demand so the pool grows for them
 //! even when the targets alone would not.
@@ -39,6 +43,90 @@ pub struct PoolConfig {
     pub max_pods: Option<u32>,
     /// An interface younger than this is never deleted.
     pub min_interface_age: Duration,
+    /// Azure CNS's pool scaler instead of the targets above.
+    pub scaler: Option<Scaler>,
+}
+
+/// Azure CNS's pool scaler (its NodeNetworkConfig `scaler`): the pool
+/// moves in batches of `batch_size` addresses. It grows when fewer than
+/// `batch_size × request_threshold_percent / 100` addresses are free and
+/// shrinks when at least `batch_size × release_threshold_percent / 100` are,
+/// both to the same target computed in one step from the demand (CNS v2:
+/// `B × ceil(0.5 + used / B)` at the default 50%), never above
+/// `max_ip_count`. Between the two thresholds nothing moves, and CNS clamps
+/// the release threshold to at least the request threshold + 100 so that a
+/// shrink never triggers a grow. When the subnet is nearly exhausted the
+/// batch drops to 1: the pool keeps one address free (it grows at none and
+/// releases down to one at two).
+///
+/// Source: Azure CNS's pool scaling (NodeNetworkConfig `scaler`; the v2
+/// pool monitor's target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Scaler {
+    pub batch_size: u32,
+    pub request_threshold_percent: u32,
+    pub release_threshold_percent: u32,
+    pub max_ip_count: u32,
+}
+
+impl Default for Scaler {
+    /// CNS's defaults: 16, 50%, 150%, 250.
+    fn default() -> Self {
+        Self {
+            batch_size: 16,
+            request_threshold_percent: 50,
+            release_threshold_percent: 150,
+            max_ip_count: 250,
+        }
+    }
+}
+
+impl Scaler {
+    /// With CNS's clamps: a batch of at least 1 and at most the max IP
+    /// count, a request threshold of 1 to 100%, a release threshold of at
+    /// least the request threshold + 100%.
+    pub fn clamped(self) -> Self {
+        let max_ip_count = self.max_ip_count.max(1);
+        let request = self.request_threshold_percent.clamp(1, 100);
+        Self {
+            batch_size: self.batch_size.clamp(1, max_ip_count),
+            request_threshold_percent: request,
+            release_threshold_percent: self.release_threshold_percent.max(request + 100),
+            max_ip_count,
+        }
+    }
+
+    /// The scaler while the subnet is nearly exhausted: batches of one.
+    pub fn exhausted(self) -> Self {
+        Self {
+            batch_size: 1,
+            ..self
+        }
+    }
+
+    /// The pool's size for `demand` addresses in use or wanted: the
+    /// smallest multiple of the batch leaving at least the request
+    /// threshold free, at most the max IP count.
+    pub fn target(&self, demand: u32) -> u32 {
+        let b = u64::from(self.batch_size.max(1));
+        let need = 100 * u64::from(demand) + b * u64::from(self.request_threshold_percent);
+        let t = b * need.div_ceil(100 * b);
+        u32::try_from(t)
+            .unwrap_or(u32::MAX)
+            .min(self.max_ip_count.max(demand))
+    }
+
+    /// Whether `free` addresses call for a grow.
+    pub fn should_grow(&self, free: u32) -> bool {
+        u64::from(free) * 100
+            < u64::from(self.batch_size) * u64::from(self.request_threshold_percent)
+    }
+
+    /// Whether `free` addresses call for a release.
+    pub fn should_release(&self, free: u32) -> bool {
+        u64::from(free) * 100
+            >= u64::from(self.batch_size) * u64::from(self.release_threshold_percent)
+    }
 }
 
 impl Default for PoolConfig {
@@ -52,6 +140,7 @@ impl Default for PoolConfig {
             max_eni: None,
             max_pods: None,
             min_interface_age: Duration::from_secs(60),
+            scaler: None,
         }
     }
 }
@@ -59,6 +148,12 @@ impl Default for PoolConfig {
 impl PoolConfig {
     fn ip_targets(&self) -> bool {
         self.warm_ip_target.is_some() || self.minimum_ip_target.is_some()
+    }
+
+    /// The pool moves address by address (IP targets or the scaler), not
+    /// by whole interfaces.
+    fn fine_grained(&self) -> bool {
+        self.ip_targets() || self.scaler.is_some()
     }
 }
 
@@ -109,6 +204,9 @@ pub struct PoolView {
     pub hot_attach: bool,
     /// ADDs waiting for an address right now.
     pub waiting: u32,
+    /// The subnet was found nearly exhausted lately (the scaler's batch
+    /// drops to 1).
+    pub subnet_low: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -210,7 +308,21 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
     let demand = used + view.waiting;
 
     // How many addresses the pool should hold.
-    let mut want = if cfg.ip_targets() {
+    let mut want = if let Some(s) = cfg.scaler {
+        let s = if view.subnet_low {
+            s.clamped().exhausted()
+        } else {
+            s.clamped()
+        };
+        let free = total.saturating_sub(used);
+        if view.waiting > 0 || s.should_grow(free) || s.should_release(free) {
+            // A waiting ADD is demand the scaler serves at once.
+            s.target(demand)
+                .max(if s.should_release(free) { 0 } else { total })
+        } else {
+            total
+        }
+    } else if cfg.ip_targets() {
         (demand + cfg.warm_ip_target.unwrap_or(0)).max(cfg.minimum_ip_target.unwrap_or(0))
     } else if pd {
         // Wholly unused prefixes to keep, on top of what is needed for demand.
@@ -248,7 +360,7 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
     let mut actions = Vec::new();
     if want > total {
         let mut short = div_ceil(want - total, unit); // in slots
-        let fill_whole = !pd && !cfg.ip_targets();
+        let fill_whole = !pd && !cfg.fine_grained();
         for i in &view.interfaces {
             if short == 0 {
                 break;
@@ -323,7 +435,7 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
         return Plan { actions, blocked };
     }
     // Under the ENI target aws-node keeps interfaces whole.
-    if !pd && !cfg.ip_targets() {
+    if !pd && !cfg.fine_grained() {
         return Plan { actions, blocked };
     }
     // Then single addresses or wholly unused prefixes, emptiest interface first.

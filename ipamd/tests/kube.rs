@@ -591,6 +591,26 @@ fn bad_kubernetes_settings_are_all_named_before_anything_starts() {
     ] {
         assert!(err.contains(name), "{name} not named: {err}");
     }
+    // A kubeconfig that cannot be read is listed with the rest, before
+    // anything is created.
+    let out = run(&[
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+        "--node-name",
+        "n1",
+        "--startup-taint",
+        "Bad Key",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("IPAMD_KUBECONFIG") && err.contains("IPAMD_STARTUP_TAINT"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("state").exists(),
+        "the state directory was created"
+    );
     // Kubernetes on, but no node name: which node would it taint?
     let out = run(&["--kubernetes", "on"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -773,5 +793,59 @@ async fn custom_networking_puts_interfaces_in_the_eniconfigs_subnet_with_its_gro
         "sim-1a: subnet-custom-a"
     );
     kube.stop().await;
+    node.stop().await;
+}
+
+/// Against an API server that cannot be reached, the watches wait longer
+/// after each failure (1, 2, 4 s ...) instead of retrying every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_back_off_while_the_api_server_cannot_be_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1.
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        serde_json::to_vec(&json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:1"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "x",
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let v = vpc(50);
+    let node = Node::start(&v, "m5.large", &[], &dir.path().join("j")).await;
+    let client = ipamd::k8s::client(Some(&kubeconfig)).await.unwrap();
+    let (stop, stop_rx) = watch::channel(false);
+    let (_installed, installed_rx) = watch::channel(true);
+    let task = tokio::spawn(ipamd::k8s::run(
+        client,
+        node.ipam.clone(),
+        settings(),
+        installed_rx,
+        stop_rx,
+    ));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let failures = node.ipam.summary()["kubernetes"]["watch_failures"]
+        .as_u64()
+        .unwrap();
+    // Two watches (node, pods), each failing at about 0, 1, 3 and 7 s:
+    // about 8, where retrying every second would be about 16.
+    assert!(
+        (2..=10).contains(&failures),
+        "{failures} failed attempts in 8 s"
+    );
+    // ipamd serves pods all the while.
+    node.ipam
+        .add_in(key("p"), None, Some(pod("p")))
+        .await
+        .unwrap();
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
     node.stop().await;
 }

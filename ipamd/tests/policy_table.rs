@@ -38,6 +38,7 @@ fn node(instance_type: &str) -> Node {
             limits: info.limits,
             hot_attach: true,
             waiting: 0,
+            subnet_low: false,
         },
         next_ip: u32::from(Ipv4Addr::new(10, 0, 0, 0)),
         next_id: 1,
@@ -685,4 +686,123 @@ fn max_pods_formula_matches_aws_node_for_every_instance_type() {
     }
     assert!(wrong.is_empty(), "{wrong:?}");
     assert!(checked > 500, "only {checked} types checked");
+}
+
+/// Azure CNS's scaler at its defaults (batch 16, request 50%, release
+/// 150%, max 250), or with `f` applied.
+fn cns(f: impl FnOnce(&mut ipamd::policy::Scaler)) -> PoolConfig {
+    let mut s = ipamd::policy::Scaler::default();
+    f(&mut s);
+    PoolConfig {
+        scaler: Some(s),
+        ..PoolConfig::default()
+    }
+}
+
+impl Node {
+    fn total(&self) -> u32 {
+        self.view
+            .interfaces
+            .iter()
+            .map(|i| i.ips + PREFIX_SIZE * i.prefixes.len() as u32)
+            .sum()
+    }
+}
+
+/// CNS's documented behaviour at its defaults: the pool moves in batches of
+/// 16, holds `16 × ceil(0.5 + used/16)` (so between 8 and 23 free), grows
+/// when fewer than 8 are free and releases a batch when 24 or more are.
+#[test]
+fn cns_batches_grow_and_release_between_the_thresholds() {
+    let cfg = cns(|_| {});
+    let mut n = node("m5.24xlarge"); // 15 interfaces x 49 addresses
+    n.converge(&cfg);
+    assert_eq!(n.total(), 16, "an empty node holds one batch");
+    let mut sizes = vec![];
+    for pods in 1..=40u32 {
+        n.fill(1, &cfg);
+        assert_eq!(n.assigned(), pods);
+        let total = n.total();
+        let free = total - pods;
+        assert_eq!(total % 16, 0, "whole batches: {total} at {pods} pods");
+        assert!((8..24).contains(&free), "{free} free at {pods} pods");
+        assert_eq!(
+            total,
+            16 * (pods * 2 + 16).div_ceil(32),
+            "the v2 target at {pods} pods"
+        );
+        sizes.push(total);
+    }
+    // CNS's examples: 8 pods fit one batch with 8 free; the 9th leaves 7 < 8
+    // and a batch is requested; 24 pods hold 32, the 25th asks for 48.
+    assert_eq!((sizes[7], sizes[8], sizes[23], sizes[24]), (16, 32, 32, 48));
+    // Pods go: nothing moves until 24 are free, then one step back to the
+    // target, which leaves at least 8 free (no grow right after).
+    for pods in (9..40u32).rev() {
+        n.remove_pod(false);
+        let before = n.total();
+        n.converge(&cfg);
+        let (total, free) = (n.total(), n.total() - pods);
+        assert!((8..24).contains(&free), "{free} free at {pods} pods");
+        if before - pods < 24 {
+            assert_eq!(total, before, "released with only {} free", before - pods);
+        }
+        assert!(
+            !cns_would_grow(&n, &cfg),
+            "a release that triggers a grow at {pods} pods"
+        );
+    }
+    assert_eq!(n.total(), 32, "9 pods hold two batches");
+}
+
+fn cns_would_grow(n: &Node, cfg: &PoolConfig) -> bool {
+    plan(&n.view, cfg, n.now)
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::AssignIps { .. } | Action::CreateInterface { .. }))
+}
+
+#[test]
+fn cns_max_ip_count_caps_the_pool_and_release_is_clamped_above_request() {
+    let cfg = cns(|s| s.max_ip_count = 40);
+    let mut n = node("m5.24xlarge");
+    n.fill(30, &cfg);
+    assert_eq!(n.total(), 40, "capped at the max IP count, not 48");
+    // A release threshold under request + 100 is raised to it (CNS).
+    let s = ipamd::policy::Scaler {
+        release_threshold_percent: 120,
+        ..Default::default()
+    }
+    .clamped();
+    assert_eq!(s.release_threshold_percent, 150);
+    let s = ipamd::policy::Scaler {
+        batch_size: 500,
+        request_threshold_percent: 400,
+        ..Default::default()
+    }
+    .clamped();
+    assert_eq!((s.batch_size, s.request_threshold_percent), (250, 100));
+}
+
+/// A nearly exhausted subnet: batches of one; a pod that arrives finds
+/// the one free address, and the rest is released (two free reach the
+/// 150% release threshold of a batch of one).
+#[test]
+fn cns_on_a_nearly_exhausted_subnet_keeps_one_or_two_free() {
+    let cfg = cns(|_| {});
+    let mut n = node("m5.24xlarge");
+    n.fill(20, &cfg);
+    assert_eq!(n.total(), 32);
+    n.view.subnet_low = true;
+    n.converge(&cfg);
+    assert_eq!(n.total(), 21, "the rest released: one free");
+    n.fill(3, &cfg);
+    assert_eq!(n.total(), 24, "one at a time");
+    // A pod goes: two free reach the release threshold (1.5), and the
+    // pool is back to one free; none free grows by one.
+    n.remove_pod(false);
+    n.converge(&cfg);
+    assert_eq!(n.total(), 23, "two free: back to one");
+    n.fill(1, &cfg);
+    assert_eq!(n.total(), 24, "none free: one more");
 }

@@ -6,8 +6,9 @@
 //! [`ipamd::install`]).
 //!
 //! Exit status: 0 on an answer, 1 when ipamd refuses a call, 64 for bad
-//! arguments, 69 when ipamd cannot be reached, 74 when install-cni or
-//! uninstall-cni cannot write.
+//! arguments (a plugin or conflist that is not a regular file, a conflist
+//! name that is not `NAME.conflist`), 69 when ipamd cannot be reached, 74
+//! when install-cni or uninstall-cni cannot write.
 
 use std::fmt::Write as _;
 
@@ -93,12 +94,17 @@ enum Cmd {
     /// Remove the plugin (if it is SOURCE's copy) and the conflist (if its
     /// first plugin is vpc-cni) from the host: a clean uninstall.
     UninstallCni {
+        /// The plugin as installed (in the image): the installed copy is
+        /// removed only if it is the same.
         #[arg(long, default_value = "/usr/local/bin/vpc-cni")]
         source: std::path::PathBuf,
+        /// The host's CNI bin directory, as mounted.
         #[arg(long)]
         bin_dir: std::path::PathBuf,
+        /// The host's CNI conf directory, as mounted.
         #[arg(long)]
         conf_dir: std::path::PathBuf,
+        /// The conflist's file name in --conf-dir (NAME.conflist).
         #[arg(long, default_value = "10-vpc-cni.conflist")]
         conflist_file: String,
     },
@@ -420,6 +426,10 @@ async fn main() {
                     "{} is up to date",
                     bin_dir.join(ipamd::install::PLUGIN).display()
                 ),
+                // A source or destination that is not a regular file.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    fail(64, format!("install-cni: {e}"))
+                }
                 Err(e) => fail(74, format!("install-cni into {}: {e}", bin_dir.display())),
             }
             return;
@@ -435,6 +445,9 @@ async fn main() {
                     for p in [r.plugin, r.conflist].into_iter().flatten() {
                         println!("removed {}", p.display());
                     }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    fail(64, format!("uninstall-cni: {e}"))
                 }
                 Err(e) => fail(74, format!("uninstall-cni: {e}")),
             }

@@ -102,6 +102,9 @@ pub struct KubeStatus {
     pub cordoned: bool,
     /// Addresses released because their pod left the API without a DEL.
     pub released_gone_pods: u64,
+    /// Failed attempts of the watches (each waits before the next, see
+    /// [`WatchBackoff`]).
+    pub watch_failures: u64,
     /// Custom networking: the ENIConfig new interfaces follow
     /// (`name: subnet`), or why there is none.
     pub eni_config: Option<String>,
@@ -111,7 +114,18 @@ pub struct KubeStatus {
 /// Builds a client from a kubeconfig file (`Some`) or the usual inference
 /// (`KUBECONFIG`, `~/.kube/config`, then in-cluster). Nothing is contacted.
 pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, String> {
-    let config = match kubeconfig {
+    client_from(config(kubeconfig).await?)
+}
+
+/// The client for `config` (no I/O).
+pub fn client_from(config: kube::Config) -> Result<Client, String> {
+    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+/// The client's configuration from a kubeconfig file (`Some`) or the usual
+/// inference; read at start, so a bad one is a configuration error.
+pub async fn config(kubeconfig: Option<&std::path::Path>) -> Result<kube::Config, String> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
@@ -122,8 +136,7 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Stri
         None => kube::Config::infer()
             .await
             .map_err(|e| format!("Kubernetes client configuration: {e}"))?,
-    };
-    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+    })
 }
 
 /// Runs the node and pod tasks until `stop`. `cni_installed` turns true
@@ -146,6 +159,52 @@ pub async fn run(
     tokio::join!(node.run(cni_installed, stop.clone()), pods.run(stop));
 }
 
+/// The wait between failed attempts of a watch: 1 s doubling to 60 s,
+/// jittered, reset only by progress (a list done, an object seen). kube's
+/// own backoff is reset by the `Init` event its watcher sends before every
+/// list attempt, so against an API server that is down it retried about
+/// once a second for ever: at 2,000 nodes, thousands of lists a second.
+#[derive(Debug)]
+pub struct WatchBackoff {
+    delay: Duration,
+    not_before: tokio::time::Instant,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self {
+            delay: Self::FIRST,
+            not_before: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(60);
+
+    /// Whether the watch may be polled again.
+    pub fn ready(&self) -> bool {
+        tokio::time::Instant::now() >= self.not_before
+    }
+
+    /// When it may.
+    pub fn not_before(&self) -> tokio::time::Instant {
+        self.not_before
+    }
+
+    /// An attempt failed: wait, and longer next time.
+    pub fn failed(&mut self) {
+        self.not_before = tokio::time::Instant::now() + crate::reconciler::jittered(self.delay);
+        self.delay = (self.delay * 2).min(Self::MAX);
+    }
+
+    /// The watch made progress: the next failure waits the least again.
+    pub fn progressed(&mut self) {
+        self.delay = Self::FIRST;
+    }
+}
+
 /// The error's text, with the API's status reason where there is one.
 pub(crate) fn describe(e: &kube::Error) -> String {
     match e {
@@ -157,4 +216,36 @@ pub(crate) fn describe(e: &kube::Error) -> String {
 /// Whether the API refused for lack of permission (RBAC).
 pub(crate) fn forbidden(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 403)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_watch_waits_longer_each_time_until_it_progresses() {
+        let mut b = WatchBackoff::default();
+        assert!(b.ready());
+        let mut waits = vec![];
+        for _ in 0..8 {
+            let before = tokio::time::Instant::now();
+            b.failed();
+            assert!(!b.ready());
+            waits.push(b.not_before() - before);
+            tokio::time::advance(b.not_before() - before).await;
+            assert!(b.ready());
+        }
+        // 1, 2, 4, ... 60 s, each give or take a fifth.
+        let secs: Vec<f64> = waits.iter().map(Duration::as_secs_f64).collect();
+        for (w, want) in secs
+            .iter()
+            .zip([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0])
+        {
+            assert!((w / want - 1.0).abs() <= 0.21, "{secs:?}");
+        }
+        b.progressed();
+        b.failed();
+        let w = (b.not_before() - tokio::time::Instant::now()).as_secs_f64();
+        assert!(w <= 1.21, "reset by progress: {w}");
+    }
 }

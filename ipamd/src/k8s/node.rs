@@ -291,9 +291,7 @@ impl NodeTask {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.s.node_name));
         let stream = reflector::reflector(
             writer,
-            watcher(api.clone(), cfg)
-                .default_backoff()
-                .modify(|n: &mut Node| n.metadata.managed_fields = None),
+            watcher(api.clone(), cfg).modify(|n: &mut Node| n.metadata.managed_fields = None),
         );
         let mut stream = Box::pin(stream);
         let key = ObjectRef::<Node>::new(&self.s.node_name);
@@ -312,21 +310,32 @@ impl NodeTask {
         let _eni_task = custom.then(|| {
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &eni_ar);
             let eni_tx = eni_tx.clone();
+            let status = self.status.clone();
             AbortOnDrop(tokio::spawn(async move {
                 let stream = reflector::reflector(
                     eni_writer,
                     watcher(api, watcher::Config::default())
-                        .default_backoff()
                         .modify(|e: &mut DynamicObject| e.metadata.managed_fields = None),
                 );
                 let mut stream = Box::pin(stream);
+                let mut backoff = super::WatchBackoff::default();
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(watcher::Event::InitDone) => {
+                            backoff.progressed();
                             eni_tx.send_replace(true);
                         }
-                        Ok(_) => eni_tx.send_modify(|_| {}),
-                        Err(e) => warn!(error = %e, "ENIConfig watch failed; retrying"),
+                        Ok(watcher::Event::Init) => {}
+                        Ok(_) => {
+                            backoff.progressed();
+                            eni_tx.send_modify(|_| {});
+                        }
+                        Err(e) => {
+                            backoff.failed();
+                            status.lock().expect("lock").watch_failures += 1;
+                            warn!(error = %e, "ENIConfig watch failed; retrying");
+                            tokio::time::sleep_until(backoff.not_before()).await;
+                        }
                     }
                 }
             }))
@@ -354,14 +363,20 @@ impl NodeTask {
         let mut retry_at = Instant::now();
         let mut backoff = Duration::from_millis(500);
         let mut forbidden_logged = false;
+        let mut watch_backoff = super::WatchBackoff::default();
         loop {
             tokio::select! {
-                ev = stream.next() => match ev {
+                ev = stream.next(), if watch_backoff.ready() => match ev {
                     Some(Err(e)) => {
-                        self.set(|s| s.last_error = Some(format!("node watch: {e}")));
+                        watch_backoff.failed();
+                        self.set(|s| {
+                            s.last_error = Some(format!("node watch: {e}"));
+                            s.watch_failures += 1;
+                        });
                         continue;
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(watcher::Event::Init)) => {}
+                    Some(Ok(_)) => watch_backoff.progressed(),
                     None => return,
                 },
                 _ = changes.changed() => {}

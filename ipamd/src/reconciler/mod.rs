@@ -129,7 +129,13 @@ struct State {
     resync_every: Duration,
     next_leak_gc: Instant,
     last_reclaim: Instant,
+    /// Until when the subnet counts as nearly exhausted (the scaler's
+    /// batch drops to 1) after the cloud said it could not give more.
+    subnet_low_until: Option<Instant>,
 }
+
+/// How long a subnet counts as nearly exhausted after the cloud said so.
+const SUBNET_LOW_FOR: Duration = Duration::from_secs(300);
 
 /// What [`Reconciler::new`] starts from.
 pub struct Start {
@@ -189,6 +195,7 @@ impl Reconciler {
                 // The first pass looks at once: pods may have gone while
                 // ipamd was down, their DEL never reaching it.
                 last_reclaim: now.checked_sub(RECLAIM_EVERY).unwrap_or(now),
+                subnet_low_until: None,
             }),
             settings,
             pool,
@@ -417,7 +424,8 @@ impl Reconciler {
                 (st.foreign.len() + st.frozen.len()) as u32
             };
             limits.max_interfaces = limits.max_interfaces.saturating_sub(unmanaged);
-            let view = self.pool.policy_view(limits, self.caps.hot_attach, now);
+            let mut view = self.pool.policy_view(limits, self.caps.hot_attach, now);
+            view.subnet_low = self.lock().subnet_low_until.is_some_and(|t| now < t);
             let plan = policy::plan(&view, &self.settings.pool, now);
             let cfg = &self.settings.pool;
             let interfaces = cfg
@@ -457,6 +465,15 @@ impl Reconciler {
             let kind = action.kind();
             if let Err(e) = self.execute(action).await {
                 self.count_error(e.site(kind));
+                if matches!(
+                    e,
+                    StepError::Cloud(
+                        ProviderError::SubnetExhausted { .. }
+                            | ProviderError::InsufficientCidrBlocks { .. }
+                    )
+                ) {
+                    self.lock().subnet_low_until = Some(Instant::now() + SUBNET_LOW_FOR);
+                }
                 return Err(e);
             }
             done += 1;

@@ -97,7 +97,8 @@ fn free_port() -> std::net::SocketAddr {
         .unwrap()
 }
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> Option<Value> {
+/// The body of a 200 answer to GET `path`.
+async fn get_ok(addr: std::net::SocketAddr, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
@@ -107,9 +108,15 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> Option<Value> {
     s.read_to_end(&mut buf).await.ok()?;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200")
-        .then(|| serde_json::from_str(body).ok())
-        .flatten()
+    head.split(' ')
+        .nth(1)
+        .is_some_and(|code| code == "200")
+        .then(|| body.to_string())
+}
+
+/// The JSON body of a 200 answer to GET `path`.
+async fn get(addr: std::net::SocketAddr, path: &str) -> Option<Value> {
+    serde_json::from_str(&get_ok(addr, path).await?).ok()
 }
 
 struct Run {
@@ -153,7 +160,7 @@ async fn run(cli: &Cli, dir: &Path, kube: Option<(&FakeApiServer, usize)>) -> Ru
     let start = Instant::now();
     // Ready, then 250 ADDs for the node's pods.
     let deadline = start + Duration::from_secs(60);
-    while get(intro, "/readyz").await.is_none() {
+    while get_ok(intro, "/readyz").await.is_none() {
         assert!(Instant::now() < deadline, "ipamd never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
