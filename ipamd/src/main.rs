@@ -292,18 +292,22 @@ impl Config {
                 }
             },
         };
-        let configure_host = match cli.configure_host.as_deref().map(str::trim) {
+        // An optional boolean flag, read as aws-node reads booleans.
+        let flag_bool = |v: Option<&str>, name: &str, bad: &mut Vec<String>| match v.map(str::trim)
+        {
             None | Some("") => None,
-            Some(v) => match ipamd::awsnode::parse_bool(v) {
-                Some(b) => Some(b),
-                None => {
-                    bad.push(format!(
-                        "--configure-host / IPAMD_CONFIGURE_HOST {v:?}: expected true or false (1, t, TRUE, 0, f, FALSE, ...)"
-                    ));
-                    None
-                }
-            },
+            Some(v) => ipamd::awsnode::parse_bool(v).or_else(|| {
+                bad.push(format!(
+                    "{name} {v:?}: expected true or false (1, t, TRUE, 0, f, FALSE, ...)"
+                ));
+                None
+            }),
         };
+        let configure_host = flag_bool(
+            cli.configure_host.as_deref(),
+            "--configure-host / IPAMD_CONFIGURE_HOST",
+            &mut bad,
+        );
         let chained = ipamd::cniconf::parse_chained(&cli.chained_plugins)
             .map_err(|e| bad.push(e))
             .ok();
@@ -329,15 +333,12 @@ impl Config {
                 "--cni-conflist-file / IPAMD_CNI_CONFLIST_FILE: {e}"
             ));
         }
-        let uninstall_on_exit = match cli.cni_uninstall_on_exit.as_deref().map(str::trim) {
-            None | Some("") => false,
-            Some(v) => ipamd::awsnode::parse_bool(v).unwrap_or_else(|| {
-                bad.push(format!(
-                    "--cni-uninstall-on-exit / IPAMD_CNI_UNINSTALL_ON_EXIT {v:?}: expected true or false"
-                ));
-                false
-            }),
-        };
+        let uninstall_on_exit = flag_bool(
+            cli.cni_uninstall_on_exit.as_deref(),
+            "--cni-uninstall-on-exit / IPAMD_CNI_UNINSTALL_ON_EXIT",
+            &mut bad,
+        )
+        .unwrap_or(false);
         let kube_on = match cli.kubernetes.trim() {
             "auto" => {
                 cli.kubeconfig.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
@@ -355,15 +356,12 @@ impl Config {
                     false
                 }),
         };
-        let exhaustion_taint = match cli.exhaustion_taint.as_deref().map(str::trim) {
-            None | Some("") => false,
-            Some(v) => ipamd::awsnode::parse_bool(v).unwrap_or_else(|| {
-                bad.push(format!(
-                    "--exhaustion-taint / IPAMD_EXHAUSTION_TAINT {v:?}: expected true or false"
-                ));
-                false
-            }),
-        };
+        let exhaustion_taint = flag_bool(
+            cli.exhaustion_taint.as_deref(),
+            "--exhaustion-taint / IPAMD_EXHAUSTION_TAINT",
+            &mut bad,
+        )
+        .unwrap_or(false);
         let startup_taint = match cli.startup_taint.trim() {
             "off" | "" => None,
             t => match ipamd_api::names::check_k8s_qualified_name(t) {

@@ -12,6 +12,17 @@ use std::time::{Duration, Instant};
 
 use support::{free_port, Daemon, DaemonSpec, SimServer};
 
+/// `ipamctl install-cni` of `src` into `bin_dir`, as the init container.
+fn install_cni(src: &Path, bin_dir: &Path) -> std::process::Output {
+    ipamctl(&[
+        "install-cni",
+        "--source",
+        src.to_str().unwrap(),
+        "--bin-dir",
+        bin_dir.to_str().unwrap(),
+    ])
+}
+
 fn ipamctl(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ipamctl"))
         .args(args)
@@ -42,13 +53,7 @@ async fn the_plugin_and_the_conflist_appear_on_install_and_vanish_on_uninstall()
     let s = |p: &Path| p.to_str().unwrap().to_string();
 
     // The init container's step.
-    let out = ipamctl(&[
-        "install-cni",
-        "--source",
-        &s(&src),
-        "--bin-dir",
-        &s(&bin_dir),
-    ]);
+    let out = install_cni(&src, &bin_dir);
     assert!(out.status.success(), "{out:?}");
     let installed = bin_dir.join("vpc-cni");
     assert_eq!(
@@ -65,13 +70,7 @@ async fn the_plugin_and_the_conflist_appear_on_install_and_vanish_on_uninstall()
         String::from_utf8_lossy(&v.stdout).contains("supportedVersions"),
         "{v:?}"
     );
-    let again = ipamctl(&[
-        "install-cni",
-        "--source",
-        &s(&src),
-        "--bin-dir",
-        &s(&bin_dir),
-    ]);
+    let again = install_cni(&src, &bin_dir);
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("up to date"),
         "{again:?}"
@@ -128,13 +127,7 @@ async fn the_plugin_and_the_conflist_appear_on_install_and_vanish_on_uninstall()
 
     // By hand: ipamctl uninstall-cni takes what is vpc-cni's and leaves
     // another tool's conflist.
-    let out = ipamctl(&[
-        "install-cni",
-        "--source",
-        &s(&src),
-        "--bin-dir",
-        &s(&bin_dir),
-    ]);
+    let out = install_cni(&src, &bin_dir);
     assert!(out.status.success(), "{out:?}");
     std::fs::write(&conflist, r#"{"plugins":[{"type":"calico"}]}"#).unwrap();
     let out = ipamctl(&[

@@ -148,14 +148,14 @@ pub async fn run(
     cni_installed: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
 ) {
-    let status = ipam.kube_status();
-    let node = node::NodeTask::new(
-        client.clone(),
-        ipam.clone(),
-        settings.clone(),
-        status.clone(),
-    );
-    let pods = pods::PodTask::new(client, ipam, settings, status);
+    let cx = Ctx {
+        status: ipam.kube_status(),
+        client,
+        ipam,
+        s: settings,
+    };
+    let node = node::NodeTask::new(cx.clone());
+    let pods = pods::PodTask::new(cx);
     tokio::join!(node.run(cni_installed, stop.clone()), pods.run(stop));
 }
 
@@ -203,6 +203,15 @@ impl WatchBackoff {
     pub fn progressed(&mut self) {
         self.delay = Self::FIRST;
     }
+}
+
+/// What the node and pod tasks share.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub client: Client,
+    pub ipam: Arc<Ipam>,
+    pub s: KubeSettings,
+    pub status: Arc<std::sync::Mutex<KubeStatus>>,
 }
 
 /// The error's text, with the API's status reason where there is one.

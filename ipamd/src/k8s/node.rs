@@ -202,12 +202,13 @@ pub(super) struct NodeTask {
 }
 
 impl NodeTask {
-    pub(super) fn new(
-        client: Client,
-        ipam: Arc<Ipam>,
-        s: KubeSettings,
-        status: Arc<Mutex<KubeStatus>>,
-    ) -> Self {
+    pub(super) fn new(cx: super::Ctx) -> Self {
+        let super::Ctx {
+            client,
+            ipam,
+            s,
+            status,
+        } = cx;
         let recorder = Recorder::new(
             client.clone(),
             Reporter {

@@ -108,12 +108,13 @@ pub(super) struct PodTask {
 }
 
 impl PodTask {
-    pub(super) fn new(
-        client: Client,
-        ipam: Arc<Ipam>,
-        s: KubeSettings,
-        status: Arc<Mutex<KubeStatus>>,
-    ) -> Self {
+    pub(super) fn new(cx: super::Ctx) -> Self {
+        let super::Ctx {
+            client,
+            ipam,
+            s,
+            status,
+        } = cx;
         Self {
             client,
             ipam,
