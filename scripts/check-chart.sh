@@ -73,9 +73,18 @@ grep -q "WARM_IP_TAGRET" "$out/err" || { echo "check-chart: the schema error doe
 for bad in podGoneGraceSeconds=3 settings.WARM_IP_TARGET=abc \
   settings.ENABLE_PREFIX_DELEGATION=yes settings.AWS_VPC_K8S_CNI_VETHPREFIX=toolong \
   updateStrategy.maxUnavailable=0 stateDir=/ eniConfigs.Bad_Name.subnet=subnet-1 \
-  introspectionPort=61678 provider=gcp; do
+  introspectionPort=61678 provider=gcp settings.MAX_PODS=0 \
+  settings.IPAM_SCALER_BATCH_SIZE=0 settings.WARM_IP_TARGET=10000000000; do
   if "$helm" template vpc-cni "$chart" --set "$bad" >/dev/null 2>&1; then
     echo "check-chart: $bad was accepted" >&2; exit 1
   fi
 done
+# Combinations ipamd refuses.
+for bad in "settings.IPAM_SCALER_BATCH_SIZE=16,settings.WARM_IP_TARGET=5" \
+  "settings.ENABLE_PREFIX_DELEGATION=true,settings.WARM_PREFIX_TARGET=0"; do
+  if "$helm" template vpc-cni "$chart" --set-string "$bad" >/dev/null 2>&1; then
+    echo "check-chart: $bad was accepted" >&2; exit 1
+  fi
+done
+"$helm" template vpc-cni "$chart" --set-string settings.IPAM_SCALER_BATCH_SIZE=16 >/dev/null
 echo "check-chart: the schema and the templates refuse misspelt settings and bad values"

@@ -362,7 +362,12 @@ impl Settings {
                 },
                 prefix_delegation: pd,
                 max_eni,
-                max_pods,
+                // The scaler's max IP count is a cap on the pool, as MAX_PODS
+                // is (its explain verdict, the node's capacity).
+                max_pods: match (max_pods, scaler) {
+                    (m, Some(s)) => Some(m.map_or(s.max_ip_count, |m| m.min(s.max_ip_count))),
+                    (m, None) => m,
+                },
                 min_interface_age: d.pool.min_interface_age,
                 scaler,
             },
@@ -392,6 +397,14 @@ mod tests {
     #[test]
     fn the_cns_scaler_is_a_mode_of_its_own() {
         assert_eq!(read(&[]).unwrap().pool.scaler, None);
+        // Its max IP count caps the pool as MAX_PODS does.
+        let cap = |env: &[(&'static str, &'static str)]| read(env).unwrap().pool.max_pods;
+        assert_eq!(cap(&[("IPAM_SCALER_MAX_IP_COUNT", "30")]), Some(30));
+        assert_eq!(
+            cap(&[("IPAM_SCALER_MAX_IP_COUNT", "30"), ("MAX_PODS", "20")]),
+            Some(20)
+        );
+        assert_eq!(cap(&[("IPAM_SCALER_BATCH_SIZE", "8")]), Some(250));
         let s = read(&[("IPAM_SCALER_BATCH_SIZE", "8")])
             .unwrap()
             .pool

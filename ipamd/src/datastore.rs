@@ -498,6 +498,8 @@ impl Datastore {
                 let single = |ip: &Ipv4Addr| !e.in_prefix(*ip);
                 IfaceView {
                     id: e.info.id.clone(),
+                    subnet_id: e.info.subnet_id.clone(),
+                    subnet_full: false,
                     device_index: e.info.device_index,
                     attached_at: e.attached_at,
                     ips: e.addrs.keys().filter(|ip| single(ip)).count() as u32,

@@ -414,7 +414,15 @@ impl Config {
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())
-                .and_then(|rt| rt.block_on(ipamd::k8s::config(cli.kubeconfig.as_deref())));
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let c = ipamd::k8s::config(cli.kubeconfig.as_deref()).await?;
+                        // Certificates and exec plugins are checked when a
+                        // client is made: made once here, and dropped.
+                        ipamd::k8s::client_from(c.clone())?;
+                        Ok::<_, String>(c)
+                    })
+                });
             match read {
                 Ok(c) => Some((c, k)),
                 Err(e) => {

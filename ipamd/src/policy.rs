@@ -111,9 +111,7 @@ impl Scaler {
         let b = u64::from(self.batch_size.max(1));
         let need = 100 * u64::from(demand) + b * u64::from(self.request_threshold_percent);
         let t = b * need.div_ceil(100 * b);
-        u32::try_from(t)
-            .unwrap_or(u32::MAX)
-            .min(self.max_ip_count.max(demand))
+        u32::try_from(t).unwrap_or(u32::MAX).min(self.max_ip_count)
     }
 
     /// Whether `free` addresses call for a grow.
@@ -167,6 +165,10 @@ pub struct PrefixView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IfaceView {
     pub id: String,
+    pub subnet_id: String,
+    /// Its subnet said lately that it cannot give more: the pool grows on
+    /// another interface (in another subnet) instead.
+    pub subnet_full: bool,
     pub device_index: u32,
     pub attached_at: Instant,
     /// Secondary addresses held one by one (not via a prefix).
@@ -366,7 +368,7 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
                 break;
             }
             let free_slots = slots.saturating_sub(i.slots_used());
-            if free_slots == 0 {
+            if free_slots == 0 || i.subnet_full {
                 continue;
             }
             let n = if fill_whole {

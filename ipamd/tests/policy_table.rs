@@ -27,6 +27,8 @@ fn node(instance_type: &str) -> Node {
         view: PoolView {
             interfaces: vec![IfaceView {
                 id: "eni-0".into(),
+                subnet_id: "subnet-node".into(),
+                subnet_full: false,
                 device_index: 0,
                 attached_at: now,
                 ips: 0,
@@ -105,6 +107,8 @@ impl Node {
                 self.next_id += 1;
                 self.view.interfaces.push(IfaceView {
                     id: id.clone(),
+                    subnet_id: "subnet-node".into(),
+                    subnet_full: false,
                     device_index: index,
                     attached_at: self.now,
                     ips: 0,
@@ -768,6 +772,11 @@ fn cns_max_ip_count_caps_the_pool_and_release_is_clamped_above_request() {
     let mut n = node("m5.24xlarge");
     n.fill(30, &cfg);
     assert_eq!(n.total(), 40, "capped at the max IP count, not 48");
+    // ADDs waiting beyond it get nothing more.
+    n.view.waiting = 15;
+    n.converge(&cfg);
+    assert_eq!(n.total(), 40, "waiting ADDs went past the max IP count");
+    n.view.waiting = 0;
     // A release threshold under request + 100 is raised to it (CNS).
     let s = ipamd::policy::Scaler {
         release_threshold_percent: 120,
@@ -805,4 +814,21 @@ fn cns_on_a_nearly_exhausted_subnet_keeps_one_or_two_free() {
     assert_eq!(n.total(), 23, "two free: back to one");
     n.fill(1, &cfg);
     assert_eq!(n.total(), 24, "none free: one more");
+}
+
+/// A node whose subnet is full grows on a new interface (in another
+/// subnet) instead of asking the full one again.
+#[test]
+fn a_full_subnet_is_not_asked_again_a_new_interface_is_made() {
+    let cfg = ip(Some(5), None);
+    let mut n = node("m5.24xlarge");
+    n.fill(3, &cfg);
+    assert_eq!(n.view.interfaces.len(), 1);
+    n.view.interfaces[0].subnet_full = true;
+    n.fill(5, &cfg);
+    assert_eq!(n.view.interfaces.len(), 2, "no new interface");
+    assert_eq!(
+        n.view.interfaces[0].ips, 8,
+        "the full subnet was asked again"
+    );
 }

@@ -585,3 +585,59 @@ async fn an_assignment_of_an_interfaces_own_address_is_dropped_at_start() {
     assert_eq!(s["counts"]["assigned"], 0, "{s}");
     node.stop().await;
 }
+
+/// The node's subnet runs out while its interface still has free slots:
+/// the pool grows on a new interface in a subnet tagged for the CNI
+/// instead of asking the full one again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_subnet_moves_growth_to_a_new_interface_in_a_tagged_subnet() {
+    let dir = tempfile::tempdir().unwrap();
+    let vpc = vpc(10);
+    for (id, cidr, tags) in [
+        ("subnet-small", "10.0.64.0/27", vec![]),
+        (
+            "subnet-cni-c",
+            "10.0.65.0/28",
+            vec![("kubernetes.io/role/cni", "1")],
+        ),
+    ] {
+        vpc.handle(Request::CreateSubnet {
+            id: id.into(),
+            cidr: cidr.into(),
+            zone: "sim-1c".into(),
+            tags: tags
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+        .await
+        .unwrap();
+    }
+    vpc.handle(Request::LaunchInstance {
+        name: "node-a".into(),
+        instance_type: "m5.24xlarge".into(),
+        subnet_id: Some("subnet-small".into()),
+    })
+    .await
+    .unwrap();
+    let node = Node::start(
+        &vpc,
+        "m5.24xlarge",
+        &[("WARM_IP_TARGET", "2"), ("IPAMD_ADD_WAIT_SECONDS", "8")],
+        &dir.path().join("j"),
+    )
+    .await;
+    // The /27 gives 26 addresses besides the node's own; the 27th pod and
+    // later ones get theirs from the tagged /28.
+    let cni: ipnet::Ipv4Net = "10.0.65.0/28".parse().unwrap();
+    let mut in_cni = 0;
+    for i in 0..30 {
+        let w = node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+        if cni.contains(&w.ip) {
+            in_cni += 1;
+        }
+    }
+    assert!(in_cni >= 4, "only {in_cni} pods in the tagged subnet");
+    assert_eq!(node.ipam.summary()["counts"]["interfaces"], 2);
+    node.stop().await;
+}

@@ -33,3 +33,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "vpc-cni.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* Combinations of settings ipamd refuses (exit 64 on every node). */}}
+{{- define "vpc-cni.checkSettings" -}}
+{{- $s := .Values.settings -}}
+{{- $set := dict -}}
+{{- range $k, $v := $s }}{{ if ne (toString $v) "" }}{{ $_ := set $set $k (toString $v) }}{{ end }}{{ end -}}
+{{- $truthy := list "1" "t" "T" "TRUE" "true" "True" -}}
+{{- $scaler := or (hasKey $set "IPAM_SCALER_BATCH_SIZE") (hasKey $set "IPAM_SCALER_REQUEST_THRESHOLD_PERCENT") (hasKey $set "IPAM_SCALER_RELEASE_THRESHOLD_PERCENT") (hasKey $set "IPAM_SCALER_MAX_IP_COUNT") -}}
+{{- $pd := has (get $set "ENABLE_PREFIX_DELEGATION") $truthy -}}
+{{- if $scaler -}}
+{{- range $k := list "WARM_ENI_TARGET" "WARM_IP_TARGET" "MINIMUM_IP_TARGET" "WARM_PREFIX_TARGET" }}
+{{- if hasKey $set $k }}{{ fail (printf "settings: IPAM_SCALER_* and %s are two ways to size the pool: set one" $k) }}{{ end }}
+{{- end }}
+{{- if $pd }}{{ fail "settings: IPAM_SCALER_* with ENABLE_PREFIX_DELEGATION=true: the scaler moves single addresses" }}{{ end }}
+{{- end -}}
+{{- if and $pd (eq (get $set "WARM_PREFIX_TARGET") "0") (not (hasKey $set "WARM_IP_TARGET")) (not (hasKey $set "MINIMUM_IP_TARGET")) -}}
+{{- fail "settings: ENABLE_PREFIX_DELEGATION=true with WARM_PREFIX_TARGET=0 and no WARM_IP_TARGET/MINIMUM_IP_TARGET: the pool would never keep a prefix ready" -}}
+{{- end -}}
+{{- end -}}

@@ -127,6 +127,10 @@ pub fn client_from(config: kube::Config) -> Result<Client, String> {
 pub async fn config(kubeconfig: Option<&std::path::Path>) -> Result<kube::Config, String> {
     Ok(match kubeconfig {
         Some(path) => {
+            // Never opens a FIFO or a device (it would block or not end).
+            if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+                return Err(format!("kubeconfig {}: not a regular file", path.display()));
+            }
             let kc = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default())

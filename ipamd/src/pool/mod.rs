@@ -383,6 +383,13 @@ impl Pool {
                 }
             };
             if let Some((wiring, new, durable)) = attempt {
+                // It has its address: no longer demand the pool must grow
+                // for while its journal record is written (a burst counted
+                // twice overshot the targets).
+                if guard.waiting {
+                    guard.waiting = false;
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                }
                 let failure = match durable.wait().await {
                     Ok(()) => {
                         // A DEL may have released it while we waited.

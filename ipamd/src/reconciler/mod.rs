@@ -132,6 +132,9 @@ struct State {
     /// Until when the subnet counts as nearly exhausted (the scaler's
     /// batch drops to 1) after the cloud said it could not give more.
     subnet_low_until: Option<Instant>,
+    /// Subnets that said they cannot give more, until when they are not
+    /// asked again for addresses on their interfaces.
+    full_subnets: BTreeMap<String, Instant>,
 }
 
 /// How long a subnet counts as nearly exhausted after the cloud said so.
@@ -196,6 +199,7 @@ impl Reconciler {
                 // ipamd was down, their DEL never reaching it.
                 last_reclaim: now.checked_sub(RECLAIM_EVERY).unwrap_or(now),
                 subnet_low_until: None,
+                full_subnets: BTreeMap::new(),
             }),
             settings,
             pool,
@@ -425,7 +429,14 @@ impl Reconciler {
             };
             limits.max_interfaces = limits.max_interfaces.saturating_sub(unmanaged);
             let mut view = self.pool.policy_view(limits, self.caps.hot_attach, now);
-            view.subnet_low = self.lock().subnet_low_until.is_some_and(|t| now < t);
+            {
+                let mut st = self.lock();
+                view.subnet_low = st.subnet_low_until.is_some_and(|t| now < t);
+                st.full_subnets.retain(|_, until| now < *until);
+                for i in &mut view.interfaces {
+                    i.subnet_full = st.full_subnets.contains_key(&i.subnet_id);
+                }
+            }
             let plan = policy::plan(&view, &self.settings.pool, now);
             let cfg = &self.settings.pool;
             let interfaces = cfg
@@ -472,7 +483,12 @@ impl Reconciler {
                             | ProviderError::InsufficientCidrBlocks { .. }
                     )
                 ) {
-                    self.lock().subnet_low_until = Some(Instant::now() + SUBNET_LOW_FOR);
+                    let mut st = self.lock();
+                    let until = Instant::now() + SUBNET_LOW_FOR;
+                    st.subnet_low_until = Some(until);
+                    if let StepError::Cloud(ProviderError::SubnetExhausted { subnet }) = &e {
+                        st.full_subnets.insert(subnet.clone(), until);
+                    }
                 }
                 return Err(e);
             }
