@@ -11,7 +11,6 @@
 //! when it stops; by default it stays, so a restart or a rolling update does
 //! not take the node's network down.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
@@ -124,25 +123,12 @@ impl CniConf {
             crate::install::install_plugin(source, bin_dir)?;
         }
         let text = self.text();
-        let path = self.path();
-        // A dot name: runtimes skip it while it is being written. One left
-        // by a crash mid-write goes now.
-        let tmp = self.dir.join(format!(".{}.tmp", self.file));
-        std::fs::remove_file(&tmp).ok();
-        if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
+        // A temporary file left by a crash mid-write goes now.
+        std::fs::remove_file(crate::install::tmp_path(&self.dir, &self.file)).ok();
+        if std::fs::read_to_string(self.path()).is_ok_and(|old| old == text) {
             return Ok(false);
         }
-        std::fs::create_dir_all(&self.dir)?;
-        let written = std::fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(text.as_bytes())?;
-            f.sync_all()
-        });
-        if let Err(e) = written {
-            std::fs::remove_file(&tmp).ok();
-            return Err(e);
-        }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
+        crate::install::write_whole(&self.dir, &self.file, text.as_bytes(), 0o644)?;
         Ok(true)
     }
 
@@ -163,10 +149,8 @@ impl CniConf {
         if std::fs::read_to_string(self.path()).ok() != Some(self.text()) {
             return Ok(false);
         }
-        match std::fs::remove_file(self.path()) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(true),
-        }
+        crate::install::remove(&self.path())?;
+        Ok(true)
     }
 }
 

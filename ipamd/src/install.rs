@@ -63,9 +63,37 @@ fn identity(source: &Path, dest: &Path) -> Option<Verified> {
 fn seen(p: &Path) -> Option<Seen> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(p).ok()?;
-    m.is_file()
-        .then(|| (m.len(), m.modified().ok(), m.ino()))
-        .and_then(|(l, t, i)| Some((l, t?, i)))
+    if !m.is_file() {
+        return None;
+    }
+    Some((m.len(), m.modified().ok()?, m.ino()))
+}
+
+/// Where [`write_whole`] writes `name` before renaming it: a dot file in
+/// the same directory (runtimes skip dot files). One left by a crash is
+/// removed by the next write, or by the caller before it compares.
+pub(crate) fn tmp_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.tmp"))
+}
+
+/// Writes `dir/name` whole: [`tmp_path`], synced, with `mode`, renamed
+/// over the old file, then the directory synced. A failure leaves no
+/// temporary file.
+pub(crate) fn write_whole(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = tmp_path(dir, name);
+    std::fs::remove_file(&tmp).ok();
+    std::fs::create_dir_all(dir).map_err(with_path(dir))?;
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.sync_all()
+    });
+    let dest = dir.join(name);
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &dest)) {
+        std::fs::remove_file(&tmp).ok();
+        return Err(with_path(&dest)(e));
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Copies `source` to `bin_dir/vpc-cni` unless it is there already;
@@ -78,8 +106,7 @@ pub fn install_plugin(source: &Path, bin_dir: &Path) -> std::io::Result<bool> {
         return Ok(false);
     }
     let bytes = read_regular(source)?;
-    let tmp = bin_dir.join(format!(".{PLUGIN}.tmp"));
-    std::fs::remove_file(&tmp).ok();
+    std::fs::remove_file(tmp_path(bin_dir, PLUGIN)).ok();
     match std::fs::symlink_metadata(&dest) {
         Ok(m) if m.is_file() => {
             if read_regular(&dest)? == bytes {
@@ -97,18 +124,7 @@ pub fn install_plugin(source: &Path, bin_dir: &Path) -> std::io::Result<bool> {
         }
         Err(_) => {}
     }
-    std::fs::create_dir_all(bin_dir).map_err(with_path(bin_dir))?;
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(&bytes)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
-        f.sync_all()
-    });
-    let renamed = written.and_then(|()| std::fs::rename(&tmp, &dest));
-    if let Err(e) = renamed {
-        std::fs::remove_file(&tmp).ok();
-        return Err(with_path(&dest)(e));
-    }
-    std::fs::File::open(bin_dir)?.sync_all()?;
+    write_whole(bin_dir, PLUGIN, &bytes, 0o755)?;
     *VERIFIED.lock().expect("lock") = identity(source, &dest);
     Ok(true)
 }
@@ -167,7 +183,8 @@ pub fn remove_plugin(source: &Path, bin_dir: &Path) -> std::io::Result<bool> {
     Ok(true)
 }
 
-fn remove(p: &Path) -> std::io::Result<()> {
+/// Removes `p`; a missing file is no error.
+pub(crate) fn remove(p: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(p) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

@@ -317,10 +317,11 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
             s.clamped()
         };
         let free = total.saturating_sub(used);
-        if view.waiting > 0 || s.should_grow(free) || s.should_release(free) {
+        if view.waiting > 0 || s.should_grow(free) {
             // A waiting ADD is demand the scaler serves at once.
+            s.target(demand).max(total)
+        } else if s.should_release(free) {
             s.target(demand)
-                .max(if s.should_release(free) { 0 } else { total })
         } else {
             total
         }

@@ -60,6 +60,41 @@ pub fn selected_name(
     )
 }
 
+/// Where new interfaces go by the ENIConfig `name` (selected by `by`),
+/// given its `spec` as stored (any JSON: aws-node's CRD accepts anything),
+/// or why they cannot go anywhere: it does not exist, or names no subnet.
+pub fn target_from(
+    name: String,
+    by: &str,
+    spec: Option<&serde_json::Value>,
+) -> Result<crate::reconciler::InterfaceTarget, String> {
+    let Some(spec) = spec else {
+        return Err(format!(
+            "ENIConfig {name:?} (selected by {by}) does not exist"
+        ));
+    };
+    let subnet = spec["subnet"]
+        .as_str()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            format!("ENIConfig {name:?} (selected by {by}) names no subnet (spec.subnet)")
+        })?;
+    let security_groups = spec["securityGroups"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|g| g.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(crate::reconciler::InterfaceTarget {
+        subnet_id: subnet.to_string(),
+        eni_config: name,
+        security_groups,
+    })
+}
+
 /// The CRD as the chart installs it (YAML).
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;

@@ -18,12 +18,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::eniconfig::{selected_name, ENIConfig};
+use super::eniconfig::{selected_name, target_from, ENIConfig};
 use super::{describe, forbidden, KubeSettings, KubeStatus};
 use super::{CAPACITY_ANNOTATION, CONDITION, EXHAUSTED_TAINT, REPORTER};
 use crate::explain::Verdict;
 use crate::ipam::Ipam;
-use crate::reconciler::InterfaceTarget;
 
 /// What of the Node the plan looks at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -419,35 +418,7 @@ impl NodeTask {
                             &settings.eni_config_label_def,
                         );
                         let found = eni_reader.get(&ObjectRef::new_with(&name, eni_ar.clone()));
-                        let spec = found.as_ref().map(|e| e.data["spec"].clone());
-                        let subnet = spec
-                            .as_ref()
-                            .and_then(|s| s["subnet"].as_str())
-                            .map(|s| s.trim().to_string())
-                            .filter(|s| !s.is_empty());
-                        let groups: Option<Vec<String>> = spec.as_ref().map(|s| {
-                            s["securityGroups"]
-                                .as_array()
-                                .map(|a| {
-                                    a.iter()
-                                        .filter_map(|g| g.as_str().map(String::from))
-                                        .collect()
-                                })
-                                .unwrap_or_default()
-                        });
-                        match (found.is_some(), subnet) {
-                            (true, Some(subnet_id)) => Ok(InterfaceTarget {
-                                eni_config: name,
-                                subnet_id,
-                                security_groups: groups.unwrap_or_default(),
-                            }),
-                            (true, None) => Err(format!(
-                                "ENIConfig {name:?} (selected by {by}) names no subnet (spec.subnet)"
-                            )),
-                            (false, _) => Err(format!(
-                                "ENIConfig {name:?} (selected by {by}) does not exist"
-                            )),
-                        }
+                        target_from(name, &by, found.as_ref().map(|e| &e.data["spec"]))
                     }
                 };
                 let listed = node.is_some() && *eni_synced.borrow();

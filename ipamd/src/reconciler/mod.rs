@@ -476,19 +476,19 @@ impl Reconciler {
             let kind = action.kind();
             if let Err(e) = self.execute(action).await {
                 self.count_error(e.site(kind));
-                if matches!(
-                    e,
-                    StepError::Cloud(
-                        ProviderError::SubnetExhausted { .. }
-                            | ProviderError::InsufficientCidrBlocks { .. }
-                    )
-                ) {
-                    let mut st = self.lock();
-                    let until = Instant::now() + SUBNET_LOW_FOR;
-                    st.subnet_low_until = Some(until);
-                    if let StepError::Cloud(ProviderError::SubnetExhausted { subnet }) = &e {
+                // The subnet said it cannot give more: the scaler's batch
+                // drops to one, and a full subnet is not asked again.
+                let until = Instant::now() + SUBNET_LOW_FOR;
+                match &e {
+                    StepError::Cloud(ProviderError::SubnetExhausted { subnet }) => {
+                        let mut st = self.lock();
+                        st.subnet_low_until = Some(until);
                         st.full_subnets.insert(subnet.clone(), until);
                     }
+                    StepError::Cloud(ProviderError::InsufficientCidrBlocks { .. }) => {
+                        self.lock().subnet_low_until = Some(until);
+                    }
+                    _ => {}
                 }
                 return Err(e);
             }
