@@ -15,7 +15,13 @@ if curl -sf http://127.0.0.1:4566/_localstack/health >/dev/null 2>&1; then
   echo "localstack: already running" >&2
   exit 0
 fi
-state=${LOCALSTACK_STATE:-$(mktemp -d /tmp/localstack.XXXXXX)}
+if [ -n "${LOCALSTACK_STATE:-}" ]; then
+  state=$LOCALSTACK_STATE
+else
+  # Ours to remove: stop.sh deletes it.
+  state=$(mktemp -d /tmp/localstack.XXXXXX)
+  echo "$state" > "$here/.state"
+fi
 GATEWAY_LISTEN=127.0.0.1:4566 SERVICES=ec2 EAGER_SERVICE_LOADING=1 DNS_ADDRESS=0 \
   SKIP_SSL_CERT_DOWNLOAD=1 LOCALSTACK_VOLUME_DIR="$state" \
   nohup "$venv/bin/python" -m localstack.runtime.main > "$state/localstack.log" 2>&1 &

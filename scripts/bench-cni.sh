@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked --workspace --bins
 # After the workspace build, which would relink vpc-cni dynamically.
 ./scripts/build-cni.sh
-exec ./target/release/cni-bench "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/cni-bench "$@"

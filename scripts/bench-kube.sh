@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p ipamd --bins
 cargo build --release --locked -p vpc-cni-e2e --bin kube-bench
-exec ./target/release/kube-bench --ipamd target/release/ipamd "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/kube-bench --ipamd "${CARGO_TARGET_DIR:-target}/release/ipamd" "$@"

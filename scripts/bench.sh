@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p ipamd --bins
-exec ./target/release/ipamd-bench "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/ipamd-bench "$@"

@@ -14,8 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo rustc --locked --release -p vpc-cni --bin vpc-cni -- \
   -C target-feature=+crt-static -C relocation-model=static
-if ldd target/release/vpc-cni >/dev/null 2>&1; then
-  echo "target/release/vpc-cni is dynamically linked; expected a static binary" >&2
+bin="${CARGO_TARGET_DIR:-target}/release/vpc-cni"
+[ -x "$bin" ] || { echo "$bin was not built" >&2; exit 1; }
+# ldd fails on a static binary ("not a dynamic executable").
+if ldd "$bin" >/dev/null 2>&1; then
+  echo "$bin is dynamically linked; expected a static binary" >&2
   exit 1
 fi
-echo "built target/release/vpc-cni (statically linked)"
+echo "built $bin (statically linked)"

@@ -74,14 +74,16 @@ for bad in podGoneGraceSeconds=3 settings.WARM_IP_TARGET=abc \
   settings.ENABLE_PREFIX_DELEGATION=yes settings.AWS_VPC_K8S_CNI_VETHPREFIX=toolong \
   updateStrategy.maxUnavailable=0 stateDir=/ eniConfigs.Bad_Name.subnet=subnet-1 \
   introspectionPort=61678 provider=gcp settings.MAX_PODS=0 \
-  settings.IPAM_SCALER_BATCH_SIZE=0 settings.WARM_IP_TARGET=10000000000; do
+  settings.IPAM_SCALER_BATCH_SIZE=0 settings.WARM_IP_TARGET=10000000000 \
+  settings.IP_COOLDOWN_PERIOD=-3 logLevel=verbose "startupTaint=bad key!"; do
   if "$helm" template vpc-cni "$chart" --set "$bad" >/dev/null 2>&1; then
     echo "check-chart: $bad was accepted" >&2; exit 1
   fi
 done
 # Combinations ipamd refuses.
 for bad in "settings.IPAM_SCALER_BATCH_SIZE=16,settings.WARM_IP_TARGET=5" \
-  "settings.ENABLE_PREFIX_DELEGATION=true,settings.WARM_PREFIX_TARGET=0"; do
+  "settings.ENABLE_PREFIX_DELEGATION=true,settings.WARM_PREFIX_TARGET=0" \
+  "settings.ENABLE_PREFIX_DELEGATION=true,settings.WARM_PREFIX_TARGET=0,settings.WARM_IP_TARGET=0"; do
   if "$helm" template vpc-cni "$chart" --set-string "$bad" >/dev/null 2>&1; then
     echo "check-chart: $bad was accepted" >&2; exit 1
   fi

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p vpc-cni-e2e --bin cluster-sim
-exec ./target/release/cluster-sim "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/cluster-sim "$@"

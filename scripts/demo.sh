@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build --locked --workspace --bins
-exec ./target/debug/vpc-lab
+exec "${CARGO_TARGET_DIR:-target}"/debug/vpc-lab

@@ -20,5 +20,5 @@ cargo build --locked --workspace --bins
 cargo test --locked --workspace
 # The plugin as shipped (static release build): the network tests again.
 ./scripts/build-cni.sh
-VPC_CNI_BIN="$PWD/target/release/vpc-cni" cargo test --locked -p vpc-cni-e2e \
+VPC_CNI_BIN="$(realpath "${CARGO_TARGET_DIR:-target}")/release/vpc-cni" cargo test --locked -p vpc-cni-e2e \
   --test e2e --test chain --test podman --test commands

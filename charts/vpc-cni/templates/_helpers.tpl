@@ -48,7 +48,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end }}
 {{- if $pd }}{{ fail "settings: IPAM_SCALER_* with ENABLE_PREFIX_DELEGATION=true: the scaler moves single addresses" }}{{ end }}
 {{- end -}}
-{{- if and $pd (eq (get $set "WARM_PREFIX_TARGET") "0") (not (hasKey $set "WARM_IP_TARGET")) (not (hasKey $set "MINIMUM_IP_TARGET")) -}}
+{{- /* WARM_IP_TARGET and MINIMUM_IP_TARGET of 0 are unset, as ipamd reads them. */ -}}
+{{- if and $pd (eq (get $set "WARM_PREFIX_TARGET") "0") (eq (get $set "WARM_IP_TARGET" | default "0") "0") (eq (get $set "MINIMUM_IP_TARGET" | default "0") "0") -}}
 {{- fail "settings: ENABLE_PREFIX_DELEGATION=true with WARM_PREFIX_TARGET=0 and no WARM_IP_TARGET/MINIMUM_IP_TARGET: the pool would never keep a prefix ready" -}}
 {{- end -}}
 {{- end -}}
