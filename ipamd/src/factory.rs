@@ -25,7 +25,9 @@ pub enum ProviderKind {
     Sim,
     /// EC2, with the instance's identity from IMDSv2.
     Aws,
-    /// Azure (not built yet).
+    /// Azure: the VM's identity from IMDS, its NICs through Azure Resource
+    /// Manager; credentials by workload identity or the VM's managed
+    /// identity.
     Azure,
 }
 
@@ -41,11 +43,83 @@ pub struct SimOptions {
     pub state: PathBuf,
 }
 
+/// Settings of the Azure provider.
+#[derive(Debug, Clone)]
+pub struct AzureOptions {
+    /// Azure Resource Manager (`--azure-arm-endpoint`).
+    pub arm_endpoint: String,
+    /// The Instance Metadata Service (`--azure-imds-endpoint`).
+    pub imds_endpoint: String,
+}
+
 /// What [`build`] needs.
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
     pub kind: ProviderKind,
     pub sim: SimOptions,
+    pub azure: AzureOptions,
+}
+
+/// The Azure settings that are wrong, each as one line for the
+/// configuration error: endpoints that are not http(s) URLs with a host,
+/// and a workload identity (`AZURE_FEDERATED_TOKEN_FILE`) without
+/// `AZURE_TENANT_ID` or `AZURE_CLIENT_ID`, or whose token file cannot be
+/// read. `env` reads a variable (unset and empty are the same).
+pub fn check_azure(
+    arm_endpoint: &str,
+    imds_endpoint: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    let mut bad = vec![];
+    for (flag, v) in [
+        (
+            "--azure-arm-endpoint / IPAMD_AZURE_ARM_ENDPOINT",
+            arm_endpoint,
+        ),
+        (
+            "--azure-imds-endpoint / IPAMD_AZURE_IMDS_ENDPOINT",
+            imds_endpoint,
+        ),
+    ] {
+        let ok = v
+            .trim()
+            .parse::<hyper::Uri>()
+            .ok()
+            .filter(|u| matches!(u.scheme_str(), Some("http" | "https")))
+            .filter(|u| u.host().is_some_and(|h| !h.is_empty()));
+        if ok.is_none() {
+            bad.push(format!("{flag} {v:?}: expected an http:// or https:// URL"));
+        }
+    }
+    let token = env("AZURE_FEDERATED_TOKEN_FILE");
+    if token.is_some() || env("AZURE_FEDERATED_TOKEN").is_some() {
+        for k in ["AZURE_TENANT_ID", "AZURE_CLIENT_ID"] {
+            if env(k).is_none() {
+                bad.push(format!(
+                    "{k} is not set: workload identity (AZURE_FEDERATED_TOKEN_FILE) needs it"
+                ));
+            }
+        }
+        if let Some(f) = token {
+            if let Err(e) = std::fs::read_to_string(&f) {
+                bad.push(format!(
+                    "AZURE_FEDERATED_TOKEN_FILE {f:?} cannot be read: {e}"
+                ));
+            }
+        }
+        if let Some(h) = env("AZURE_AUTHORITY_HOST") {
+            let ok = h
+                .parse::<hyper::Uri>()
+                .ok()
+                .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")));
+            if !ok {
+                bad.push(format!(
+                    "AZURE_AUTHORITY_HOST {h:?}: expected an http:// or https:// URL"
+                ));
+            }
+        }
+    }
+    bad
 }
 
 /// Why no provider could be built.
@@ -74,10 +148,45 @@ pub async fn build(cfg: &ProviderConfig) -> Result<Arc<dyn CloudProvider>, Facto
     match cfg.kind {
         ProviderKind::Sim => sim(&cfg.sim).await,
         ProviderKind::Aws => aws().await,
-        ProviderKind::Azure => Err(FactoryError::Config(
-            "provider azure is not built into this ipamd yet; use aws or sim".into(),
-        )),
+        ProviderKind::Azure => azure(&cfg.azure).await,
     }
+}
+
+/// The identity the environment names: workload identity when
+/// `AZURE_FEDERATED_TOKEN_FILE` or `AZURE_FEDERATED_TOKEN` is set (as AKS's
+/// workload identity webhook sets them, with `AZURE_TENANT_ID`,
+/// `AZURE_CLIENT_ID` and `AZURE_AUTHORITY_HOST`), else the VM's managed
+/// identity.
+pub fn azure_identity_from(env: impl Fn(&str) -> Option<String>) -> providers::azure::Identity {
+    use providers::azure::{FederatedToken, Identity};
+    let token = env("AZURE_FEDERATED_TOKEN_FILE")
+        .map(|f| FederatedToken::File(f.into()))
+        .or_else(|| env("AZURE_FEDERATED_TOKEN").map(FederatedToken::Value));
+    match token {
+        Some(token) => Identity::Workload {
+            tenant_id: env("AZURE_TENANT_ID").unwrap_or_default(),
+            client_id: env("AZURE_CLIENT_ID").unwrap_or_default(),
+            token,
+            authority_host: env("AZURE_AUTHORITY_HOST")
+                .unwrap_or_else(|| "https://login.microsoftonline.com/".into()),
+        },
+        None => Identity::ManagedIdentity,
+    }
+}
+
+async fn azure(o: &AzureOptions) -> Result<Arc<dyn CloudProvider>, FactoryError> {
+    let settings = providers::azure::AzureSettings {
+        arm_endpoint: o.arm_endpoint.clone(),
+        imds_endpoint: o.imds_endpoint.clone(),
+        identity: azure_identity_from(|k| std::env::var(k).ok().filter(|v| !v.is_empty())),
+        ..Default::default()
+    };
+    // The settings were checked with the rest (check_azure); what IMDS or
+    // ARM answered is not a setting of ours: 69.
+    let p = providers::azure::AzureProvider::connect(settings, CallLayer::arm())
+        .await
+        .map_err(FactoryError::Cloud)?;
+    Ok(Arc::new(p))
 }
 
 async fn sim(o: &SimOptions) -> Result<Arc<dyn CloudProvider>, FactoryError> {

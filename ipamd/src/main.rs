@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Which cloud the node runs in: aws or sim (azure is not built yet).
+    /// Which cloud the node runs in: aws, azure, or sim.
     /// Required: a node on a real cloud must never run the simulated VPC
     /// because the setting was forgotten.
     #[arg(long, env = "IPAMD_PROVIDER")]
@@ -125,6 +125,20 @@ struct Cli {
     /// address it holds without a DEL is released.
     #[arg(long, env = "IPAMD_POD_GONE_GRACE_SECONDS", default_value_t = 60)]
     pod_gone_grace_seconds: u64,
+    /// azure: Azure Resource Manager's endpoint.
+    #[arg(
+        long,
+        env = "IPAMD_AZURE_ARM_ENDPOINT",
+        default_value = "https://management.azure.com"
+    )]
+    azure_arm_endpoint: String,
+    /// azure: the Instance Metadata Service's endpoint.
+    #[arg(
+        long,
+        env = "IPAMD_AZURE_IMDS_ENDPOINT",
+        default_value = "http://169.254.169.254"
+    )]
+    azure_imds_endpoint: String,
     /// sim: instance type of the simulated node.
     #[arg(long, env = "SIM_INSTANCE_TYPE", default_value = "m5.large")]
     sim_instance_type: String,
@@ -273,20 +287,24 @@ impl Config {
         let kind = match cli.provider.as_deref().map(str::trim) {
             None | Some("") => {
                 bad.push(
-                    "--provider / IPAMD_PROVIDER is not set: say which cloud this node runs in (aws, or sim for the simulated VPC)"
+                    "--provider / IPAMD_PROVIDER is not set: say which cloud this node runs in (aws, azure, or sim for the simulated VPC)"
                         .into(),
                 );
                 None
             }
             Some(p) => match ProviderKind::from_str(p, true) {
                 Ok(ProviderKind::Azure) => {
-                    bad.push("--provider / IPAMD_PROVIDER azure: the Azure provider is not built into this ipamd yet; use aws or sim".into());
-                    None
+                    bad.extend(factory::check_azure(
+                        &cli.azure_arm_endpoint,
+                        &cli.azure_imds_endpoint,
+                        |k| std::env::var(k).ok().filter(|v| !v.is_empty()),
+                    ));
+                    Some(ProviderKind::Azure)
                 }
                 Ok(k) => Some(k),
                 Err(_) => {
                     bad.push(format!(
-                        "--provider / IPAMD_PROVIDER {p:?}: expected aws or sim"
+                        "--provider / IPAMD_PROVIDER {p:?}: expected aws, azure or sim"
                     ));
                     None
                 }
@@ -438,6 +456,10 @@ impl Config {
         };
         let provider = ProviderConfig {
             kind,
+            azure: factory::AzureOptions {
+                arm_endpoint: cli.azure_arm_endpoint.trim().to_string(),
+                imds_endpoint: cli.azure_imds_endpoint.trim().to_string(),
+            },
             sim: SimOptions {
                 server: cli.sim_server.clone(),
                 node_name: node_name.unwrap_or("sim-node-1").to_string(),

@@ -364,12 +364,17 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
     if want > total {
         let mut short = div_ceil(want - total, unit); // in slots
         let fill_whole = !pd && !cfg.fine_grained();
+        // A subnet that said it is full is not asked again while a new
+        // interface can be made elsewhere; where none can (Azure, or the
+        // instance's interfaces all there) it is asked for one unit at a
+        // time, so what it still has is used.
+        let can_attach = view.hot_attach && (view.interfaces.len() as u32) < max_ifaces;
         for i in &view.interfaces {
             if short == 0 {
                 break;
             }
             let free_slots = slots.saturating_sub(i.slots_used());
-            if free_slots == 0 || i.subnet_full {
+            if free_slots == 0 || (i.subnet_full && can_attach) {
                 continue;
             }
             let n = if fill_whole {
@@ -377,7 +382,8 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
             } else {
                 free_slots.min(short)
             }
-            .min(room);
+            .min(room)
+            .min(if i.subnet_full { 1 } else { u32::MAX });
             if n == 0 {
                 break;
             }
@@ -396,7 +402,7 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
             });
         }
         if short > 0 && room > 0 {
-            if view.hot_attach && (view.interfaces.len() as u32) < max_ifaces {
+            if can_attach {
                 let n = if fill_whole { slots } else { short.min(slots) }.min(room);
                 actions.push(Action::CreateInterface {
                     initial: if pd {

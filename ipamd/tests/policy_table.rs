@@ -832,3 +832,32 @@ fn a_full_subnet_is_not_asked_again_a_new_interface_is_made() {
         "the full subnet was asked again"
     );
 }
+
+/// Where no new interface can be made (Azure attaches no NIC to a running
+/// VM), a subnet that said it is full is asked again, one address at a
+/// time, so the addresses it still has reach pods.
+#[test]
+fn without_hot_attach_a_full_subnet_is_asked_one_address_at_a_time() {
+    let cfg = ip(Some(5), None);
+    let mut n = node("Standard_D2s_v3");
+    n.view.hot_attach = false;
+    n.view.interfaces[0].subnet_full = true;
+    let plan = ipamd::policy::plan(&n.view, &cfg, n.now);
+    assert_eq!(
+        plan.actions,
+        vec![Action::AssignIps {
+            interface_id: "eni-0".into(),
+            count: 1
+        }],
+        "{plan:?}"
+    );
+    // With room for a new interface the full subnet is left alone.
+    n.view.hot_attach = true;
+    let plan = ipamd::policy::plan(&n.view, &cfg, n.now);
+    assert!(
+        plan.actions
+            .iter()
+            .all(|a| matches!(a, Action::CreateInterface { .. })),
+        "{plan:?}"
+    );
+}

@@ -33,6 +33,28 @@ pub fn ec2_bucket(api: &str) -> BucketSpec {
     }
 }
 
+/// Azure Resource Manager's per-subscription buckets, keyed by
+/// [`ARM_READS`] and [`ARM_WRITES`] ("Understand how Azure Resource Manager
+/// throttles requests": a token bucket per subscription and region, reads
+/// 250 burst refilled at 25 per second, writes 200 refilled at 10 per
+/// second). Any other key is counted as a read.
+pub fn arm_bucket(api: &str) -> BucketSpec {
+    let (burst, refill_per_sec) = if api == ARM_WRITES {
+        (200.0, 10.0)
+    } else {
+        (250.0, 25.0)
+    };
+    BucketSpec {
+        burst,
+        refill_per_sec,
+    }
+}
+
+/// The key of ARM's read bucket (GET) in [`arm_bucket`].
+pub const ARM_READS: &str = "reads";
+/// The key of ARM's write bucket (PUT, PATCH, DELETE) in [`arm_bucket`].
+pub const ARM_WRITES: &str = "writes";
+
 #[derive(Debug)]
 struct Bucket {
     spec: BucketSpec,

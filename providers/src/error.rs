@@ -8,7 +8,13 @@ pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
 pub enum ProviderError {
     /// The API's rate limit was hit (EC2 RequestLimitExceeded, ARM 429).
     #[error("throttled by the cloud API ({api})")]
-    Throttled { api: String },
+    Throttled {
+        api: String,
+        /// How long the cloud asked the caller to wait, milliseconds (ARM's
+        /// `Retry-After`); `None` when it did not say (EC2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
     /// An instance or interface limit would be exceeded.
     #[error("limit reached: {0}")]
     LimitExceeded(String),
@@ -41,6 +47,15 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// A throttled answer from `api` that named no time to wait (EC2's
+    /// RequestLimitExceeded).
+    pub fn throttled(api: impl Into<String>) -> Self {
+        Self::Throttled {
+            api: api.into(),
+            retry_after_ms: None,
+        }
+    }
+
     /// Worth retrying after a backoff.
     pub fn is_transient(&self) -> bool {
         matches!(

@@ -82,6 +82,11 @@ impl RetryPolicy {
 /// simulated VPC uses the same.
 pub fn safe_to_repeat(api: &str) -> bool {
     api.starts_with("Describe")
+        // ARM's reads, named by their operation ids (NetworkInterfaces_Get,
+        // VirtualNetworks_ListUsage, ...), and IMDS.
+        || api.ends_with("_Get")
+        || api.contains("_List")
+        || api == "IMDS_Instance"
         || matches!(
             api,
             "DetachNetworkInterface"
@@ -143,6 +148,9 @@ pub struct CallLayer {
     policy: RetryPolicy,
     /// Client-side buckets; `None` sends every call at once.
     buckets: Option<Mutex<Buckets>>,
+    /// The bucket an API draws from, when APIs share buckets (ARM's reads
+    /// and writes); `None`: one bucket per API (EC2).
+    bucket_of: Option<fn(&str) -> &'static str>,
     stats: Mutex<BTreeMap<String, ApiStats>>,
 }
 
@@ -153,7 +161,35 @@ impl CallLayer {
         Self {
             policy,
             buckets: spec.map(|s| Mutex::new(Buckets::with_spec(s))),
+            bucket_of: None,
             stats: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The layer for Azure Resource Manager: the default policy under
+    /// ARM's per-subscription read and write buckets
+    /// ([`crate::bucket::arm_bucket`]), adapting to 429s as
+    /// [`CallLayer::ec2`] does. An API whose name ends in `_Get`, contains
+    /// `_List` or is `IMDS_Instance` draws from the read bucket; any other
+    /// from the write bucket.
+    pub fn arm() -> Self {
+        Self {
+            buckets: Some(Mutex::new(Buckets::adaptive(crate::bucket::arm_bucket))),
+            bucket_of: Some(|api: &str| {
+                if safe_to_repeat(api) {
+                    crate::bucket::ARM_READS
+                } else {
+                    crate::bucket::ARM_WRITES
+                }
+            }),
+            ..Self::new(RetryPolicy::default(), None)
+        }
+    }
+
+    fn bucket_key<'a>(&self, api: &'a str) -> &'a str {
+        match self.bucket_of {
+            Some(f) => f(api),
+            None => api,
         }
     }
 
@@ -204,10 +240,11 @@ impl CallLayer {
             if let Some(b) = &self.buckets {
                 let mut b = b.lock().expect("bucket lock");
                 let now = Instant::now();
+                let key = self.bucket_key(api);
                 if matches!(r, Err(ProviderError::Throttled { .. })) {
-                    b.throttled(api, now);
+                    b.throttled(key, now);
                 }
-                let rate = b.rate(api, now);
+                let rate = b.rate(key, now);
                 drop(b);
                 self.entry(api, |s| s.client_rate_per_sec = rate);
             }
@@ -223,7 +260,16 @@ impl CallLayer {
             };
             match r {
                 Err(e) if again => {
-                    let delay = self.policy.delay(attempt);
+                    // The cloud's own word on when to come back (ARM's
+                    // Retry-After) is a floor under the jittered delay.
+                    let asked = match &e {
+                        ProviderError::Throttled {
+                            retry_after_ms: Some(ms),
+                            ..
+                        } => Duration::from_millis(*ms),
+                        _ => Duration::ZERO,
+                    };
+                    let delay = self.policy.delay(attempt).max(asked);
                     debug!(api, attempt, error = %e, delay_ms = delay.as_millis() as u64, "retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -239,7 +285,7 @@ impl CallLayer {
             let wait = buckets
                 .lock()
                 .expect("bucket lock")
-                .take_or_wait(api, Instant::now());
+                .take_or_wait(self.bucket_key(api), Instant::now());
             match wait {
                 None => break,
                 Some(d) => {
@@ -314,7 +360,7 @@ mod tests {
         let r = layer
             .call("DescribeNetworkInterfaces", || async {
                 match n.fetch_add(1, Ordering::SeqCst) {
-                    0 | 1 => Err(ProviderError::Throttled { api: "x".into() }),
+                    0 | 1 => Err(ProviderError::throttled("x")),
                     2 => Err(ProviderError::Server("503".into())),
                     _ => Ok(7),
                 }
@@ -357,7 +403,7 @@ mod tests {
         let r = layer
             .call("AssignPrivateIpAddresses", || async {
                 match n.fetch_add(1, Ordering::SeqCst) {
-                    0 => Err(ProviderError::Throttled { api: "x".into() }),
+                    0 => Err(ProviderError::throttled("x")),
                     _ => Ok(()),
                 }
             })
@@ -385,11 +431,36 @@ mod tests {
         assert_eq!(n.load(Ordering::SeqCst), 1, "a full subnet is not retried");
         let r: Result<()> = layer
             .call("DescribeInstances", || async {
-                Err(ProviderError::Throttled { api: "x".into() })
+                Err(ProviderError::throttled("x"))
             })
             .await;
         assert!(matches!(r, Err(ProviderError::Throttled { .. })));
         assert_eq!(layer.stats()["DescribeInstances"].calls, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_is_waited_out_before_the_next_attempt() {
+        let layer = quick(6);
+        let n = AtomicU32::new(0);
+        let t0 = Instant::now();
+        let r = layer
+            .call("NetworkInterfaces_Get", || async {
+                match n.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(ProviderError::Throttled {
+                        api: "NetworkInterfaces_Get".into(),
+                        retry_after_ms: Some(7_000),
+                    }),
+                    _ => Ok(()),
+                }
+            })
+            .await;
+        assert_eq!(r, Ok(()));
+        // The policy alone would wait at most 100 ms here.
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_secs(7) && waited < Duration::from_secs(8),
+            "{waited:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,6 +7,8 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod bucket;
 pub mod error;
 pub mod jitter;

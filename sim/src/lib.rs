@@ -7,6 +7,7 @@
 //! its state in a file. Either way [`SimProvider`] reaches it through the same
 //! request type, so both paths run the same code.
 
+pub mod azure;
 pub mod client;
 pub mod fabric;
 pub mod model;
@@ -312,7 +313,7 @@ impl Vpc {
             || (self.config.throttling && !rt.buckets.try_take(api, Instant::now()));
         if throttled {
             *rt.throttled.entry(api.to_string()).or_default() += 1;
-            return Err(ProviderError::Throttled { api: api.into() });
+            return Err(ProviderError::throttled(api));
         }
         match fault {
             Some(FaultKind::ServerError) => Err(ProviderError::Server(format!(

@@ -290,7 +290,7 @@ async fn token_buckets_are_shared_by_every_node_of_the_account() {
         let (n, p) = if i % 2 == 0 { (&a, &pa) } else { (&b, &pb) };
         match n.assign(p, AssignRequest::Ips(0)).await {
             Ok(_) => ok += 1,
-            Err(ProviderError::Throttled { api }) => {
+            Err(ProviderError::Throttled { api, .. }) => {
                 assert_eq!(api, "AssignPrivateIpAddresses");
                 throttled += 1
             }

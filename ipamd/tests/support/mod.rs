@@ -353,11 +353,19 @@ pub mod inproc {
                 SimProvider::join_with(Backend::Local(vpc.clone()), "node-a", instance_type, layer)
                     .await
                     .unwrap();
+            Self::start_provider(Arc::new(provider), env, journal).await
+        }
+
+        /// The pool and reconciler on any provider (e.g. Azure's against
+        /// the fake ARM).
+        pub async fn start_provider(
+            provider: Arc<dyn providers::CloudProvider>,
+            env: &[(&str, &str)],
+            journal: &std::path::Path,
+        ) -> Node {
             let m: HashMap<&str, &str> = env.iter().copied().collect();
             let settings = Settings::from_source(&m).unwrap();
-            let ipam = Ipam::start(Arc::new(provider), settings, journal)
-                .await
-                .unwrap();
+            let ipam = Ipam::start(provider, settings, journal).await.unwrap();
             let (stop, rx) = watch::channel(false);
             let task = tokio::spawn(ipam.clone().run(rx));
             Node { ipam, stop, task }

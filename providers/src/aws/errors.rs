@@ -39,7 +39,7 @@ where
 pub fn classify(api: &str, code: &str, msg: &str, status: u16) -> ProviderError {
     match code {
         "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => {
-            ProviderError::Throttled { api: api.into() }
+            ProviderError::throttled(api)
         }
         "InsufficientFreeAddressesInSubnet" => ProviderError::SubnetExhausted {
             subnet: String::new(),
@@ -77,7 +77,13 @@ pub(super) fn in_subnet(e: ProviderError, subnet: &str) -> ProviderError {
 pub(super) fn with_context(e: ProviderError, ctx: impl Fn(&str) -> String) -> ProviderError {
     use ProviderError as E;
     match e {
-        E::Throttled { api } => E::Throttled { api: ctx(&api) },
+        E::Throttled {
+            api,
+            retry_after_ms,
+        } => E::Throttled {
+            api: ctx(&api),
+            retry_after_ms,
+        },
         E::Timeout { api } => E::Timeout { api: ctx(&api) },
         E::LimitExceeded(m) => E::LimitExceeded(ctx(&m)),
         E::Unsupported(m) => E::Unsupported(ctx(&m)),

@@ -1,0 +1,329 @@
+//! ipamd's pool on the Azure provider against the fake ARM and IMDS
+//! (`vpc_sim::azure`), over HTTP on loopback: Azure CNS's batches, one PUT
+//! per batch, shrinking through the cooldown (CNS's pending release), a 412
+//! race, 429s with Retry-After, the 256 ip-configurations of a NIC, a full
+//! subnet.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+mod support;
+
+use ipamd::ipam::IpamError;
+use providers::azure::{AzureProvider, AzureSettings, FederatedToken, Identity};
+use providers::layer::CallLayer;
+use providers::{AssignRequest, CloudProvider, ProviderError};
+use support::inproc::{key, Node};
+use vpc_sim::azure::{ArmConfig, ArmFake, ArmFault, ArmFaultKind};
+use vpc_sim::{Reply, Request, Vpc, VpcConfig};
+
+struct Azure {
+    vpc: Arc<Vpc>,
+    fake: Arc<ArmFake>,
+    url: String,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Azure {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A VM `vm-a` of `size` in `subnet` (the node subnet when `None`), and
+/// the fake serving it on loopback.
+async fn azure(size: &str, subnet: Option<(&str, &str)>) -> Azure {
+    let vpc = Arc::new(Vpc::with_config(VpcConfig {
+        // ARM's buckets are the fake's; EC2's do not apply.
+        throttling: false,
+        ..VpcConfig::default()
+    }));
+    if let Some((id, cidr)) = subnet {
+        vpc.handle(Request::CreateSubnet {
+            id: id.into(),
+            cidr: cidr.into(),
+            zone: "sim-1a".into(),
+            tags: Default::default(),
+        })
+        .await
+        .unwrap();
+    }
+    let r = vpc
+        .handle(Request::LaunchInstance {
+            name: "vm-a".into(),
+            instance_type: size.into(),
+            subnet_id: subnet.map(|(id, _)| id.to_string()),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(r, Reply::InstanceId(_)));
+    let fake = ArmFake::new(
+        vpc.clone(),
+        ArmConfig {
+            operation_delay: Duration::from_millis(150),
+            default_vm: Some("vm-a".into()),
+            ..ArmConfig::default()
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(vpc_sim::azure::serve(fake.clone(), listener));
+    Azure {
+        vpc,
+        fake,
+        url,
+        server,
+    }
+}
+
+fn settings(az: &Azure) -> AzureSettings {
+    AzureSettings {
+        arm_endpoint: az.url.clone(),
+        imds_endpoint: az.url.clone(),
+        identity: Identity::Workload {
+            tenant_id: "00000000-0000-4000-8000-0000000000aa".into(),
+            client_id: "00000000-0000-4000-8000-0000000000bb".into(),
+            token: FederatedToken::Value("service-account-token".into()),
+            authority_host: format!("{}/", az.url),
+        },
+        ..AzureSettings::default()
+    }
+}
+
+async fn provider(az: &Azure) -> Arc<AzureProvider> {
+    Arc::new(
+        AzureProvider::connect(settings(az), CallLayer::arm())
+            .await
+            .unwrap(),
+    )
+}
+
+/// The VM's primary NIC's secondary addresses, as the cloud holds them.
+fn secondaries(az: &Azure) -> usize {
+    let st = az.vpc.snapshot();
+    let i = st.instances.values().find(|i| i.name == "vm-a").unwrap();
+    st.interfaces[&i.primary_interface_id].secondary_ips.len()
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cns_batches_grow_with_one_put_each_and_shrink_through_the_cooldown() {
+    let az = azure("Standard_D4s_v3", None).await;
+    az.fake.set_primary_asgs("vm-a", &["/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/applicationSecurityGroups/pods"]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = provider(&az).await;
+    let caps = p.capabilities();
+    assert!(!caps.hot_attach && !caps.prefixes);
+    let node = Node::start_provider(
+        p,
+        &[
+            ("IPAM_SCALER_BATCH_SIZE", "16"),
+            ("IP_COOLDOWN_PERIOD", "2"),
+            ("IPAMD_ADD_WAIT_SECONDS", "10"),
+        ],
+        &dir.path().join("j"),
+    )
+    .await;
+    // Nothing in use: CNS's target is 16 × ceil(0.5 + 0/16) = 16, in one PUT.
+    until("16 addresses", || secondaries(&az) == 16).await;
+    assert_eq!(az.fake.counts().writes, 1, "{:?}", az.fake.counts());
+    // The new ip-configurations carry the primary's application security
+    // groups.
+    let nic = az
+        .vpc
+        .snapshot()
+        .instances
+        .values()
+        .next()
+        .unwrap()
+        .primary_interface_id
+        .clone();
+    let asgs = az.fake.asgs_of(&nic);
+    assert_eq!(asgs.len(), 17, "{asgs:?}");
+    assert!(
+        asgs.values()
+            .all(|a| a[0]["id"].as_str().unwrap().ends_with("/pods")),
+        "{asgs:?}"
+    );
+
+    // 9 in use: free 7 < 16 × 50% → target 16 × ceil(0.5 + 9/16) = 32, one more PUT.
+    let mut pods = vec![];
+    for i in 0..9 {
+        pods.push(node.ipam.add(key(&format!("p{i}"))).await.unwrap());
+    }
+    until("32 addresses", || secondaries(&az) == 32).await;
+    assert_eq!(az.fake.counts().writes, 2, "one PUT per batch");
+    let put_at = Instant::now();
+
+    // All gone: free 32 ≥ 16 × 150% → release to 16, but only once the
+    // addresses have cooled (CNS's pending release): they stay on the NIC
+    // meanwhile.
+    for i in 0..9 {
+        node.ipam.del(key(&format!("p{i}"))).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(secondaries(&az), 32, "released while still cooling");
+    until("back to 16", || secondaries(&az) == 16).await;
+    assert!(put_at.elapsed() >= Duration::from_secs(2));
+    assert_eq!(az.fake.counts().writes, 3, "one PUT for the release");
+    az.vpc.snapshot().check_invariants().unwrap();
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_412_race_and_429_bursts_are_ridden_out() {
+    let az = azure("Standard_D2s_v3", None).await;
+    let p = provider(&az).await;
+    let nic = p.describe_interfaces().await.unwrap()[0].id.clone();
+    // Another writer changes the NIC between our GET and PUT, twice.
+    az.fake.inject(ArmFault {
+        method: Some("PUT".into()),
+        kind: ArmFaultKind::EtagRace,
+        count: 2,
+    });
+    let got = p.assign(&nic, AssignRequest::Ips(4)).await.unwrap();
+    assert_eq!(got.ips.len(), 4);
+    let c = az.fake.counts();
+    assert_eq!((c.precondition_failed, c.writes), (2, 1), "{c:?}");
+
+    // Three 429s asking for 1 s each: waited out, then served.
+    az.fake.inject(ArmFault {
+        method: Some("GET".into()),
+        kind: ArmFaultKind::Throttle {
+            retry_after_secs: 1,
+        },
+        count: 3,
+    });
+    let t = Instant::now();
+    let got = p.assign(&nic, AssignRequest::Ips(2)).await.unwrap();
+    assert_eq!(got.ips.len(), 2);
+    assert!(
+        t.elapsed() >= Duration::from_secs(3),
+        "Retry-After not honoured: {:?}",
+        t.elapsed()
+    );
+    let stats = p.api_figures();
+    assert_eq!(stats["NetworkInterfaces_Get"].throttles, 3, "{stats:?}");
+    assert_eq!(secondaries(&az), 6);
+
+    // A release that took effect is not applied twice after a 412.
+    az.fake.inject(ArmFault {
+        method: Some("PUT".into()),
+        kind: ArmFaultKind::EtagRace,
+        count: 1,
+    });
+    p.release(&nic, &got).await.unwrap();
+    assert_eq!(secondaries(&az), 4);
+    az.vpc.snapshot().check_invariants().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nic_never_passes_256_ip_configurations() {
+    let az = azure("Standard_D2s_v3", None).await;
+    let p = provider(&az).await;
+    let nic = p.describe_interfaces().await.unwrap()[0].id.clone();
+    let before = az.fake.counts().writes;
+    match p.assign(&nic, AssignRequest::Ips(256)).await {
+        Err(ProviderError::LimitExceeded(m)) => assert!(m.contains("256"), "{m}"),
+        r => panic!("expected the NIC's limit, got {r:?}"),
+    }
+    assert_eq!(az.fake.counts().writes, before, "refused before any PUT");
+    // 255 fit (the primary is the 256th); not one more.
+    assert_eq!(
+        p.assign(&nic, AssignRequest::Ips(255))
+            .await
+            .unwrap()
+            .ips
+            .len(),
+        255
+    );
+    assert!(matches!(
+        p.assign(&nic, AssignRequest::Ips(1)).await,
+        Err(ProviderError::LimitExceeded(_))
+    ));
+    // The fake refuses a PUT past the limit as ARM does.
+    assert_eq!(secondaries(&az), 255);
+    let info = p.describe_instance().await.unwrap();
+    assert_eq!(
+        (info.limits.max_interfaces, info.limits.ipv4_per_interface),
+        (1, 256),
+        "a VM's limit is the NICs it has"
+    );
+    assert!(matches!(
+        p.create_interface(&providers::CreateInterface {
+            subnet_id: info.subnet_id.clone(),
+            security_groups: vec![],
+            tags: Default::default(),
+            initial: AssignRequest::Ips(1),
+        })
+        .await,
+        Err(ProviderError::Unsupported(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_subnet_drops_the_batch_to_one_and_says_why() {
+    // A /27: 27 usable addresses, the primary's included: 26 for pods.
+    let az = azure("Standard_D2s_v3", Some(("subnet-small", "10.0.48.0/27"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = provider(&az).await;
+    let node = Node::start_provider(
+        p,
+        &[
+            ("IPAM_SCALER_BATCH_SIZE", "16"),
+            ("IPAMD_ADD_WAIT_SECONDS", "3"),
+        ],
+        &dir.path().join("j"),
+    )
+    .await;
+    until("16 addresses", || secondaries(&az) == 16).await;
+    let mut served = 0;
+    let err = loop {
+        match node.ipam.add(key(&format!("p{served}"))).await {
+            Ok(_) => served += 1,
+            Err(e) => break e,
+        }
+        assert!(served <= 26, "more pods than the subnet holds");
+    };
+    // The 32-address batch did not fit; batches of one took the rest.
+    assert_eq!(served, 26, "every address the subnet has was served");
+    match &err {
+        IpamError::Exhausted { reason, .. } => {
+            assert!(
+                reason.contains("subnet"),
+                "reason does not say why: {reason}"
+            )
+        }
+        e => panic!("expected exhaustion, got {e:?}"),
+    }
+    let summary = node.ipam.summary();
+    let kinds = &summary["status"]["errors_by_site"];
+    assert!(!kinds.as_object().unwrap().is_empty(), "{summary}");
+    assert_eq!(secondaries(&az), 26);
+    az.vpc.snapshot().check_invariants().unwrap();
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_arm_answers_401_and_ipamd_says_permission_denied() {
+    let az = azure("Standard_D2s_v3", None).await;
+    let mut s = settings(&az);
+    // A workload identity whose token endpoint is elsewhere: no token.
+    s.identity = Identity::Workload {
+        tenant_id: "t".into(),
+        client_id: "c".into(),
+        token: FederatedToken::Value(String::new()),
+        authority_host: format!("{}/", az.url),
+    };
+    match AzureProvider::connect(s, CallLayer::arm()).await {
+        Err(ProviderError::Denied(m)) => assert!(m.contains("token"), "{m}"),
+        r => panic!("expected permission denied, got {:?}", r.map(|_| ())),
+    }
+}
