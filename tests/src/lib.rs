@@ -386,6 +386,20 @@ impl Invocation {
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// The cloud a lab's nodes run ipamd against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloud {
+    /// ipamd's `--provider sim` on the lab's simulated VPC server.
+    Sim,
+    /// ipamd's `--provider azure` on the fake ARM and IMDS, served over the
+    /// same simulated VPC at 169.254.169.254:80 inside the VPC namespace
+    /// (reached from the nodes through their subnet's router, as IMDS is).
+    Azure,
+}
+
+/// The address the fake ARM and IMDS listen on inside the VPC namespace.
+pub const AZURE_ENDPOINT: &str = "169.254.169.254";
+
 pub struct Lab {
     pub prefix: String,
     pub dir: tempfile::TempDir,
@@ -393,6 +407,12 @@ pub struct Lab {
     pub bins: Bins,
     sim_addr: String,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub cloud: Cloud,
+    /// The fake ARM and IMDS (Azure labs), and its server task.
+    pub arm: Option<(
+        Arc<vpc_sim::azure::ArmFake>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    )>,
     pub nodes: Vec<Node>,
     pub vpc_ns: Netns,
     pub outside: Netns,
@@ -401,6 +421,11 @@ pub struct Lab {
 impl Lab {
     /// A VPC with an outside network; no nodes yet.
     pub async fn new() -> Lab {
+        Self::on(Cloud::Sim).await
+    }
+
+    /// [`Lab::new`] whose nodes run ipamd against `cloud`.
+    pub async fn on(cloud: Cloud) -> Lab {
         require_root();
         let bins = Bins::find();
         let prefix = format!(
@@ -502,6 +527,8 @@ impl Lab {
                 attach_latency: Duration::from_millis(20),
                 state_path: Some(dir.path().join("vpc.json")),
                 fabric: Some(Arc::new(fabric) as Arc<dyn Fabric>),
+                // On Azure, ARM's buckets are the fake's.
+                throttling: cloud == Cloud::Sim,
                 ..VpcConfig::default()
             })
             .expect("vpc"),
@@ -511,7 +538,39 @@ impl Lab {
             .await
             .expect("bind sim");
         let server = tokio::spawn(server::serve(vpc.clone(), listener));
+        let arm = match cloud {
+            Cloud::Sim => None,
+            Cloud::Azure => {
+                // IMDS's well-known address, on the VPC router's loopback.
+                ip(&[
+                    "-n",
+                    &vpc_ns.name,
+                    "addr",
+                    "add",
+                    &format!("{AZURE_ENDPOINT}/32"),
+                    "dev",
+                    "lo",
+                ]);
+                let std_listener = in_netns(&vpc_ns.path(), || {
+                    std::net::TcpListener::bind((AZURE_ENDPOINT, 80))
+                })
+                .join()
+                .expect("bind thread")
+                .expect("bind the fake ARM in the VPC namespace");
+                std_listener.set_nonblocking(true).expect("nonblocking");
+                let listener =
+                    tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
+                let fake = vpc_sim::azure::ArmFake::new(
+                    vpc.clone(),
+                    vpc_sim::azure::ArmConfig::default(),
+                );
+                let task = tokio::spawn(vpc_sim::azure::serve(fake.clone(), listener));
+                Some((fake, task))
+            }
+        };
         Lab {
+            cloud,
+            arm,
             prefix,
             sim_addr: format!("unix:{}", sock.display()),
             dir,
@@ -596,10 +655,20 @@ impl Lab {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", node.ns.path().display()))
             .arg(self.bins.ipamd())
-            .args(["--provider", "sim", "--metrics", "off"])
-            .args(["--sim-server", &self.sim_addr, "--node-name", &node.ns.name])
-            .args(["--sim-instance-type", &node.instance_type])
-            .arg("--socket")
+            .args(["--metrics", "off", "--node-name", &node.ns.name]);
+        match self.cloud {
+            Cloud::Sim => cmd
+                .args(["--provider", "sim", "--sim-server", &self.sim_addr])
+                .args(["--sim-instance-type", &node.instance_type]),
+            // The VM's managed identity, IMDS and ARM: all the fake's.
+            Cloud::Azure => cmd.args(["--provider", "azure"]).args([
+                "--azure-arm-endpoint",
+                &format!("http://{AZURE_ENDPOINT}"),
+                "--azure-imds-endpoint",
+                &format!("http://{AZURE_ENDPOINT}"),
+            ]),
+        };
+        cmd.arg("--socket")
             .arg(&node.socket)
             .arg("--state-dir")
             .arg(&node.state)
@@ -849,6 +918,9 @@ impl Drop for Lab {
             }
         }
         self.server.abort();
+        if let Some((_, task)) = &self.arm {
+            task.abort();
+        }
         // Namespaces go when their fields drop: nodes, then vpc and outside.
     }
 }

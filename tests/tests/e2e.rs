@@ -27,6 +27,76 @@ fn host_veth(pod: &Pod) -> String {
         .to_string()
 }
 
+/// The same rules with ipamd's Azure provider: two VMs of an Azure size,
+/// their pools kept as ip-configurations of their NICs through the fake ARM
+/// and IMDS (backed by the same simulated VPC, reached at 169.254.169.254
+/// through the subnet's router), pods on the primary NIC in the main table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_azure_vms_pods_follow_the_kubernetes_networking_rules() {
+    let mut lab = Lab::on(Cloud::Azure).await;
+    let prefix = lab.prefix.clone();
+    let mut env = node_env();
+    env.push(("IPAM_SCALER_BATCH_SIZE", "4".to_string()));
+    let a = lab
+        .add_node(NodeSpec {
+            name: "a",
+            instance_type: "Standard_D2s_v3",
+            env: env.clone(),
+        })
+        .await;
+    let b = lab
+        .add_node(NodeSpec {
+            name: "b",
+            instance_type: "Standard_D2s_v3",
+            env,
+        })
+        .await;
+    let mut pods = vec![];
+    for (node, n) in [(a, "a"), (b, "b")] {
+        for i in 0..3 {
+            pods.push(lab.add_pod(node, &format!("{n}{i}")));
+        }
+    }
+    for p in &pods {
+        assert_eq!(
+            route_table_of(&lab, p).await,
+            254,
+            "a pod on the primary NIC uses the main table"
+        );
+    }
+    // The addresses are ip-configurations of the VMs' NICs, made through
+    // ARM (PUTs), never EC2-style assigns or attaches by ipamd.
+    let (fake, _) = lab.arm.as_ref().unwrap();
+    let counts = fake.counts();
+    assert!(counts.writes >= 2 && counts.imds >= 2, "{counts:?}");
+    let (calls, _) = lab.vpc.call_counts();
+    assert_eq!(calls.get("AttachNetworkInterface"), None, "{calls:?}");
+    let st = lab.vpc.snapshot();
+    for p in &pods {
+        let node = &lab.nodes[p.node];
+        let nic = &st.interfaces[&st.instances[&node.instance_id].primary_interface_id];
+        assert!(nic.secondary_ips.contains(&p.ip), "{} not on {}", p.ip, nic.id);
+    }
+    // Pod to pod on a node and across nodes, without NAT.
+    for (x, y) in [(0, 1), (0, 3), (3, 0), (2, 5), (4, 1)] {
+        let seen = udp_probe(&pods[x].ns.path(), &pods[y].ns.path(), pods[y].ip)
+            .unwrap_or_else(|e| panic!("pod {x} -> pod {y}: {e}\n{}", lab.diagnose()));
+        assert_eq!(seen, pods[x].ip, "pod {x} -> pod {y} was NATed");
+    }
+    // The node reaches its pods; leaving the VPC is SNATed to the node.
+    udp_probe(&lab.nodes[a].ns.path(), &pods[0].ns.path(), pods[0].ip).expect("node -> pod");
+    let seen = udp_probe(&pods[4].ns.path(), &lab.outside.path(), INTERNET_HOST).unwrap();
+    assert_eq!(seen, lab.nodes[b].primary_ip, "pod -> internet not SNATed");
+    let seen = udp_probe(&pods[1].ns.path(), &lab.outside.path(), EXCLUDED_HOST).unwrap();
+    assert_eq!(seen, pods[1].ip, "traffic to an excluded CIDR was SNATed");
+    for p in pods {
+        let r = lab.del_pod(p);
+        assert!(r.ok, "DEL: {} {}", r.stdout, r.stderr);
+    }
+    drop(lab);
+    assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_three_pods_follow_the_kubernetes_networking_rules() {
     let mut lab = Lab::new().await;
