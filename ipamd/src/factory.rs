@@ -238,3 +238,70 @@ async fn aws() -> Result<Arc<dyn CloudProvider>, FactoryError> {
         .map_err(FactoryError::Cloud)?;
     Ok(Arc::new(p))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use providers::azure::{FederatedToken, Identity};
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| m.get(k).cloned().filter(|v| !v.is_empty())
+    }
+
+    #[test]
+    fn azure_settings_are_checked_together() {
+        let ok = check_azure(
+            "https://management.azure.com",
+            "http://169.254.169.254",
+            env(&[]),
+        );
+        assert_eq!(ok, Vec::<String>::new());
+        let bad = check_azure(
+            "management.azure.com",
+            "ftp://169.254.169.254",
+            env(&[
+                ("AZURE_FEDERATED_TOKEN_FILE", "/nonexistent/token"),
+                ("AZURE_AUTHORITY_HOST", "login"),
+            ]),
+        );
+        let text = bad.join("\n");
+        for want in [
+            "IPAMD_AZURE_ARM_ENDPOINT",
+            "IPAMD_AZURE_IMDS_ENDPOINT",
+            "AZURE_TENANT_ID",
+            "AZURE_CLIENT_ID",
+            "/nonexistent/token",
+            "AZURE_AUTHORITY_HOST",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
+        }
+        assert_eq!(bad.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn the_environment_names_the_identity() {
+        assert_eq!(azure_identity_from(env(&[])), Identity::ManagedIdentity);
+        assert_eq!(
+            azure_identity_from(env(&[
+                (
+                    "AZURE_FEDERATED_TOKEN_FILE",
+                    "/var/run/secrets/azure/tokens/azure-identity-token"
+                ),
+                ("AZURE_TENANT_ID", "t"),
+                ("AZURE_CLIENT_ID", "c"),
+            ])),
+            Identity::Workload {
+                tenant_id: "t".into(),
+                client_id: "c".into(),
+                token: FederatedToken::File(
+                    "/var/run/secrets/azure/tokens/azure-identity-token".into()
+                ),
+                authority_host: "https://login.microsoftonline.com/".into(),
+            }
+        );
+    }
+}

@@ -465,3 +465,96 @@ async fn a_hundred_nodes_starting_at_once_all_start() {
         "the account's buckets never throttled: the test shows nothing ({calls:?})"
     );
 }
+
+/// Azure CNS's exhaustion mode, entered and left, on a VM of an Azure size
+/// (no NIC can be attached) whose subnet fills: once the subnet cannot give
+/// even one address, the batch drops to one and the pool releases down to
+/// one or two free; once the subnet has room again and the 5 minutes are
+/// over, the pool is back to whole batches. Under tokio's paused clock.
+#[tokio::test(start_paused = true)]
+async fn cns_exhaustion_mode_is_entered_on_a_full_subnet_and_left_after_it() {
+    use std::time::Duration;
+    use vpc_sim::provider::Backend;
+    use vpc_sim::{Reply, Request, SimProvider, Vpc, VpcConfig};
+
+    let vpc = Arc::new(Vpc::with_config(VpcConfig {
+        throttling: false,
+        ..VpcConfig::default()
+    }));
+    // A /26 (59 usable addresses) alone in its zone; another interface
+    // holds 43 of them, so the VM's primary leaves 15.
+    vpc.handle(Request::CreateSubnet {
+        id: "subnet-small".into(),
+        cidr: "10.0.96.0/26".into(),
+        zone: "sim-1z".into(),
+        tags: Default::default(),
+    })
+    .await
+    .unwrap();
+    let blocker = match vpc
+        .handle(Request::CreateInterface {
+            subnet_id: "subnet-small".into(),
+            security_groups: vec![],
+            tags: Default::default(),
+            ips: 42,
+            prefixes: 0,
+        })
+        .await
+        .unwrap()
+    {
+        Reply::Interface(i) => i.id,
+        r => panic!("{r:?}"),
+    };
+    vpc.handle(Request::LaunchInstance {
+        name: "vm-a".into(),
+        instance_type: "Standard_D2s_v3".into(),
+        subnet_id: Some("subnet-small".into()),
+    })
+    .await
+    .unwrap();
+    let p = SimProvider::join(Backend::Local(vpc.clone()), "vm-a", "Standard_D2s_v3")
+        .await
+        .unwrap();
+    let ipam = Ipam::start_with(
+        Arc::new(p),
+        settings(&[("IPAM_SCALER_BATCH_SIZE", "16")]),
+        JournalAt::Memory(MemStore::default()),
+        NodeTracker::nothing(),
+    )
+    .await
+    .unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(ipam.clone().run(rx));
+    let total = |ipam: &Ipam| ipam.summary()["counts"]["total"].as_u64().unwrap();
+    for i in 0..12 {
+        ipam.add(PodKey {
+            network: "vpc-cni".into(),
+            container_id: format!("p{i}"),
+            ifname: "eth0".into(),
+        })
+        .await
+        .expect("the subnet holds 15");
+    }
+    // The batch wants 16 × ceil(0.5 + 12/16) = 32; the subnet gives 15 and
+    // then nothing: exhaustion mode, batches of one, 1-2 free kept.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let low = total(&ipam);
+    assert!(
+        (13..=14).contains(&low),
+        "in exhaustion mode the pool keeps 1-2 free of 12 in use, not {low}: {}",
+        ipam.summary()
+    );
+    // The other interface goes: the subnet has room again. Within the 5
+    // minutes the pool stays in exhaustion mode; after them, whole batches.
+    vpc.handle(Request::DeleteInterface {
+        interface_id: blocker,
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(total(&ipam) <= 14, "left exhaustion mode early");
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(total(&ipam), 32, "{}", ipam.summary());
+    stop.send(true).ok();
+    task.await.ok();
+}

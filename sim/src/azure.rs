@@ -429,7 +429,7 @@ impl ArmFake {
         method: &Method,
         headers: &HeaderMap,
         uri: &Uri,
-    ) -> Result<Option<ArmFaultKind>, Response> {
+    ) -> Result<Option<ArmFaultKind>, Box<Response>> {
         let authorized = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -437,18 +437,18 @@ impl ArmFake {
             .is_some_and(|t| t.starts_with("fake-arm-token-"));
         if !authorized {
             self.inner.lock().expect("lock").counts.unauthorized += 1;
-            return Err(arm_error(
+            return Err(Box::new(arm_error(
                 StatusCode::UNAUTHORIZED,
                 "AuthenticationFailed",
                 "Authentication failed. The 'Authorization' header is missing or not a bearer token this tenant issued.",
-            ));
+            )));
         }
         if !uri.query().unwrap_or("").contains("api-version=") {
-            return Err(arm_error(
+            return Err(Box::new(arm_error(
                 StatusCode::BAD_REQUEST,
                 "MissingApiVersionParameter",
                 "The api-version query parameter (?api-version=) is required for all requests.",
-            ));
+            )));
         }
         let fault = self.fault(method);
         let throttle = |retry_after_secs: u64| {
@@ -467,14 +467,14 @@ impl ArmFake {
         match fault {
             Some(ArmFaultKind::Throttle { retry_after_secs }) => {
                 inner.counts.throttled += 1;
-                return Err(throttle(retry_after_secs));
+                return Err(Box::new(throttle(retry_after_secs)));
             }
             Some(ArmFaultKind::ServerError) => {
-                return Err(arm_error(
+                return Err(Box::new(arm_error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "InternalServerError",
                     "An error occurred. (injected)",
-                ))
+                )))
             }
             _ => {}
         }
@@ -486,7 +486,9 @@ impl ArmFake {
             };
             if let Some(wait) = inner.buckets.take_or_wait(key, Instant::now()) {
                 inner.counts.throttled += 1;
-                return Err(throttle(wait.as_secs_f64().ceil().max(1.0) as u64));
+                return Err(Box::new(
+                    throttle(wait.as_secs_f64().ceil().max(1.0) as u64),
+                ));
             }
         }
         if method == Method::GET {
@@ -558,7 +560,7 @@ impl ArmFake {
         }
         let fault = match self.admit(&method, &headers, &uri) {
             Ok(f) => f,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let base = format!(
             "http://{}",

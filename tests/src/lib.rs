@@ -560,10 +560,8 @@ impl Lab {
                 std_listener.set_nonblocking(true).expect("nonblocking");
                 let listener =
                     tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
-                let fake = vpc_sim::azure::ArmFake::new(
-                    vpc.clone(),
-                    vpc_sim::azure::ArmConfig::default(),
-                );
+                let fake =
+                    vpc_sim::azure::ArmFake::new(vpc.clone(), vpc_sim::azure::ArmConfig::default());
                 let task = tokio::spawn(vpc_sim::azure::serve(fake.clone(), listener));
                 Some((fake, task))
             }

@@ -75,7 +75,12 @@ async fn two_azure_vms_pods_follow_the_kubernetes_networking_rules() {
     for p in &pods {
         let node = &lab.nodes[p.node];
         let nic = &st.interfaces[&st.instances[&node.instance_id].primary_interface_id];
-        assert!(nic.secondary_ips.contains(&p.ip), "{} not on {}", p.ip, nic.id);
+        assert!(
+            nic.secondary_ips.contains(&p.ip),
+            "{} not on {}",
+            p.ip,
+            nic.id
+        );
     }
     // Pod to pod on a node and across nodes, without NAT.
     for (x, y) in [(0, 1), (0, 3), (3, 0), (2, 5), (4, 1)] {

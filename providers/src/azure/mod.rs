@@ -461,7 +461,7 @@ impl AzureProvider {
                 ..n
             })
             .collect();
-        if p.nics.first().is_none() {
+        if p.nics.is_empty() {
             return Err(ProviderError::NotFound(format!(
                 "no NIC of resource group {rg} belongs to VM {}",
                 p.vm_id
@@ -541,7 +541,7 @@ impl AzureProvider {
         let body = body.map(|b| serde_json::to_vec(b).expect("json"));
         self.layer
             .call_with(api, repeat, || {
-                let (method, url, body) = (method.clone(), url.clone(), body.clone());
+                let (url, body) = (url.clone(), body.clone());
                 async move {
                     let token = self
                         .credential
