@@ -66,18 +66,24 @@ fn without_a_provider_setting_ipamd_refuses_to_start_and_lists_every_bad_setting
     );
     assert!(!dir.path().join("s.sock").exists());
 
-    // A provider that is not built and an introspection address off
-    // loopback: both named, before anything is started.
+    // Azure settings that cannot work (an endpoint that is no URL, a
+    // workload identity without its tenant and client) and an
+    // introspection address off loopback: all named, before anything is
+    // started or any cloud asked.
     let out = std::process::Command::new(ipamd_bin())
         .args(["--provider", "azure", "--introspection", "0.0.0.0:61679"])
+        .args(["--azure-arm-endpoint", "management.azure.com"])
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .env_clear()
+        .env("AZURE_FEDERATED_TOKEN", "a-token")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
-    assert!(err.contains("azure"), "{err}");
+    assert!(err.contains("IPAMD_AZURE_ARM_ENDPOINT"), "{err}");
+    assert!(err.contains("AZURE_TENANT_ID"), "{err}");
+    assert!(err.contains("AZURE_CLIENT_ID"), "{err}");
     assert!(err.contains("not a loopback address"), "{err}");
 }
 

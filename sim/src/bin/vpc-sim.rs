@@ -36,6 +36,19 @@ enum Cmd {
         /// namespace is named after its instance.
         #[arg(long)]
         fabric_vpc_netns: Option<String>,
+        /// Also serve a fake Azure Resource Manager, IMDS and token
+        /// endpoint over the same VPC on this TCP address (e.g.
+        /// 127.0.0.1:7701), for ipamd's `--provider azure`; VMs are
+        /// instances of an Azure size (`launch --type Standard_D2s_v3`).
+        #[arg(long)]
+        azure_listen: Option<String>,
+        /// The VM the fake IMDS answers for when a request comes from an
+        /// address that is no VM's (ipamd on this host, over loopback).
+        #[arg(long)]
+        azure_default_vm: Option<String>,
+        /// Milliseconds a fake ARM PUT stays in progress.
+        #[arg(long, default_value_t = 300)]
+        azure_operation_ms: u64,
     },
     /// Launch (or find) an instance by name and print its id.
     Launch {
@@ -89,6 +102,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             attach_latency_ms,
             no_throttle,
             fabric_vpc_netns,
+            azure_listen,
+            azure_default_vm,
+            azure_operation_ms,
         } => {
             let addr: SimAddr = listen.parse()?;
             let fabric = match fabric_vpc_netns {
@@ -103,26 +119,52 @@ async fn run(cli: Cli) -> Result<(), String> {
                 }
                 None => None,
             };
-            let vpc = Vpc::open(VpcConfig {
-                attach_latency: Duration::from_millis(attach_latency_ms),
-                throttling: !no_throttle,
-                state_path: state,
-                fabric,
-                ..VpcConfig::default()
-            })
-            .map_err(|e| format!("cannot load state: {e}"))?;
+            let vpc = Arc::new(
+                Vpc::open(VpcConfig {
+                    attach_latency: Duration::from_millis(attach_latency_ms),
+                    throttling: !no_throttle,
+                    state_path: state,
+                    fabric,
+                    ..VpcConfig::default()
+                })
+                .map_err(|e| format!("cannot load state: {e}"))?,
+            );
             let listener = server::Listener::bind(&addr)
                 .await
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             let bound = listener.local_addr().map_err(|e| e.to_string())?;
             println!("vpc-sim listening on {bound}");
+            let azure = match azure_listen {
+                Some(a) => {
+                    let l = tokio::net::TcpListener::bind(&a)
+                        .await
+                        .map_err(|e| format!("cannot listen on {a}: {e}"))?;
+                    println!(
+                        "fake Azure ARM and IMDS listening on http://{}",
+                        l.local_addr().map_err(|e| e.to_string())?
+                    );
+                    let fake = vpc_sim::azure::ArmFake::new(
+                        vpc.clone(),
+                        vpc_sim::azure::ArmConfig {
+                            operation_delay: Duration::from_millis(azure_operation_ms),
+                            default_vm: azure_default_vm,
+                            ..Default::default()
+                        },
+                    );
+                    Some(tokio::spawn(vpc_sim::azure::serve(fake, l)))
+                }
+                None => None,
+            };
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .map_err(|e| e.to_string())?;
             tokio::select! {
-                r = server::serve(Arc::new(vpc), listener) => r.map_err(|e| e.to_string())?,
+                r = server::serve(vpc, listener) => r.map_err(|e| e.to_string())?,
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
+            }
+            if let Some(task) = azure {
+                task.abort();
             }
             if let SimAddr::Unix(p) = bound {
                 std::fs::remove_file(p).ok();
