@@ -81,14 +81,8 @@ pub fn check_azure(
             imds_endpoint,
         ),
     ] {
-        let ok = v
-            .trim()
-            .parse::<hyper::Uri>()
-            .ok()
-            .filter(|u| matches!(u.scheme_str(), Some("http" | "https")))
-            .filter(|u| u.host().is_some_and(|h| !h.is_empty()));
-        if ok.is_none() {
-            bad.push(format!("{flag} {v:?}: expected an http:// or https:// URL"));
+        if let Err(e) = providers::azure::check_endpoint(v) {
+            bad.push(format!("{flag} {v:?}: {e}"));
         }
     }
     let token = env("AZURE_FEDERATED_TOKEN_FILE");
@@ -108,14 +102,8 @@ pub fn check_azure(
             }
         }
         if let Some(h) = env("AZURE_AUTHORITY_HOST") {
-            let ok = h
-                .parse::<hyper::Uri>()
-                .ok()
-                .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")));
-            if !ok {
-                bad.push(format!(
-                    "AZURE_AUTHORITY_HOST {h:?}: expected an http:// or https:// URL"
-                ));
+            if let Err(e) = providers::azure::check_endpoint(&h) {
+                bad.push(format!("AZURE_AUTHORITY_HOST {h:?}: {e}"));
             }
         }
     }
@@ -262,7 +250,7 @@ mod tests {
         assert_eq!(ok, Vec::<String>::new());
         let bad = check_azure(
             "management.azure.com",
-            "ftp://169.254.169.254",
+            "http://1.2.3.256",
             env(&[
                 ("AZURE_FEDERATED_TOKEN_FILE", "/nonexistent/token"),
                 ("AZURE_AUTHORITY_HOST", "login"),

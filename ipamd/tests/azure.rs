@@ -327,3 +327,116 @@ async fn without_a_token_arm_answers_401_and_ipamd_says_permission_denied() {
         r => panic!("expected permission denied, got {:?}", r.map(|_| ())),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_whose_answer_is_lost_after_it_applied_is_not_applied_twice() {
+    let az = azure("Standard_D2s_v3", None).await;
+    let p = provider(&az).await;
+    let nic = p.describe_interfaces().await.unwrap()[0].id.clone();
+    az.fake.inject(ArmFault {
+        method: Some("PUT".into()),
+        kind: ArmFaultKind::ApplyThenServerError,
+        count: 1,
+    });
+    // The PUT applies, its answer is a 500; the repeat (same etag) gets a
+    // 412; the NIC read again already holds the named configurations.
+    let got = p.assign(&nic, AssignRequest::Ips(3)).await.unwrap();
+    assert_eq!(got.ips.len(), 3, "{got:?}");
+    let c = az.fake.counts();
+    assert_eq!((c.writes, c.precondition_failed), (1, 1), "{c:?}");
+    assert_eq!(secondaries(&az), 3);
+    // The same for a release.
+    az.fake.inject(ArmFault {
+        method: Some("PUT".into()),
+        kind: ArmFaultKind::ApplyThenServerError,
+        count: 1,
+    });
+    p.release(&nic, &got).await.unwrap();
+    assert_eq!(secondaries(&az), 0);
+    assert_eq!(az.fake.counts().writes, 2);
+    az.vpc.snapshot().check_invariants().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_configurations_ipamd_did_not_add_are_never_used_or_removed() {
+    let az = azure("Standard_D2s_v3", None).await;
+    // An operator's ip-configuration (a VIP, say), made outside ipamd.
+    let st = az.vpc.snapshot();
+    let nic = st
+        .instances
+        .values()
+        .next()
+        .unwrap()
+        .primary_interface_id
+        .clone();
+    let theirs = match az
+        .vpc
+        .handle(Request::Assign {
+            interface_id: nic.clone(),
+            ips: 1,
+            prefixes: 0,
+        })
+        .await
+        .unwrap()
+    {
+        Reply::Assigned(a) => a.ips[0],
+        r => panic!("{r:?}"),
+    };
+    let p = provider(&az).await;
+    let seen = p.describe_interfaces().await.unwrap();
+    assert!(!seen[0].secondary_ips.contains(&theirs), "{seen:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_provider(
+        p.clone(),
+        &[("WARM_IP_TARGET", "2"), ("IP_COOLDOWN_PERIOD", "1")],
+        &dir.path().join("j"),
+    )
+    .await;
+    for i in 0..4 {
+        let w = node.ipam.add(key(&format!("p{i}"))).await.unwrap();
+        assert_ne!(w.ip, theirs, "an operator's address was handed to a pod");
+    }
+    for i in 0..4 {
+        node.ipam.del(key(&format!("p{i}"))).await.unwrap();
+    }
+    // The pool shrinks back to its warm target; the operator's address stays.
+    until("the pool shrank", || secondaries(&az) <= 3).await;
+    let st = az.vpc.snapshot();
+    assert!(st.interfaces[&nic].secondary_ips.contains(&theirs));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_subnet_is_named_by_its_id_and_an_unreachable_token_endpoint_is_transient() {
+    let az = azure("Standard_D2s_v3", Some(("subnet-small", "10.0.48.0/27"))).await;
+    let p = provider(&az).await;
+    let nic = &p.describe_interfaces().await.unwrap()[0];
+    match p.assign(&nic.id, AssignRequest::Ips(30)).await {
+        // The id the interface reports, which the pool keys full subnets by.
+        Err(ProviderError::SubnetExhausted { subnet }) => assert_eq!(subnet, nic.subnet_id),
+        r => panic!("expected a full subnet, got {r:?}"),
+    }
+    // A token endpoint that does not answer: transient (retried at start),
+    // not a permission error.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut s = settings(&az);
+    s.identity = Identity::Workload {
+        tenant_id: "t".into(),
+        client_id: "c".into(),
+        token: FederatedToken::Value("sa".into()),
+        authority_host: format!("http://127.0.0.1:{port}/"),
+    };
+    let layer = CallLayer::new(
+        providers::layer::RetryPolicy {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        None,
+    );
+    match AzureProvider::connect(s, layer).await {
+        Err(e) => assert!(e.is_transient(), "{e:?}"),
+        Ok(_) => panic!("connected without a token"),
+    }
+}

@@ -26,7 +26,8 @@
 //!
 //! Injected faults ([`ArmFault`]) make the next matching requests throttled
 //! (with a chosen `Retry-After`), lose an etag race (a concurrent writer
-//! changes the NIC just before the PUT), or fail with a 500.
+//! changes the NIC just before the PUT), fail with a 500, or apply a PUT
+//! and then answer 500.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -100,6 +101,9 @@ pub enum ArmFaultKind {
     EtagRace,
     /// 500 `InternalServerError`; nothing happens.
     ServerError,
+    /// A PUT takes effect, then its answer is a 500 (a reply lost after
+    /// the change was made: the nastiest case for a client).
+    ApplyThenServerError,
 }
 
 /// What the fake has been asked, for tests and benches.
@@ -889,6 +893,13 @@ impl ArmFake {
         let v = self.nic_json(&st, &mut inner, &e);
         let etag = self.etag(&mut inner, name);
         drop(inner);
+        if fault == Some(ArmFaultKind::ApplyThenServerError) {
+            return arm_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                "An error occurred after the change was made. (injected)",
+            );
+        }
         let mut r = axum::Json(v).into_response();
         let h = r.headers_mut();
         h.insert(

@@ -60,8 +60,38 @@ pub const MAX_IP_CONFIGURATIONS: u32 = 256;
 pub const API_VERSION: &str = "2024-03-01";
 /// IMDS API version.
 pub const IMDS_API_VERSION: &str = "2021-02-01";
-/// Prefix of the names of the ip-configurations ipamd adds.
+/// Prefix of the names of the ip-configurations ipamd adds. Only these are
+/// the pool's: another ip-configuration of the NIC (an operator's, a load
+/// balancer's) is never handed out or removed.
 pub const IPCONFIG_PREFIX: &str = "vpc-cni-";
+/// The longest `Retry-After` honoured.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Whether `endpoint` is usable as an ARM or IMDS endpoint: an absolute
+/// http(s) URL with a host (as [`AzureProvider::connect`] parses it).
+pub fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+    let u = Url::parse(endpoint.trim()).map_err(|e| e.to_string())?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
+        return Err("expected an http:// or https:// URL with a host".into());
+    }
+    Ok(())
+}
+
+/// A failure to get a token, in terms ipamd acts on: the identity
+/// platform's refusal (4xx, or no identity) is a permission error; a 5xx,
+/// a bad answer or no answer is transient.
+fn token_error(api: &str, e: azure_core::Error) -> ProviderError {
+    use azure_core::error::ErrorKind;
+    let what = format!("{api}: no Azure token: {e}");
+    match e.kind() {
+        ErrorKind::HttpResponse { status, .. } if (*status as u16) < 500 => {
+            ProviderError::Denied(what)
+        }
+        ErrorKind::Credential => ProviderError::Denied(what),
+        ErrorKind::HttpResponse { .. } | ErrorKind::DataConversion => ProviderError::Server(what),
+        _ => ProviderError::Transport(what),
+    }
+}
 
 /// Where the provider finds Azure.
 #[derive(Debug, Clone)]
@@ -221,15 +251,25 @@ fn classify(api: &str, a: &Answer) -> ProviderError {
     match a.status {
         429 => ProviderError::Throttled {
             api: api.to_string(),
+            // At most MAX_RETRY_AFTER: a wrong or hostile answer must not
+            // stall the pool for hours.
             retry_after_ms: a
                 .header("retry-after")
                 .and_then(|s| s.trim().parse::<u64>().ok())
-                .map(|s| s.saturating_mul(1000)),
+                .map(|s| s.min(MAX_RETRY_AFTER.as_secs()).saturating_mul(1000)),
         },
         401 | 403 => ProviderError::Denied(what),
         404 => ProviderError::NotFound(what),
+        // The subnet is named by the caller, which knows the NIC's
+        // (ARM's message only describes it).
         400 if code == "SubnetIsFull" || code == "PrivateIPAddressSpaceExhausted" => {
-            ProviderError::SubnetExhausted { subnet: message }
+            ProviderError::SubnetExhausted {
+                subnet: String::new(),
+            }
+        }
+        // The NIC is busy with another operation: worth another try.
+        409 if code == "AnotherOperationInProgress" || code == "RetryableError" => {
+            ProviderError::Server(what)
         }
         400 | 409 if code.contains("LimitExceeded") || code.contains("LimitReached") => {
             ProviderError::LimitExceeded(what)
@@ -406,6 +446,12 @@ impl AzureProvider {
         })?;
         p.vm_name = vm.compute.name.clone();
         p.vm_id = vm.compute.resource_id.clone();
+        if p.vm_id.contains("/virtualMachineScaleSets/") {
+            return Err(ProviderError::Unsupported(format!(
+                "VM {} is an instance of a scale set in Uniform orchestration (as AKS node pools are): its NICs are the scale set's model and cannot be changed for one VM; vpc-cni's Azure provider runs on standalone VMs and Flexible scale sets",
+                p.vm_id
+            )));
+        }
         p.vm_size = vm.compute.vm_size.clone();
         p.zone = if vm.compute.zone.is_empty() {
             vm.compute.location.clone()
@@ -543,13 +589,15 @@ impl AzureProvider {
             .call_with(api, repeat, || {
                 let (url, body) = (url.clone(), body.clone());
                 async move {
-                    let token = self
-                        .credential
-                        .get_token(&[self.scope.as_str()])
-                        .await
-                        .map_err(|e| {
-                            ProviderError::Denied(format!("{api}: no Azure token: {e}"))
-                        })?;
+                    let token = tokio::time::timeout(
+                        self.settings.request_timeout,
+                        self.credential.get_token(&[self.scope.as_str()]),
+                    )
+                    .await
+                    .map_err(|_| ProviderError::Timeout {
+                        api: format!("{api} (token)"),
+                    })?
+                    .map_err(|e| token_error(api, e))?;
                     let mut headers =
                         vec![("authorization", format!("Bearer {}", token.token.secret()))];
                     if let Some(m) = if_match {
@@ -564,6 +612,21 @@ impl AzureProvider {
                 }
             })
             .await
+    }
+
+    /// A URL ARM handed back (`nextLink`, `Azure-AsyncOperation`,
+    /// `Location`), refused unless it is on the ARM endpoint itself: the
+    /// bearer token goes with every request to it.
+    fn same_origin(&self, what: &str, link: &str) -> Result<Url> {
+        let u =
+            Url::parse(link).map_err(|e| ProviderError::Invalid(format!("{what} {link}: {e}")))?;
+        if u.origin() != self.arm.origin() {
+            return Err(ProviderError::Invalid(format!(
+                "{what} {link} is not on the Azure Resource Manager endpoint {}; not sending the token there",
+                self.arm
+            )));
+        }
+        Ok(u)
     }
 
     fn url(&self, path: &str) -> Result<Url> {
@@ -627,10 +690,7 @@ impl AzureProvider {
                 .map_err(|e| ProviderError::Invalid(format!("NetworkInterfaces_List: {e}")))?;
             out.extend(page.value);
             next = match page.next_link {
-                Some(l) => Some(
-                    Url::parse(&l)
-                        .map_err(|e| ProviderError::Invalid(format!("nextLink {l}: {e}")))?,
-                ),
+                Some(l) => Some(self.same_origin("nextLink", &l)?),
                 None => None,
             };
         }
@@ -706,15 +766,13 @@ impl AzureProvider {
 
     /// Polls a PUT's operation until it is done.
     async fn wait_operation(&self, put: &Answer, nic: &str) -> Result<()> {
-        let Some(op) = put
-            .header("azure-asyncoperation")
-            .or_else(|| put.header("location"))
-        else {
+        let async_op = put.header("azure-asyncoperation");
+        let via_location = async_op.is_none();
+        let Some(op) = async_op.or_else(|| put.header("location")) else {
             // No operation to follow: done when the answer says so.
             return Ok(());
         };
-        let url = Url::parse(&op)
-            .map_err(|e| ProviderError::Invalid(format!("Azure-AsyncOperation {op}: {e}")))?;
+        let url = self.same_origin("Azure-AsyncOperation", &op)?;
         let deadline = tokio::time::Instant::now() + self.settings.operation_timeout;
         // ARM's Retry-After (often 10 s) is an upper bound here: an
         // ip-configuration change usually finishes within a second or two.
@@ -731,6 +789,10 @@ impl AzureProvider {
                     Repeat::IfSafe,
                 )
                 .await?;
+            // A Location is polled until it stops answering 202.
+            if via_location && a.status != 202 {
+                return Ok(());
+            }
             let v: Value = serde_json::from_slice(&a.body).unwrap_or_default();
             let status = v["status"]
                 .as_str()
@@ -745,7 +807,7 @@ impl AzureProvider {
                     return Err(match code {
                         "SubnetIsFull" | "PrivateIPAddressSpaceExhausted" => {
                             ProviderError::SubnetExhausted {
-                                subnet: message.to_string(),
+                                subnet: String::new(),
                             }
                         }
                         c if c.contains("LimitExceeded") => ProviderError::LimitExceeded(what),
@@ -778,11 +840,32 @@ impl AzureProvider {
         mut edit: impl FnMut(&models::NetworkInterface, &mut Value) -> Result<bool>,
     ) -> Result<models::NetworkInterface> {
         let mut races = 0;
+        let deadline = tokio::time::Instant::now() + self.settings.operation_timeout;
         loop {
             let (typed, mut raw, etag) = self.get_nic(&nic.id).await?;
             if !edit(&typed, &mut raw)? {
+                // Nothing to send (a PUT of ours already applied, answered
+                // by a lost reply or a 412): done once ARM has finished it.
+                if raw["properties"]["provisioningState"].as_str() == Some("Updating")
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
                 return Ok(typed);
             }
+            // The subnet a "full" answer is about: the NIC's.
+            let subnet = primary_config(&typed)
+                .and_then(|c| c.properties.as_ref())
+                .and_then(|p| p.subnet.as_ref())
+                .and_then(|s| s.sub_resource.id.clone())
+                .unwrap_or_default();
+            let named = |e: ProviderError| match e {
+                ProviderError::SubnetExhausted { .. } => ProviderError::SubnetExhausted {
+                    subnet: subnet.clone(),
+                },
+                e => e,
+            };
             // Read-only parts ARM ignores on PUT are left as they were.
             let put = self
                 .arm_call(
@@ -795,7 +878,8 @@ impl AzureProvider {
                     // took effect gets 412 and is re-read, never applied twice.
                     Repeat::Always,
                 )
-                .await?;
+                .await
+                .map_err(named)?;
             if put.status == 412 {
                 races += 1;
                 if races > self.settings.etag_retries {
@@ -807,7 +891,7 @@ impl AzureProvider {
                 debug!(nic = %nic.name, races, "NIC changed since it was read (412); reading it again");
                 continue;
             }
-            self.wait_operation(&put, &nic.name).await?;
+            self.wait_operation(&put, &nic.name).await.map_err(named)?;
             return Ok(self.get_nic(&nic.id).await?.0);
         }
     }
@@ -835,7 +919,7 @@ impl AzureProvider {
                     .as_ref()
                     .and_then(|s| s.sub_resource.id.clone())
                     .unwrap_or_default();
-            } else {
+            } else if ours(c) {
                 secondary.push(ip);
             }
         }
@@ -873,6 +957,13 @@ impl AzureProvider {
             "{what}: Azure attaches NICs only to a deallocated VM; the pool grows on the NICs the VM has"
         ))
     }
+}
+
+/// An ip-configuration ipamd added (see [`IPCONFIG_PREFIX`]).
+fn ours(c: &models::NetworkInterfaceIpConfiguration) -> bool {
+    c.name
+        .as_deref()
+        .is_some_and(|n| n.starts_with(IPCONFIG_PREFIX))
 }
 
 fn primary_config(
@@ -1044,7 +1135,11 @@ impl CloudProvider for AzureProvider {
                 .into_iter()
                 .filter(|c| {
                     let p = &c["properties"];
+                    let ours = c["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with(IPCONFIG_PREFIX));
                     p["primary"].as_bool() == Some(true)
+                        || !ours
                         || !p["privateIPAddress"]
                             .as_str()
                             .is_some_and(|a| gone.iter().any(|g| g == a))
@@ -1140,6 +1235,18 @@ mod tests {
                 .into(),
             }
         };
+        // A Retry-After of an hour is cut to MAX_RETRY_AFTER.
+        assert_eq!(
+            classify("x", &answer(429, "x", Some("3600"))),
+            ProviderError::Throttled {
+                api: "x".into(),
+                retry_after_ms: Some(60_000)
+            }
+        );
+        assert!(matches!(
+            classify("x", &answer(409, "AnotherOperationInProgress", None)),
+            ProviderError::Server(_)
+        ));
         assert_eq!(
             classify(
                 "x",
