@@ -89,6 +89,13 @@ pub enum Request {
         interface_id: String,
         tags: BTreeMap<String, String>,
     },
+    /// Attaches an interface to an instance as if the instance had been
+    /// created with it (Azure: a VM's NICs are given at creation or while
+    /// it is deallocated), at the lowest free device index.
+    AttachAtLaunch {
+        interface_id: String,
+        instance_id: String,
+    },
     InjectFault(Fault),
     ClearFaults,
     DumpState,
@@ -432,7 +439,8 @@ impl Vpc {
                     self.wire(|f| f.attach(&port))?;
                 }
             }
-            (Request::AttachInterface { interface_id, .. }, _) => {
+            (Request::AttachInterface { interface_id, .. }, _)
+            | (Request::AttachAtLaunch { interface_id, .. }, _) => {
                 if let Some(port) = self.port(interface_id) {
                     self.wire(|f| f.attach(&port))?;
                 }
@@ -551,6 +559,12 @@ impl Vpc {
                 self.mutate(|s| s.set_interface_tags(&interface_id, tags))?;
                 Reply::Done
             }
+            Request::AttachAtLaunch {
+                interface_id,
+                instance_id,
+            } => Reply::DeviceIndex(
+                self.mutate(|s| s.attach_at_launch(&interface_id, &instance_id))?,
+            ),
             Request::InjectFault(f) => {
                 self.runtime.lock().expect("lock").faults.push_back(f);
                 Reply::Done

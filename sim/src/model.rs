@@ -443,12 +443,31 @@ impl VpcState {
         instance_id: &str,
         device_index: Option<u32>,
     ) -> Result<u32> {
+        self.attach_checked(interface_id, instance_id, device_index, false)
+    }
+
+    /// An interface given to an instance at its creation (Azure's NICs of a
+    /// VM), at the lowest free device index: allowed where a running
+    /// instance takes none.
+    pub fn attach_at_launch(&mut self, interface_id: &str, instance_id: &str) -> Result<u32> {
+        self.attach_checked(interface_id, instance_id, None, true)
+    }
+
+    fn attach_checked(
+        &mut self,
+        interface_id: &str,
+        instance_id: &str,
+        device_index: Option<u32>,
+        at_launch: bool,
+    ) -> Result<u32> {
         let inst = self.instance(instance_id)?.clone();
         let limits = self.limits_of(&inst.instance_type)?;
-        if matches!(
-            limits::lookup(&inst.instance_type).map(|t| t.family),
-            Some(limits::Family::Azure)
-        ) {
+        if !at_launch
+            && matches!(
+                limits::lookup(&inst.instance_type).map(|t| t.family),
+                Some(limits::Family::Azure)
+            )
+        {
             return Err(ProviderError::Unsupported(format!(
                 "{instance_id} ({}) is running: Azure attaches a NIC only while the VM is deallocated",
                 inst.instance_type

@@ -583,6 +583,13 @@ impl Lab {
 
     /// Boots a node: its namespace, its instance in the VPC, its ipamd.
     pub async fn add_node(&mut self, spec: NodeSpec<'_>) -> usize {
+        self.add_node_with_nics(spec, 0).await
+    }
+
+    /// [`Lab::add_node`] whose instance is created with `extra` more
+    /// interfaces in the node subnet (as an Azure VM is created with its
+    /// NICs), tagged as ipamd's so that its pool may use them.
+    pub async fn add_node_with_nics(&mut self, spec: NodeSpec<'_>, extra: u32) -> usize {
         let ns = Netns::new(&format!("{}-{}", self.prefix, spec.name));
         let id = match self
             .vpc
@@ -597,6 +604,34 @@ impl Lab {
             vpc_sim::Reply::InstanceId(id) => id,
             r => panic!("unexpected {r:?}"),
         };
+        for _ in 0..extra {
+            let nic = match self
+                .vpc
+                .handle(Request::CreateInterface {
+                    subnet_id: NODE_SUBNET.into(),
+                    security_groups: vec![],
+                    tags: [(
+                        providers::tags::OWNER.to_string(),
+                        providers::tags::OWNER_VALUE.to_string(),
+                    )]
+                    .into(),
+                    ips: 0,
+                    prefixes: 0,
+                })
+                .await
+                .expect("create NIC")
+            {
+                vpc_sim::Reply::Interface(i) => i.id,
+                r => panic!("unexpected {r:?}"),
+            };
+            self.vpc
+                .handle(Request::AttachAtLaunch {
+                    interface_id: nic,
+                    instance_id: id.clone(),
+                })
+                .await
+                .expect("NIC at launch");
+        }
         let primary_ip = self.vpc.snapshot().interfaces
             [&self.vpc.snapshot().instances[&id].primary_interface_id]
             .primary_ip;

@@ -30,19 +30,28 @@ fn host_veth(pod: &Pod) -> String {
 /// The same rules with ipamd's Azure provider: two VMs of an Azure size,
 /// their pools kept as ip-configurations of their NICs through the fake ARM
 /// and IMDS (backed by the same simulated VPC, reached at 169.254.169.254
-/// through the subnet's router), pods on the primary NIC in the main table.
+/// through the subnet's router). VM b's pods are on its primary NIC, in the
+/// main table; VM a was created with a second NIC, and once its primary
+/// NIC's 255 addresses are taken its pods are on the second, in that NIC's
+/// own table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_azure_vms_pods_follow_the_kubernetes_networking_rules() {
     let mut lab = Lab::on(Cloud::Azure).await;
     let prefix = lab.prefix.clone();
     let mut env = node_env();
     env.push(("IPAM_SCALER_BATCH_SIZE", "4".to_string()));
+    // The primary NIC's 255 and one more, from the start.
+    let mut env_a = node_env();
+    env_a.push(("WARM_IP_TARGET", "256".to_string()));
     let a = lab
-        .add_node(NodeSpec {
-            name: "a",
-            instance_type: "Standard_D2s_v3",
-            env: env.clone(),
-        })
+        .add_node_with_nics(
+            NodeSpec {
+                name: "a",
+                instance_type: "Standard_D2s_v3",
+                env: env_a,
+            },
+            1,
+        )
         .await;
     let b = lab
         .add_node(NodeSpec {
@@ -51,18 +60,24 @@ async fn two_azure_vms_pods_follow_the_kubernetes_networking_rules() {
             env,
         })
         .await;
+    // Attachments that are not wired pods fill VM a's primary NIC (the
+    // fullest interface is served first).
+    for i in 0..255 {
+        lab.reserve(a, &format!("held-{i}")).await;
+    }
     let mut pods = vec![];
     for (node, n) in [(a, "a"), (b, "b")] {
         for i in 0..3 {
             pods.push(lab.add_pod(node, &format!("{n}{i}")));
         }
     }
-    for p in &pods {
-        assert_eq!(
-            route_table_of(&lab, p).await,
-            254,
-            "a pod on the primary NIC uses the main table"
-        );
+    for (i, p) in pods.iter().enumerate() {
+        let table = route_table_of(&lab, p).await;
+        if p.node == a {
+            assert_ne!(table, 254, "pod {i} should be on VM a's second NIC");
+        } else {
+            assert_eq!(table, 254, "pod {i} on the primary NIC uses the main table");
+        }
     }
     // The addresses are ip-configurations of the VMs' NICs, made through
     // ARM (PUTs), never EC2-style assigns or attaches by ipamd.
@@ -74,13 +89,14 @@ async fn two_azure_vms_pods_follow_the_kubernetes_networking_rules() {
     let st = lab.vpc.snapshot();
     for p in &pods {
         let node = &lab.nodes[p.node];
-        let nic = &st.interfaces[&st.instances[&node.instance_id].primary_interface_id];
-        assert!(
-            nic.secondary_ips.contains(&p.ip),
-            "{} not on {}",
-            p.ip,
-            nic.id
-        );
+        let nic = st
+            .interfaces
+            .values()
+            .find(|e| e.secondary_ips.contains(&p.ip))
+            .unwrap_or_else(|| panic!("{} on no NIC", p.ip));
+        let at = nic.attachment.as_ref().unwrap();
+        assert_eq!(at.instance_id, node.instance_id);
+        assert_eq!(at.device_index, if p.node == a { 1 } else { 0 }, "{}", p.ip);
     }
     // Pod to pod on a node and across nodes, without NAT.
     for (x, y) in [(0, 1), (0, 3), (3, 0), (2, 5), (4, 1)] {
@@ -88,8 +104,31 @@ async fn two_azure_vms_pods_follow_the_kubernetes_networking_rules() {
             .unwrap_or_else(|e| panic!("pod {x} -> pod {y}: {e}\n{}", lab.diagnose()));
         assert_eq!(seen, pods[x].ip, "pod {x} -> pod {y} was NATed");
     }
-    // The node reaches its pods; leaving the VPC is SNATed to the node.
+    // A pod on the second NIC leaves through that NIC's table.
+    let route = ip_out(
+        &lab.nodes[a].ns.name,
+        &[
+            "route",
+            "get",
+            &pods[3].ip.to_string(),
+            "from",
+            &pods[0].ip.to_string(),
+            "iif",
+            &host_veth(&pods[0]),
+        ],
+    );
+    assert!(
+        route.contains("dev eth1"),
+        "second-NIC pod does not use its table: {route}"
+    );
+    // The node reaches its pods; leaving the VPC is SNATed to the node,
+    // from either NIC.
     udp_probe(&lab.nodes[a].ns.path(), &pods[0].ns.path(), pods[0].ip).expect("node -> pod");
+    let seen = udp_probe(&pods[1].ns.path(), &lab.outside.path(), INTERNET_HOST).unwrap();
+    assert_eq!(
+        seen, lab.nodes[a].primary_ip,
+        "second-NIC pod -> internet not SNATed"
+    );
     let seen = udp_probe(&pods[4].ns.path(), &lab.outside.path(), INTERNET_HOST).unwrap();
     assert_eq!(seen, lab.nodes[b].primary_ip, "pod -> internet not SNATed");
     let seen = udp_probe(&pods[1].ns.path(), &lab.outside.path(), EXCLUDED_HOST).unwrap();
