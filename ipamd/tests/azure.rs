@@ -98,6 +98,20 @@ async fn provider(az: &Azure) -> Arc<AzureProvider> {
     )
 }
 
+/// The next `count` ARM requests of `method` (GET, PUT) meet `kind`.
+fn inject(az: &Azure, method: &str, kind: ArmFaultKind, count: u32) {
+    az.fake.inject(ArmFault {
+        method: Some(method.into()),
+        kind,
+        count,
+    });
+}
+
+/// The VM's primary NIC, as the provider names it.
+async fn primary_nic(p: &AzureProvider) -> String {
+    p.describe_interfaces().await.unwrap()[0].id.clone()
+}
+
 /// The VM's primary NIC's secondary addresses, as the cloud holds them.
 fn secondaries(az: &Azure) -> usize {
     let st = az.vpc.snapshot();
@@ -181,26 +195,23 @@ async fn cns_batches_grow_with_one_put_each_and_shrink_through_the_cooldown() {
 async fn a_412_race_and_429_bursts_are_ridden_out() {
     let az = azure("Standard_D2s_v3", None).await;
     let p = provider(&az).await;
-    let nic = p.describe_interfaces().await.unwrap()[0].id.clone();
+    let nic = primary_nic(&p).await;
     // Another writer changes the NIC between our GET and PUT, twice.
-    az.fake.inject(ArmFault {
-        method: Some("PUT".into()),
-        kind: ArmFaultKind::EtagRace,
-        count: 2,
-    });
+    inject(&az, "PUT", ArmFaultKind::EtagRace, 2);
     let got = p.assign(&nic, AssignRequest::Ips(4)).await.unwrap();
     assert_eq!(got.ips.len(), 4);
     let c = az.fake.counts();
     assert_eq!((c.precondition_failed, c.writes), (2, 1), "{c:?}");
 
     // Three 429s asking for 1 s each: waited out, then served.
-    az.fake.inject(ArmFault {
-        method: Some("GET".into()),
-        kind: ArmFaultKind::Throttle {
+    inject(
+        &az,
+        "GET",
+        ArmFaultKind::Throttle {
             retry_after_secs: 1,
         },
-        count: 3,
-    });
+        3,
+    );
     let t = Instant::now();
     let got = p.assign(&nic, AssignRequest::Ips(2)).await.unwrap();
     assert_eq!(got.ips.len(), 2);
@@ -214,11 +225,7 @@ async fn a_412_race_and_429_bursts_are_ridden_out() {
     assert_eq!(secondaries(&az), 6);
 
     // A release that took effect is not applied twice after a 412.
-    az.fake.inject(ArmFault {
-        method: Some("PUT".into()),
-        kind: ArmFaultKind::EtagRace,
-        count: 1,
-    });
+    inject(&az, "PUT", ArmFaultKind::EtagRace, 1);
     p.release(&nic, &got).await.unwrap();
     assert_eq!(secondaries(&az), 4);
     az.vpc.snapshot().check_invariants().unwrap();
@@ -228,7 +235,7 @@ async fn a_412_race_and_429_bursts_are_ridden_out() {
 async fn a_nic_never_passes_256_ip_configurations() {
     let az = azure("Standard_D2s_v3", None).await;
     let p = provider(&az).await;
-    let nic = p.describe_interfaces().await.unwrap()[0].id.clone();
+    let nic = primary_nic(&p).await;
     let before = az.fake.counts().writes;
     match p.assign(&nic, AssignRequest::Ips(256)).await {
         Err(ProviderError::LimitExceeded(m)) => assert!(m.contains("256"), "{m}"),
@@ -332,12 +339,8 @@ async fn without_a_token_arm_answers_401_and_ipamd_says_permission_denied() {
 async fn a_put_whose_answer_is_lost_after_it_applied_is_not_applied_twice() {
     let az = azure("Standard_D2s_v3", None).await;
     let p = provider(&az).await;
-    let nic = p.describe_interfaces().await.unwrap()[0].id.clone();
-    az.fake.inject(ArmFault {
-        method: Some("PUT".into()),
-        kind: ArmFaultKind::ApplyThenServerError,
-        count: 1,
-    });
+    let nic = primary_nic(&p).await;
+    inject(&az, "PUT", ArmFaultKind::ApplyThenServerError, 1);
     // The PUT applies, its answer is a 500; the repeat (same etag) gets a
     // 412; the NIC read again already holds the named configurations.
     let got = p.assign(&nic, AssignRequest::Ips(3)).await.unwrap();
@@ -346,11 +349,7 @@ async fn a_put_whose_answer_is_lost_after_it_applied_is_not_applied_twice() {
     assert_eq!((c.writes, c.precondition_failed), (1, 1), "{c:?}");
     assert_eq!(secondaries(&az), 3);
     // The same for a release.
-    az.fake.inject(ArmFault {
-        method: Some("PUT".into()),
-        kind: ArmFaultKind::ApplyThenServerError,
-        count: 1,
-    });
+    inject(&az, "PUT", ArmFaultKind::ApplyThenServerError, 1);
     p.release(&nic, &got).await.unwrap();
     assert_eq!(secondaries(&az), 0);
     assert_eq!(az.fake.counts().writes, 2);

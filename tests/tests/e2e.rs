@@ -20,6 +20,23 @@ async fn route_table_of(lab: &Lab, pod: &Pod) -> u32 {
     r.interface.unwrap().route_table
 }
 
+/// The route a packet of pod `from` (on `node`) to `to` takes: `ip route
+/// get TO from FROM iif <from's host veth>`.
+fn route_from(lab: &Lab, node: usize, from: &Pod, to: Ipv4Addr) -> String {
+    ip_out(
+        &lab.nodes[node].ns.name,
+        &[
+            "route",
+            "get",
+            &to.to_string(),
+            "from",
+            &from.ip.to_string(),
+            "iif",
+            &host_veth(from),
+        ],
+    )
+}
+
 fn host_veth(pod: &Pod) -> String {
     pod.result["interfaces"][0]["name"]
         .as_str()
@@ -105,18 +122,7 @@ async fn two_azure_vms_pods_follow_the_kubernetes_networking_rules() {
         assert_eq!(seen, pods[x].ip, "pod {x} -> pod {y} was NATed");
     }
     // A pod on the second NIC leaves through that NIC's table.
-    let route = ip_out(
-        &lab.nodes[a].ns.name,
-        &[
-            "route",
-            "get",
-            &pods[3].ip.to_string(),
-            "from",
-            &pods[0].ip.to_string(),
-            "iif",
-            &host_veth(&pods[0]),
-        ],
-    );
+    let route = route_from(&lab, a, &pods[0], pods[3].ip);
     assert!(
         route.contains("dev eth1"),
         "second-NIC pod does not use its table: {route}"
@@ -215,34 +221,12 @@ async fn two_nodes_three_pods_follow_the_kubernetes_networking_rules() {
         assert_eq!(seen, p.ip, "traffic to an excluded CIDR was SNATed");
     }
     // A pod on a secondary interface leaves through that interface's table.
-    let route = ip_out(
-        &lab.nodes[a].ns.name,
-        &[
-            "route",
-            "get",
-            &pods[3].ip.to_string(),
-            "from",
-            &pods[2].ip.to_string(),
-            "iif",
-            &host_veth(&pods[2]),
-        ],
-    );
+    let route = route_from(&lab, a, &pods[2], pods[3].ip);
     assert!(
         route.contains("dev eth1"),
         "secondary-interface pod does not use its table: {route}"
     );
-    let route = ip_out(
-        &lab.nodes[a].ns.name,
-        &[
-            "route",
-            "get",
-            &pods[3].ip.to_string(),
-            "from",
-            &pods[0].ip.to_string(),
-            "iif",
-            &host_veth(&pods[0]),
-        ],
-    );
+    let route = route_from(&lab, a, &pods[0], pods[3].ip);
     assert!(
         route.contains("dev eth0"),
         "primary-interface pod should use the main table: {route}"
