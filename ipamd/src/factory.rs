@@ -90,15 +90,19 @@ pub fn check_azure(
         for k in ["AZURE_TENANT_ID", "AZURE_CLIENT_ID"] {
             if env(k).is_none() {
                 bad.push(format!(
-                    "{k} is not set: workload identity (AZURE_FEDERATED_TOKEN_FILE) needs it"
+                    "{k} is not set: workload identity (AZURE_FEDERATED_TOKEN_FILE or AZURE_FEDERATED_TOKEN) needs it"
                 ));
             }
         }
         if let Some(f) = token {
-            if let Err(e) = std::fs::read_to_string(&f) {
-                bad.push(format!(
+            match std::fs::read_to_string(&f) {
+                Err(e) => bad.push(format!(
                     "AZURE_FEDERATED_TOKEN_FILE {f:?} cannot be read: {e}"
-                ));
+                )),
+                Ok(t) if t.trim().is_empty() => bad.push(format!(
+                    "AZURE_FEDERATED_TOKEN_FILE {f:?} is empty: it should hold the service account's token"
+                )),
+                Ok(_) => {}
             }
         }
         if let Some(h) = env("AZURE_AUTHORITY_HOST") {

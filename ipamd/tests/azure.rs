@@ -236,25 +236,21 @@ async fn a_nic_never_passes_256_ip_configurations() {
     let az = azure("Standard_D2s_v3", None).await;
     let p = provider(&az).await;
     let nic = primary_nic(&p).await;
+    // 256 asked: the 255 that fit (the primary is the 256th), in one PUT.
     let before = az.fake.counts().writes;
-    match p.assign(&nic, AssignRequest::Ips(256)).await {
+    let got = p.assign(&nic, AssignRequest::Ips(256)).await.unwrap();
+    assert_eq!(got.ips.len(), 255);
+    assert_eq!(az.fake.counts().writes, before + 1);
+    // Not one more, refused before any PUT.
+    match p.assign(&nic, AssignRequest::Ips(1)).await {
         Err(ProviderError::LimitExceeded(m)) => assert!(m.contains("256"), "{m}"),
         r => panic!("expected the NIC's limit, got {r:?}"),
     }
-    assert_eq!(az.fake.counts().writes, before, "refused before any PUT");
-    // 255 fit (the primary is the 256th); not one more.
     assert_eq!(
-        p.assign(&nic, AssignRequest::Ips(255))
-            .await
-            .unwrap()
-            .ips
-            .len(),
-        255
+        az.fake.counts().writes,
+        before + 1,
+        "refused before any PUT"
     );
-    assert!(matches!(
-        p.assign(&nic, AssignRequest::Ips(1)).await,
-        Err(ProviderError::LimitExceeded(_))
-    ));
     // The fake refuses a PUT past the limit as ARM does.
     assert_eq!(secondaries(&az), 255);
     let info = p.describe_instance().await.unwrap();
@@ -384,6 +380,10 @@ async fn ip_configurations_ipamd_did_not_add_are_never_used_or_removed() {
     let p = provider(&az).await;
     let seen = p.describe_interfaces().await.unwrap();
     assert!(!seen[0].secondary_ips.contains(&theirs), "{seen:?}");
+    // It takes one of the NIC's 256 slots: the pool plans with 255.
+    let limits = p.describe_instance().await.unwrap().limits;
+    assert_eq!(limits.ipv4_per_interface, 255);
+    assert_eq!(p.current_limits(), Some(limits));
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_provider(
         p.clone(),

@@ -845,6 +845,17 @@ impl ArmFake {
                 Err(providers::ProviderError::LimitExceeded(m)) => {
                     return arm_error(StatusCode::BAD_REQUEST, "LimitExceeded", m)
                 }
+                // The simulated VPC's own throttling or injected throttle.
+                Err(providers::ProviderError::Throttled { .. }) => {
+                    let mut r = arm_error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "SubscriptionRequestsThrottled",
+                        "Number of write requests exceeded the limit. Please try again after '1' seconds.",
+                    );
+                    r.headers_mut()
+                        .insert("retry-after", HeaderValue::from_static("1"));
+                    return r;
+                }
                 Err(err) => {
                     return arm_error(
                         StatusCode::INTERNAL_SERVER_ERROR,

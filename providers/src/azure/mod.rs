@@ -64,6 +64,8 @@ pub const IMDS_API_VERSION: &str = "2021-02-01";
 /// the pool's: another ip-configuration of the NIC (an operator's, a load
 /// balancer's) is never handed out or removed.
 pub const IPCONFIG_PREFIX: &str = "vpc-cni-";
+/// How long one IMDS request may take.
+pub const IMDS_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest `Retry-After` honoured.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -297,6 +299,9 @@ pub struct AzureProvider {
     /// Subnet CIDRs of the virtual network, by ARM id (lower case).
     subnet_cidrs: BTreeMap<String, Ipv4Net>,
     seq: AtomicU64,
+    /// Per NIC, the ip-configurations that are neither its primary nor
+    /// ipamd's (an operator's): they take slots of the 256.
+    foreign: std::sync::Mutex<BTreeMap<String, u32>>,
 }
 
 impl std::fmt::Debug for AzureProvider {
@@ -436,6 +441,7 @@ impl AzureProvider {
             vpc_cidrs: vec![],
             subnet_cidrs: BTreeMap::new(),
             seq: AtomicU64::new(0),
+            foreign: std::sync::Mutex::new(BTreeMap::new()),
         };
         let vm = p.imds(&imds).await?;
         let (sub, rg) = parse_id(&vm.compute.resource_id).ok_or_else(|| {
@@ -651,15 +657,21 @@ impl AzureProvider {
             .call("IMDS_Instance", || {
                 let url = url.clone();
                 async move {
-                    let a = self
-                        .send(
+                    // IMDS is link-local and answers in milliseconds.
+                    let a = tokio::time::timeout(
+                        IMDS_TIMEOUT,
+                        self.send(
                             Method::Get,
                             url,
                             None,
                             &[("metadata", "true".into())],
                             "IMDS_Instance",
-                        )
-                        .await?;
+                        ),
+                    )
+                    .await
+                    .map_err(|_| ProviderError::Timeout {
+                        api: "IMDS_Instance".into(),
+                    })??;
                     if a.status == 200 {
                         Ok(a)
                     } else {
@@ -901,6 +913,7 @@ impl AzureProvider {
         let mut primary_ip = Ipv4Addr::UNSPECIFIED;
         let mut secondary = vec![];
         let mut subnet = String::new();
+        let mut others = 0u32;
         for c in &props.ip_configurations {
             let Some(p) = c.properties.as_ref() else {
                 continue;
@@ -921,8 +934,14 @@ impl AzureProvider {
                     .unwrap_or_default();
             } else if ours(c) {
                 secondary.push(ip);
+            } else {
+                others += 1;
             }
         }
+        self.foreign
+            .lock()
+            .expect("foreign lock")
+            .insert(n.name.clone(), others);
         let tags: BTreeMap<String, String> = nic
             .resource
             .tags
@@ -949,6 +968,25 @@ impl AzureProvider {
             prefixes: vec![],
             tags,
             delete_on_termination: None,
+        }
+    }
+
+    /// The NICs a VM has are all it will have while it runs, so they are
+    /// its interface limit whatever its size allows; each holds 256
+    /// ip-configurations, less those of others on the fullest such NIC.
+    fn limits(&self) -> Limits {
+        let others = self
+            .foreign
+            .lock()
+            .expect("foreign lock")
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0);
+        Limits {
+            max_interfaces: self.nics.len() as u32,
+            ipv4_per_interface: MAX_IP_CONFIGURATIONS.saturating_sub(others).max(1),
+            prefix_delegation: false,
         }
     }
 
@@ -1006,14 +1044,12 @@ impl CloudProvider for AzureProvider {
             vpc_id: self.vnet_id.clone(),
             vpc_cidrs: self.vpc_cidrs.clone(),
             security_groups: vec![],
-            // The NICs a VM has are all it will have while it runs, so
-            // they are its limit whatever its size allows.
-            limits: Limits {
-                max_interfaces: self.nics.len() as u32,
-                ipv4_per_interface: MAX_IP_CONFIGURATIONS,
-                prefix_delegation: false,
-            },
+            limits: self.limits(),
         })
+    }
+
+    fn current_limits(&self) -> Option<Limits> {
+        Some(self.limits())
     }
 
     async fn describe_interfaces(&self) -> Result<Vec<Interface>> {
@@ -1039,6 +1075,8 @@ impl CloudProvider for AzureProvider {
         let names: Vec<String> = (0..count)
             .map(|i| format!("{IPCONFIG_PREFIX}{stamp:x}-{batch}-{i}"))
             .collect();
+        // How many of `names` the last PUT sent.
+        let mut sent: Option<usize> = None;
         let after = self
             .update_nic(&n, |typed, raw| {
                 let have = typed
@@ -1050,18 +1088,25 @@ impl CloudProvider for AzureProvider {
                     .cloned()
                     .unwrap_or_default();
                 // A repeat of a PUT that took effect: the names are there.
-                if names
-                    .iter()
-                    .all(|want| configs.iter().any(|c| c["name"].as_str() == Some(want)))
-                {
-                    return Ok(false);
+                if let Some(k) = sent {
+                    if names[..k]
+                        .iter()
+                        .all(|want| configs.iter().any(|c| c["name"].as_str() == Some(want)))
+                    {
+                        return Ok(false);
+                    }
                 }
-                if have + count > MAX_IP_CONFIGURATIONS {
+                // Fewer than asked when the NIC has less room (other
+                // ip-configurations take slots too); none is an error.
+                let room = MAX_IP_CONFIGURATIONS.saturating_sub(have);
+                if room == 0 {
                     return Err(ProviderError::LimitExceeded(format!(
-                        "NIC {} has {have} ip-configurations; {count} more would pass Azure's {MAX_IP_CONFIGURATIONS} per NIC",
+                        "NIC {} has {have} ip-configurations, Azure's {MAX_IP_CONFIGURATIONS} per NIC",
                         n.name
                     )));
                 }
+                let k = (count.min(room)) as usize;
+                sent = Some(k);
                 let primary = configs
                     .iter()
                     .find(|c| c["properties"]["primary"].as_bool() == Some(true))
@@ -1073,7 +1118,7 @@ impl CloudProvider for AzureProvider {
                         ))
                     })?;
                 let mut configs = configs;
-                for name in &names {
+                for name in &names[..k] {
                     let mut props = serde_json::json!({
                         "privateIPAllocationMethod": "Dynamic",
                         "privateIPAddressVersion": "IPv4",
