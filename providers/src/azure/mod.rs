@@ -403,9 +403,9 @@ fn credential(identity: &Identity, http: Arc<dyn HttpClient>) -> Result<Arc<dyn 
 impl AzureProvider {
     /// Reads the VM from IMDS and its NICs and virtual network from ARM.
     ///
-    /// Errors: settings that are not URLs or credentials the environment
-    /// names but cannot build are [`ProviderError::Invalid`]; the rest is
-    /// what IMDS or ARM answered.
+    /// Errors: endpoints that are not URLs are [`ProviderError::Invalid`];
+    /// an instance of a Uniform scale set is [`ProviderError::Unsupported`];
+    /// the rest is what IMDS, the identity platform or ARM answered.
     pub async fn connect(settings: AzureSettings, layer: CallLayer) -> Result<Self> {
         let arm = Url::parse(&settings.arm_endpoint).map_err(|e| {
             ProviderError::Invalid(format!(
@@ -579,8 +579,9 @@ impl AzureProvider {
             })?
     }
 
-    /// One ARM request with a bearer token, through the call layer;
-    /// `ok` lists the statuses that are answers rather than errors.
+    /// One ARM request with a bearer token, through the call layer. A 2xx
+    /// or a 412 (the caller re-reads) is an answer; any other status is the
+    /// error [`classify`] makes of it.
     async fn arm_call(
         &self,
         api: &str,
