@@ -360,20 +360,12 @@ impl ArmFake {
     }
 
     fn imds(&self, st: &VpcState, inst: &InstanceState) -> Value {
-        let mut nics: Vec<&InterfaceState> = st
-            .interfaces
-            .values()
-            .filter(|e| {
-                e.attachment
-                    .as_ref()
-                    .is_some_and(|a| a.instance_id == inst.id)
-            })
-            .collect();
-        nics.sort_by_key(|e| e.attachment.as_ref().map(|a| a.device_index));
+        // The VM's NICs in device order, as the model's Describe gives them.
+        let nics = st.describe_interfaces(&inst.id).unwrap_or_default();
         let interfaces: Vec<Value> = nics
             .iter()
             .map(|e| {
-                let cidr = st.subnets.get(&e.subnet_id).map(|s| s.cidr);
+                let cidr = e.subnet_cidr;
                 let ips: Vec<Value> = std::iter::once(e.primary_ip)
                     .chain(e.secondary_ips.iter().copied())
                     .map(|ip| json!({"privateIpAddress": ip.to_string(), "publicIpAddress": ""}))
@@ -383,8 +375,8 @@ impl ArmFake {
                     "ipv4": {
                         "ipAddress": ips,
                         "subnet": [{
-                            "address": cidr.map(|c| c.network().to_string()).unwrap_or_default(),
-                            "prefix": cidr.map(|c| c.prefix_len().to_string()).unwrap_or_default(),
+                            "address": cidr.network().to_string(),
+                            "prefix": cidr.prefix_len().to_string(),
                         }],
                     },
                     "ipv6": {"ipAddress": []},

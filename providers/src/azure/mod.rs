@@ -636,6 +636,12 @@ impl AzureProvider {
         Ok(u)
     }
 
+    /// A GET through [`AzureProvider::arm_call`]: safe to repeat.
+    async fn arm_get(&self, api: &str, url: Url) -> Result<Answer> {
+        self.arm_call(api, Method::Get, url, None, None, Repeat::IfSafe)
+            .await
+    }
+
     fn url(&self, path: &str) -> Result<Url> {
         let mut u = self
             .arm
@@ -689,16 +695,7 @@ impl AzureProvider {
         let mut out = vec![];
         let mut next = Some(self.url(path)?);
         while let Some(url) = next.take() {
-            let a = self
-                .arm_call(
-                    "NetworkInterfaces_List",
-                    Method::Get,
-                    url,
-                    None,
-                    None,
-                    Repeat::IfSafe,
-                )
-                .await?;
+            let a = self.arm_get("NetworkInterfaces_List", url).await?;
             let page: models::NetworkInterfaceListResult = serde_json::from_slice(&a.body)
                 .map_err(|e| ProviderError::Invalid(format!("NetworkInterfaces_List: {e}")))?;
             out.extend(page.value);
@@ -712,16 +709,7 @@ impl AzureProvider {
 
     /// The NIC (typed and as sent) and its etag.
     async fn get_nic(&self, id: &str) -> Result<(models::NetworkInterface, Value, String)> {
-        let a = self
-            .arm_call(
-                "NetworkInterfaces_Get",
-                Method::Get,
-                self.url(id)?,
-                None,
-                None,
-                Repeat::IfSafe,
-            )
-            .await?;
+        let a = self.arm_get("NetworkInterfaces_Get", self.url(id)?).await?;
         let raw: Value = serde_json::from_slice(&a.body)
             .map_err(|e| ProviderError::Invalid(format!("NetworkInterfaces_Get {id}: {e}")))?;
         let typed: models::NetworkInterface = serde_json::from_value(raw.clone())
@@ -735,14 +723,7 @@ impl AzureProvider {
 
     async fn read_vnet(&mut self) -> Result<()> {
         let a = self
-            .arm_call(
-                "VirtualNetworks_Get",
-                Method::Get,
-                self.url(&self.vnet_id)?,
-                None,
-                None,
-                Repeat::IfSafe,
-            )
+            .arm_get("VirtualNetworks_Get", self.url(&self.vnet_id)?)
             .await?;
         let v: models::VirtualNetwork = serde_json::from_slice(&a.body)
             .map_err(|e| ProviderError::Invalid(format!("VirtualNetworks_Get: {e}")))?;
@@ -792,16 +773,7 @@ impl AzureProvider {
         let mut pause = Duration::from_millis(200);
         loop {
             tokio::time::sleep(pause).await;
-            let a = self
-                .arm_call(
-                    "AzureAsyncOperation_Get",
-                    Method::Get,
-                    url.clone(),
-                    None,
-                    None,
-                    Repeat::IfSafe,
-                )
-                .await?;
+            let a = self.arm_get("AzureAsyncOperation_Get", url.clone()).await?;
             // A Location is polled until it stops answering 202.
             if via_location && a.status != 202 {
                 return Ok(());
@@ -1216,13 +1188,9 @@ impl CloudProvider for AzureProvider {
 
     async fn list_subnets(&self) -> Result<Vec<Subnet>> {
         let a = self
-            .arm_call(
+            .arm_get(
                 "VirtualNetworks_ListUsage",
-                Method::Get,
                 self.url(&format!("{}/usages", self.vnet_id))?,
-                None,
-                None,
-                Repeat::IfSafe,
             )
             .await?;
         let u: models::VirtualNetworkListUsageResult = serde_json::from_slice(&a.body)

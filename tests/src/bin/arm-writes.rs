@@ -52,8 +52,9 @@ struct Row {
 }
 
 fn available(ipam: &Ipam) -> u64 {
-    ipam.summary()["counts"]["available"].as_u64().unwrap_or(0)
-        + ipam.summary()["counts"]["cooling"].as_u64().unwrap_or(0)
+    let s = ipam.summary();
+    let count = |k: &str| s["counts"][k].as_u64().unwrap_or(0);
+    count("available") + count("cooling")
 }
 
 async fn run(a: &Args, policy: &'static str, env: &[(&str, &str)]) -> Row {
