@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(ok, Vec::<String>::new());
         let bad = check_azure(
             "management.azure.com",
-            "http://1.2.3.256",
+            "http://169.254.169.254/metadata?x=1",
             env(&[
                 ("AZURE_FEDERATED_TOKEN_FILE", "/nonexistent/token"),
                 ("AZURE_AUTHORITY_HOST", "login"),

@@ -76,6 +76,11 @@ pub fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
         return Err("expected an http:// or https:// URL with a host".into());
     }
+    // Requests go to absolute paths from the endpoint's root: a path or a
+    // query given here would be dropped without a word.
+    if u.path() != "/" || u.query().is_some() {
+        return Err("expected the endpoint's root, without a path or query".into());
+    }
     Ok(())
 }
 
