@@ -6,7 +6,8 @@
 //! client can tell:
 //!
 //! * **list** with `fieldSelector`, `labelSelector` (equality), `limit` and
-//!   `continue`; the list's `metadata.resourceVersion` is the store's;
+//!   `continue` (and `remainingItemCount` when there is no selector); the
+//!   list's `metadata.resourceVersion` is the store's;
 //! * **watch** (`?watch=true`) from a `resourceVersion`: the changes after
 //!   it, then live ones, as newline-delimited `{"type","object"}` events;
 //!   `ADDED`/`DELETED` when an object enters or leaves a field selector;
@@ -803,7 +804,7 @@ fn list(sh: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Response {
         },
     };
     let mut items = vec![];
-    let mut more = false;
+    let mut remaining = 0u64;
     let mut seen = 0usize;
     for ((r, _, _), v) in &st.objects {
         if *r != t.res || !f.matches(v) {
@@ -814,14 +815,19 @@ fn list(sh: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Response {
             continue;
         }
         if items.len() == limit {
-            more = true;
-            break;
+            remaining += 1;
+            continue;
         }
         items.push(v.clone());
     }
     let mut meta = json!({"resourceVersion": rv.to_string()});
-    if more {
+    if remaining > 0 {
         meta["continue"] = json!(format!("{rv}/{}", skip + items.len()));
+        // As the real API server: counted only for a list without
+        // selectors.
+        if !q.contains_key("labelSelector") && !q.contains_key("fieldSelector") {
+            meta["remainingItemCount"] = json!(remaining);
+        }
     }
     // Serialized by hand: the items are shared, not copied.
     let mut body = format!(

@@ -135,12 +135,21 @@ impl FactoryError {
     }
 }
 
-/// Builds the provider `cfg` names.
-pub async fn build(cfg: &ProviderConfig) -> Result<Arc<dyn CloudProvider>, FactoryError> {
+/// Builds the provider `cfg` names, its client-side buckets already the
+/// share of the account of one node in `peers` (the cluster's node count,
+/// see [`providers::bucket::Buckets`]; 1: alone) for its first calls.
+pub async fn build(
+    cfg: &ProviderConfig,
+    peers: u32,
+) -> Result<Arc<dyn CloudProvider>, FactoryError> {
+    let shared = |layer: CallLayer| {
+        layer.set_peers(peers);
+        layer
+    };
     match cfg.kind {
-        ProviderKind::Sim => sim(&cfg.sim).await,
-        ProviderKind::Aws => aws().await,
-        ProviderKind::Azure => azure(&cfg.azure).await,
+        ProviderKind::Sim => sim(&cfg.sim, shared(CallLayer::ec2())).await,
+        ProviderKind::Aws => aws(shared(CallLayer::ec2())).await,
+        ProviderKind::Azure => azure(&cfg.azure, shared(CallLayer::arm())).await,
     }
 }
 
@@ -166,7 +175,7 @@ pub fn azure_identity_from(env: impl Fn(&str) -> Option<String>) -> providers::a
     }
 }
 
-async fn azure(o: &AzureOptions) -> Result<Arc<dyn CloudProvider>, FactoryError> {
+async fn azure(o: &AzureOptions, layer: CallLayer) -> Result<Arc<dyn CloudProvider>, FactoryError> {
     let settings = providers::azure::AzureSettings {
         arm_endpoint: o.arm_endpoint.clone(),
         imds_endpoint: o.imds_endpoint.clone(),
@@ -175,13 +184,13 @@ async fn azure(o: &AzureOptions) -> Result<Arc<dyn CloudProvider>, FactoryError>
     };
     // The settings were checked with the rest (check_azure); what IMDS or
     // ARM answered is not a setting of ours: 69.
-    let p = providers::azure::AzureProvider::connect(settings, CallLayer::arm())
+    let p = providers::azure::AzureProvider::connect(settings, layer)
         .await
         .map_err(FactoryError::Cloud)?;
     Ok(Arc::new(p))
 }
 
-async fn sim(o: &SimOptions) -> Result<Arc<dyn CloudProvider>, FactoryError> {
+async fn sim(o: &SimOptions, layer: CallLayer) -> Result<Arc<dyn CloudProvider>, FactoryError> {
     let backend = match &o.server {
         Some(addr) => {
             Backend::Remote(Arc::new(SimClient::new(addr.parse().map_err(|e| {
@@ -203,7 +212,7 @@ async fn sim(o: &SimOptions) -> Result<Arc<dyn CloudProvider>, FactoryError> {
             Backend::Local(Arc::new(vpc))
         }
     };
-    let p = SimProvider::join_with(backend, &o.node_name, &o.instance_type, CallLayer::ec2())
+    let p = SimProvider::join_with(backend, &o.node_name, &o.instance_type, layer)
         .await
         .map_err(|e| match e {
             ProviderError::Invalid(_) => FactoryError::Config(e.to_string()),
@@ -213,7 +222,7 @@ async fn sim(o: &SimOptions) -> Result<Arc<dyn CloudProvider>, FactoryError> {
     Ok(Arc::new(p))
 }
 
-async fn aws() -> Result<Arc<dyn CloudProvider>, FactoryError> {
+async fn aws(layer: CallLayer) -> Result<Arc<dyn CloudProvider>, FactoryError> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let settings = providers::aws::AwsSettings {
         region: env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")),
@@ -224,7 +233,7 @@ async fn aws() -> Result<Arc<dyn CloudProvider>, FactoryError> {
         imds_endpoint: env("AWS_EC2_METADATA_SERVICE_ENDPOINT"),
         static_credentials: None,
     };
-    let p = providers::aws::AwsProvider::connect(&settings, CallLayer::ec2())
+    let p = providers::aws::AwsProvider::connect(&settings, layer)
         .await
         // What IMDS or EC2 answered is not a setting of ours: 69.
         .map_err(FactoryError::Cloud)?;

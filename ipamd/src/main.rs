@@ -546,12 +546,17 @@ async fn run(config: Config) -> Result<(), Fatal> {
         }
         Some((config, k)) => Some((ipamd::k8s::client_from(config).map_err(Fatal::config)?, k)),
     };
-    // 3. The provider.
+    // 3. How many nodes share the cloud account's request budget, before
+    // the provider's first calls; then the provider.
+    let peers = match &kube {
+        Some((client, _)) => ipamd::k8s::peers::prime(client).await,
+        None => None,
+    };
     let built = with_retries(
         "provider",
         &mut signal,
         factory::FactoryError::is_transient,
-        async || factory::build(&provider).await,
+        async || factory::build(&provider, peers.unwrap_or(1)).await,
     )
     .await
     .map_err(|e| match e {
@@ -681,6 +686,7 @@ async fn run(config: Config) -> Result<(), Fatal> {
     }
     if let Some((client, k)) = kube {
         info!(node = %k.node_name, "Kubernetes: watching this node and its pods");
+        ipam.kube_status().lock().expect("lock").account_peers = peers;
         tasks.spawn(ipamd::k8s::run(
             client,
             ipam.clone(),

@@ -849,3 +849,43 @@ async fn watches_back_off_while_the_api_server_cannot_be_reached() {
         .unwrap();
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_node_count_becomes_the_provider_share_of_the_account() {
+    use ipamd::factory::{AzureOptions, ProviderConfig, ProviderKind, SimOptions};
+    let fake = FakeApiServer::start(Options::default()).await;
+    fake.put_all(
+        Res::Nodes,
+        (0..7).map(|i| json!({"metadata": {"name": format!("node-{i}")}})),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let client = ipamd::k8s::client(Some(&fake.kubeconfig(dir.path())))
+        .await
+        .unwrap();
+    // One node listed and the rest counted by the API server.
+    assert_eq!(ipamd::k8s::peers::count(&client).await.unwrap(), 7);
+    let peers = ipamd::k8s::peers::prime(&client).await;
+    assert_eq!(peers, Some(7));
+    // The provider is built with its share, as ipamd's start does.
+    let cfg = ProviderConfig {
+        kind: ProviderKind::Sim,
+        sim: SimOptions {
+            server: None,
+            node_name: NODE.into(),
+            instance_type: "m5.large".into(),
+            attach_latency: Duration::ZERO,
+            state: dir.path().join("vpc.json"),
+        },
+        azure: AzureOptions {
+            arm_endpoint: String::new(),
+            imds_endpoint: String::new(),
+        },
+    };
+    let provider = ipamd::factory::build(&cfg, peers.unwrap()).await.unwrap();
+    provider.describe_interfaces().await.unwrap();
+    let rate = provider.api_figures()["DescribeNetworkInterfaces"].client_rate_per_sec;
+    assert!(
+        (rate - 20.0 / 7.0).abs() < 1e-9,
+        "a seventh of the account's 20 Describe calls a second, not {rate}"
+    );
+}

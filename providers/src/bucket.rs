@@ -66,27 +66,53 @@ struct Bucket {
     burst: f64,
 }
 
-/// Seconds an adaptive bucket takes to climb back from its floor to the
-/// documented rate when nothing is throttled (additive increase).
+/// The shortest wait [`Buckets::take_or_wait`] asks for.
+const MIN_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+/// The longest wait [`Buckets::take_or_wait`] asks for.
+pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Seconds an adaptive bucket takes to climb back from its floor to its
+/// share of the documented rate when nothing is throttled (additive
+/// increase).
 pub const RECOVER_SECS: f64 = 300.0;
-/// The lowest share of the documented rate an adaptive bucket goes down to.
+/// The lowest fraction of its share of the documented rate an adaptive
+/// bucket goes down to.
 pub const MIN_SHARE: f64 = 1.0 / 2000.0;
 
 /// Buckets keyed by API name: an account's (the cloud's side), or one
 /// node's client-side view of it.
 ///
-/// A client-side bucket may be *adaptive*: every node of an account starts
-/// believing it may use the account's whole documented rate, which 2,000
-/// nodes together cannot. On a throttled answer the node halves its rate
-/// and burst (multiplicative decrease) and empties the bucket; without
-/// throttling the rate climbs back linearly, over [`RECOVER_SECS`], to the
-/// documented one (additive increase). Nodes thus share the account's
-/// budget without a central operator, as TCP flows share a link.
+/// A client-side bucket may be *adaptive*. Its share of the account is
+/// the documented rate and burst divided by the nodes that share the
+/// account ([`Buckets::set_peers`], the cluster's node count; 1 when
+/// unknown), the burst never below one call. On a throttled answer the node
+/// halves its rate and burst (multiplicative decrease) and empties the
+/// bucket; without throttling the rate climbs back linearly, over
+/// [`RECOVER_SECS`], to its share (additive increase). Nodes thus share the
+/// account's budget without a central operator: the node count is the
+/// prior that keeps 2,000 nodes joining together from each spending the
+/// account's whole burst (where one throttle per node would already be
+/// most of their calls), and halving covers what the count misses (other
+/// callers of the account, a count not yet refreshed).
+///
+/// When a share's burst is under one call, a node's buckets start filled
+/// to a random part of one call (one draw for all its APIs, so a chain
+/// such as Create, Attach follows without a wait between), so that nodes
+/// that join together spread their first calls over one refill period
+/// instead of sending them at once.
 #[derive(Debug)]
 pub struct Buckets {
     spec: fn(&str) -> BucketSpec,
     adaptive: bool,
     buckets: HashMap<String, Bucket>,
+    /// Nodes sharing the account, at least 1.
+    peers: f64,
+    /// The start fill, in calls, of a bucket whose share's burst is under
+    /// one call; drawn once.
+    phase: f64,
+    /// When the first bucket was made: tokens a later bucket would have
+    /// gathered since are in its start fill.
+    born: Option<Instant>,
 }
 
 impl Default for Buckets {
@@ -103,7 +129,46 @@ impl Buckets {
             spec,
             adaptive: false,
             buckets: HashMap::new(),
+            peers: 1.0,
+            phase: 1.0,
+            born: None,
         }
+    }
+
+    /// The rate and burst of one node's share of `spec`.
+    fn share(&self, spec: BucketSpec) -> (f64, f64) {
+        (
+            spec.refill_per_sec / self.peers,
+            (spec.burst / self.peers).max(1.0),
+        )
+    }
+
+    /// `nodes` share the account (an adaptive bucket's prior, see the
+    /// type's documentation; 0 counts as 1). Buckets already made are cut
+    /// to the new share (a node halved by throttling below it stays
+    /// there), or climb to a larger one as after a throttle.
+    pub fn set_peers(&mut self, nodes: u32, now: Instant) {
+        let n = f64::from(nodes.max(1));
+        if !self.adaptive || n == self.peers {
+            return;
+        }
+        let apis: Vec<String> = self.buckets.keys().cloned().collect();
+        for api in &apis {
+            self.bucket(api, now);
+        }
+        self.peers = n;
+        for api in apis {
+            let (rate, burst) = self.share(self.buckets[&api].spec);
+            let b = self.buckets.get_mut(&api).expect("listed");
+            b.rate = b.rate.min(rate);
+            b.burst = b.burst.min(burst);
+            b.tokens = b.tokens.min(b.burst);
+        }
+    }
+
+    /// The nodes this one believes share the account.
+    pub fn peers(&self) -> u32 {
+        self.peers as u32
     }
 
     /// Client-side buckets sized by `spec` that adapt to throttling (see
@@ -111,28 +176,39 @@ impl Buckets {
     pub fn adaptive(spec: fn(&str) -> BucketSpec) -> Self {
         Self {
             adaptive: true,
+            phase: crate::jitter::between(0, 1000) as f64 / 1000.0,
             ..Self::with_spec(spec)
         }
     }
 
     fn bucket(&mut self, api: &str, now: Instant) -> &mut Bucket {
-        let spec_of = self.spec;
+        if !self.buckets.contains_key(api) {
+            let spec = (self.spec)(api);
+            let (rate, burst) = self.share(spec);
+            let born = *self.born.get_or_insert(now);
+            let tokens = if spec.burst / self.peers >= 1.0 {
+                burst
+            } else {
+                (self.phase + now.saturating_duration_since(born).as_secs_f64() * rate).min(burst)
+            };
+            self.buckets.insert(
+                api.to_string(),
+                Bucket {
+                    spec,
+                    tokens,
+                    at: now,
+                    rate,
+                    burst,
+                },
+            );
+        }
         let adaptive = self.adaptive;
-        let b = self.buckets.entry(api.to_string()).or_insert_with(|| {
-            let spec = spec_of(api);
-            Bucket {
-                spec,
-                tokens: spec.burst,
-                at: now,
-                rate: spec.refill_per_sec,
-                burst: spec.burst,
-            }
-        });
+        let (rate, burst) = self.share(self.buckets[api].spec);
+        let b = self.buckets.get_mut(api).expect("just made");
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         if adaptive {
-            b.rate = (b.rate + elapsed * b.spec.refill_per_sec / RECOVER_SECS)
-                .min(b.spec.refill_per_sec);
-            b.burst = (b.burst + elapsed * b.spec.burst / RECOVER_SECS).min(b.spec.burst);
+            b.rate = (b.rate + elapsed * rate / RECOVER_SECS).min(rate);
+            b.burst = (b.burst + elapsed * burst / RECOVER_SECS).min(burst);
         }
         b.tokens = (b.tokens + elapsed * b.rate).min(b.burst);
         b.at = now;
@@ -145,8 +221,9 @@ impl Buckets {
         if !self.adaptive {
             return;
         }
+        let peers = self.peers;
         let b = self.bucket(api, now);
-        b.rate = (b.rate / 2.0).max(b.spec.refill_per_sec * MIN_SHARE);
+        b.rate = (b.rate / 2.0).max(b.spec.refill_per_sec / peers * MIN_SHARE);
         b.burst = (b.burst / 2.0).max(1.0);
         b.tokens = b.tokens.min(0.0);
     }
@@ -157,22 +234,27 @@ impl Buckets {
     }
 
     /// Takes a token for `api` if there is one; otherwise says how long
-    /// until there will be (a client waits that long instead of being
-    /// throttled by the cloud).
+    /// to wait before asking again (until there will be one at the rate in
+    /// force, at most [`MAX_WAIT`]): a client waits instead of being
+    /// throttled by the cloud.
     pub fn take_or_wait(&mut self, api: &str, now: Instant) -> Option<std::time::Duration> {
         if self.try_take(api, now) {
             return None;
         }
         let b = &self.buckets[api];
         let missing = 1.0 - b.tokens;
-        Some(std::time::Duration::from_secs_f64(missing / b.rate))
+        // At least a millisecond: a wait rounded down to nothing would
+        // spin without the clock moving. At most MAX_WAIT: an adaptive
+        // bucket's rate climbs meanwhile, so the caller asks again.
+        Some(std::time::Duration::from_secs_f64(missing / b.rate).clamp(MIN_WAIT, MAX_WAIT))
     }
 
     /// Takes a token for `api`; false means the call is throttled.
     pub fn try_take(&mut self, api: &str, now: Instant) -> bool {
         let b = self.bucket(api, now);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        // A token refilled to within rounding of one is one.
+        if b.tokens >= 1.0 - 1e-9 {
+            b.tokens = (b.tokens - 1.0).max(0.0);
             true
         } else {
             false
@@ -231,6 +313,70 @@ mod tests {
         // The account's own buckets do not adapt.
         let mut acct = Buckets::default();
         acct.throttled(api, t0);
+        assert_eq!(acct.rate(api, t0), 5.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_takes_its_share_of_the_account_and_joins_at_a_random_phase() {
+        let api = "CreateNetworkInterface"; // 100 burst, 5/s
+        let t0 = Instant::now();
+        // Three nodes: a third of the rate and of the burst, which starts
+        // full (three full bursts are the account's one).
+        crate::jitter::seed_this_thread(3);
+        let mut b = Buckets::adaptive(ec2_bucket);
+        b.set_peers(3, t0);
+        assert_eq!(b.peers(), 3);
+        assert!((b.rate(api, t0) - 5.0 / 3.0).abs() < 1e-12);
+        let taken = (0..100).filter(|_| b.try_take(api, t0)).count();
+        assert_eq!(taken, 33);
+        // 2,000 nodes: a share's burst is under one call, so each node
+        // starts at a random part of one, and the first call waits for the
+        // rest at 1/400 per second. Nodes drawn differently wait
+        // differently: they do not call together.
+        let mut waits = vec![];
+        for seed in 0..20 {
+            crate::jitter::seed_this_thread(seed);
+            let mut b = Buckets::adaptive(ec2_bucket);
+            b.set_peers(2000, t0);
+            let w = b.take_or_wait(api, t0).expect("under one call at start");
+            assert!(w <= MAX_WAIT, "{w:?}");
+            // Asking again until a token comes: at most 400 s.
+            let mut now = t0;
+            while let Some(w) = b.take_or_wait(api, now) {
+                now += w;
+            }
+            let waited = now - t0;
+            assert!(waited <= Duration::from_secs(401), "{waited:?}");
+            waits.push(waited.as_secs());
+        }
+        waits.sort();
+        waits.dedup();
+        assert!(waits.len() > 10, "phases not spread: {waits:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_node_count_cuts_the_share_and_a_halved_node_stays_halved() {
+        let api = "AssignPrivateIpAddresses";
+        let t0 = Instant::now();
+        let mut b = Buckets::adaptive(ec2_bucket);
+        b.throttled(api, t0);
+        assert_eq!(b.rate(api, t0), 2.5);
+        // Ten nodes: a share of 0.5/s, below the halved 2.5/s.
+        b.set_peers(10, t0);
+        assert_eq!(b.rate(api, t0), 0.5);
+        b.throttled(api, t0);
+        assert_eq!(b.rate(api, t0), 0.25);
+        // A count that grows again (a new node wave, 100 nodes) cuts it
+        // further; one that falls lets it climb back over RECOVER_SECS.
+        b.set_peers(100, t0);
+        assert_eq!(b.rate(api, t0), 0.05);
+        b.set_peers(5, t0);
+        assert_eq!(b.rate(api, t0), 0.05);
+        let later = t0 + Duration::from_secs(RECOVER_SECS as u64);
+        assert_eq!(b.rate(api, later), 1.0, "back to a fifth of 5/s");
+        // Non-adaptive buckets (the account's own) ignore the count.
+        let mut acct = Buckets::default();
+        acct.set_peers(100, t0);
         assert_eq!(acct.rate(api, t0), 5.0);
     }
 }

@@ -75,6 +75,15 @@ impl RetryPolicy {
     }
 }
 
+/// Whether a call to `api` draws on the cloud account's request budget
+/// (the client-side buckets). Not IMDS (`IMDS_*`: the instance's own
+/// metadata service, limited per instance, not per account), nor the
+/// simulator's `LaunchInstance`, which stands for the instance having been
+/// launched (by an autoscaler, not by ipamd).
+pub fn from_account_budget(api: &str) -> bool {
+    !(api.starts_with("IMDS") || api == "LaunchInstance")
+}
+
 /// Whether repeating `api` after an ambiguous failure (5xx, timeout,
 /// transport) is harmless: reads, and changes whose repetition ends in the
 /// same state (a delete or detach, which providers treat as done when the
@@ -207,6 +216,17 @@ impl CallLayer {
         self.policy
     }
 
+    /// `nodes` share the account whose buckets the client-side ones
+    /// mirror (the cluster's node count): each node's buckets become its
+    /// share, see [`Buckets::set_peers`]. Nothing without adaptive buckets.
+    pub fn set_peers(&self, nodes: u32) {
+        if let Some(b) = &self.buckets {
+            b.lock()
+                .expect("bucket lock")
+                .set_peers(nodes, Instant::now());
+        }
+    }
+
     /// Runs one cloud call `f` (a fresh attempt per invocation) under the
     /// bucket for `api`, retrying throttling, and the other transient
     /// failures when [`safe_to_repeat`] says so, per the policy. Returns the
@@ -237,7 +257,7 @@ impl CallLayer {
             let started = Instant::now();
             let r = f().await;
             self.record(api, attempt, started.elapsed(), r.as_ref().err());
-            if let Some(b) = &self.buckets {
+            if let Some(b) = self.buckets.as_ref().filter(|_| from_account_budget(api)) {
                 let mut b = b.lock().expect("bucket lock");
                 let now = Instant::now();
                 let key = self.bucket_key(api);
@@ -280,6 +300,9 @@ impl CallLayer {
 
     async fn take_token(&self, api: &str) {
         let Some(buckets) = &self.buckets else { return };
+        if !from_account_budget(api) {
+            return;
+        }
         let mut waited = false;
         loop {
             let wait = buckets
@@ -491,5 +514,34 @@ mod tests {
         );
         let s = &layer.stats()["AttachNetworkInterface"];
         assert_eq!((s.calls, s.bucket_waits), (60, 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn imds_calls_take_nothing_from_the_account_budget() {
+        let layer = CallLayer::ec2();
+        layer.set_peers(2000);
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            layer
+                .call("IMDS_Instance", || async { Ok(()) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert_eq!(layer.stats()["IMDS_Instance"].bucket_waits, 0);
+        // Two EC2 calls at a 2,000th share: the second waits a refill
+        // period (400 s at 5/s), asking again every MAX_WAIT.
+        for _ in 0..2 {
+            layer
+                .call("AttachNetworkInterface", || async { Ok(()) })
+                .await
+                .unwrap();
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_secs(399),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(layer.stats()["AttachNetworkInterface"].bucket_waits >= 1);
     }
 }

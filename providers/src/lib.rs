@@ -90,6 +90,12 @@ pub trait CloudProvider: Send + Sync + 'static {
         None
     }
 
+    /// `nodes` share the cloud account's (or subscription's) request
+    /// budget with this one, the cluster's node count: the client-side
+    /// buckets take their share of it (see [`bucket::Buckets`]). A
+    /// provider without client-side buckets ignores it.
+    fn set_account_peers(&self, _nodes: u32) {}
+
     /// Per-API call figures (calls, errors, throttles, latency), keyed by
     /// the cloud's API name (e.g. `AssignPrivateIpAddresses`); empty for a
     /// provider that keeps none.

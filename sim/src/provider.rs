@@ -240,6 +240,10 @@ impl CloudProvider for SimProvider {
         }
     }
 
+    fn set_account_peers(&self, nodes: u32) {
+        self.layer.set_peers(nodes);
+    }
+
     fn api_figures(&self) -> std::collections::BTreeMap<String, providers::layer::ApiStats> {
         self.layer.stats()
     }

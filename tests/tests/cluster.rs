@@ -17,16 +17,34 @@ fn two_hundred_nodes_cold_start_keeps_every_invariant_and_is_deterministic() {
     for policy in Policy::all() {
         let a = run(&config(policy.clone(), 7));
         assert!(a.violations.is_empty(), "{}: {:?}", a.policy, a.violations);
+        // Max pods less the two host-network pods, whatever the policy.
         assert_eq!(a.pods, 200 * 27, "{}", a.policy);
         assert_eq!(a.pods_served, a.pods, "{}: not every pod served", a.policy);
         assert!(a.all_served_after.is_some());
-        assert!(
-            a.total_throttled() > 0 || a.policy.contains("prefix"),
-            "{}: the account's buckets never throttled; the run shows nothing",
-            a.policy
-        );
         // Same seed, same run.
         let b = run(&config(policy, 7));
         assert_eq!(a, b, "two runs with one seed differ");
     }
+}
+
+/// Nodes that know the cluster's node count take their share of the
+/// account; nodes that each believe they are alone are throttled, and the
+/// halving on throttling still gets every pod served.
+#[test]
+fn the_node_count_keeps_two_hundred_nodes_from_being_throttled() {
+    let default = Policy::all().remove(0);
+    let shared = run(&config(default.clone(), 7));
+    let mut alone = config(default, 7);
+    alone.count_peers = false;
+    let alone = run(&alone);
+    for r in [&shared, &alone] {
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(r.pods_served, r.pods);
+    }
+    assert!(
+        alone.total_throttled() > 10 * shared.total_throttled().max(1),
+        "throttled calls: {} knowing the node count, {} without",
+        shared.total_throttled(),
+        alone.total_throttled()
+    );
 }

@@ -10,6 +10,7 @@
 //! | resource | verbs | why |
 //! |---|---|---|
 //! | `nodes` (its own, by field selector) | list, watch | labels, annotations, taints, cordon |
+//! | `nodes` (all, `limit=1`) | list | the cluster's node count, how many share the cloud account's request budget ([`peers`]) |
 //! | `nodes` | patch | remove the startup taint, set or clear the exhaustion taint, the capacity annotation |
 //! | `nodes/status` | patch | the [`CONDITION`] node condition |
 //! | `pods` (this node's, field selector `spec.nodeName`) | list, watch | release the address of a pod gone without its DEL |
@@ -23,6 +24,7 @@
 
 pub mod eniconfig;
 mod node;
+pub mod peers;
 mod pods;
 
 use std::sync::Arc;
@@ -108,6 +110,9 @@ pub struct KubeStatus {
     /// Custom networking: the ENIConfig new interfaces follow
     /// (`name: subnet`), or why there is none.
     pub eni_config: Option<String>,
+    /// The cluster's node count last read: the nodes this one believes
+    /// share the cloud account's request budget ([`peers`]).
+    pub account_peers: Option<u32>,
     pub last_error: Option<String>,
 }
 
@@ -159,8 +164,12 @@ pub async fn run(
         s: settings,
     };
     let node = node::NodeTask::new(cx.clone());
-    let pods = pods::PodTask::new(cx);
-    tokio::join!(node.run(cni_installed, stop.clone()), pods.run(stop));
+    let pods = pods::PodTask::new(cx.clone());
+    tokio::join!(
+        node.run(cni_installed, stop.clone()),
+        pods.run(stop.clone()),
+        peers::run(cx, stop)
+    );
 }
 
 /// The wait between failed attempts of a watch: 1 s doubling to 60 s,

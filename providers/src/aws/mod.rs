@@ -603,6 +603,10 @@ impl CloudProvider for AwsProvider {
         None
     }
 
+    fn set_account_peers(&self, nodes: u32) {
+        self.layer.set_peers(nodes);
+    }
+
     fn api_figures(&self) -> std::collections::BTreeMap<String, crate::layer::ApiStats> {
         self.layer.stats()
     }

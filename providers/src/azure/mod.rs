@@ -1217,6 +1217,10 @@ impl CloudProvider for AzureProvider {
             .collect())
     }
 
+    fn set_account_peers(&self, nodes: u32) {
+        self.layer.set_peers(nodes);
+    }
+
     fn api_figures(&self) -> BTreeMap<String, crate::layer::ApiStats> {
         self.layer.stats()
     }
