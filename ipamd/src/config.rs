@@ -64,6 +64,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "IPAM_SCALER_REQUEST_THRESHOLD_PERCENT",
     "IPAM_SCALER_RELEASE_THRESHOLD_PERCENT",
     "IPAM_SCALER_MAX_IP_COUNT",
+    "ADAPTIVE_WARM_TARGET",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -191,6 +192,27 @@ impl Settings {
         let min_ip = r.uint_or_unset("MINIMUM_IP_TARGET");
         let warm_prefix = r.uint("WARM_PREFIX_TARGET");
         let pd = r.boolean("ENABLE_PREFIX_DELEGATION").unwrap_or(false);
+        let adaptive = r.boolean("ADAPTIVE_WARM_TARGET").unwrap_or(false);
+        if adaptive {
+            let others: Vec<&str> = [
+                "WARM_ENI_TARGET",
+                "WARM_IP_TARGET",
+                "WARM_PREFIX_TARGET",
+                "IPAM_SCALER_BATCH_SIZE",
+                "IPAM_SCALER_REQUEST_THRESHOLD_PERCENT",
+                "IPAM_SCALER_RELEASE_THRESHOLD_PERCENT",
+                "IPAM_SCALER_MAX_IP_COUNT",
+            ]
+            .into_iter()
+            .filter(|k| r.raw(k).is_some())
+            .collect();
+            if !others.is_empty() {
+                r.problems.push(format!(
+                    "ADAPTIVE_WARM_TARGET=true sizes the warm pool itself; unset {} (MINIMUM_IP_TARGET may stay)",
+                    others.join(", ")
+                ));
+            }
+        }
         // Azure CNS's scaler: on when any of its knobs is set.
         let scaler_keys = [
             "IPAM_SCALER_BATCH_SIZE",
@@ -370,6 +392,7 @@ impl Settings {
                 },
                 min_interface_age: d.pool.min_interface_age,
                 scaler,
+                adaptive,
             },
             cooldown: cooldown.map_or(d.cooldown, |s| Duration::from_secs(s.into())),
             add_wait: add_wait.map_or(d.add_wait, |s| Duration::from_secs(s.into())),
@@ -511,6 +534,32 @@ mod tests {
     fn read(pairs: &[(&'static str, &'static str)]) -> Result<Settings, ConfigError> {
         let m: HashMap<&str, &str> = pairs.iter().copied().collect();
         Settings::from_source(&m)
+    }
+
+    #[test]
+    fn the_adaptive_warm_target_refuses_the_other_targets() {
+        let s = read(&[
+            ("ADAPTIVE_WARM_TARGET", "true"),
+            ("MINIMUM_IP_TARGET", "10"),
+        ])
+        .unwrap();
+        assert!(s.pool.adaptive);
+        assert_eq!(s.pool.minimum_ip_target, Some(10));
+        let e = read(&[
+            ("ADAPTIVE_WARM_TARGET", "true"),
+            ("WARM_IP_TARGET", "5"),
+            ("IPAM_SCALER_BATCH_SIZE", "8"),
+            ("MAX_PODS", "0"),
+        ])
+        .unwrap_err();
+        let all = e.problems.join("\n");
+        assert!(
+            all.contains("ADAPTIVE_WARM_TARGET=true sizes the warm pool itself; unset WARM_IP_TARGET, IPAM_SCALER_BATCH_SIZE"),
+            "{all}"
+        );
+        assert!(all.contains("MAX_PODS=0"), "every problem at once: {all}");
+        assert!(!read(&[]).unwrap().pool.adaptive);
+        assert!(read(&[("ADAPTIVE_WARM_TARGET", "maybe")]).is_err());
     }
 
     #[test]

@@ -521,6 +521,7 @@ impl Datastore {
             hot_attach,
             waiting,
             subnet_low: false,
+            adaptive_warm: 0,
         }
     }
 

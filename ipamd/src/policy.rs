@@ -12,6 +12,10 @@
 //!   prefixes; keep that many wholly unused prefixes. The IP targets, when set,
 //!   apply in addresses and are rounded up to prefixes.
 //! * `MAX_ENI` and the max-pods cap bound growth.
+//! * `ADAPTIVE_WARM_TARGET=true` (ours): the warm target needs no tuning;
+//!   it follows the pods' observed arrival rate × the measured time a grow
+//!   takes ([`adaptive_warm`]), address by address (prefixes in prefix
+//!   mode); `MINIMUM_IP_TARGET` still applies.
 //!
 //! * The pool scaler of Azure CNS (`IPAM_SCALER_*`, a mode of its own):
 //!   batch size B, request and release threshold percents, max IP count;
@@ -45,6 +49,25 @@ pub struct PoolConfig {
     pub min_interface_age: Duration,
     /// Azure CNS's pool scaler instead of the targets above.
     pub scaler: Option<Scaler>,
+    /// The adaptive warm target ([`adaptive_warm`], given in
+    /// [`PoolView::adaptive_warm`]) instead of the targets above.
+    pub adaptive: bool,
+}
+
+/// The adaptive warm target: addresses to keep free so that pods arriving
+/// at `arrivals_per_sec` (observed) rarely wait for a grow taking
+/// `refill_secs` (measured): the arrivals expected during one grow, plus
+/// two standard deviations of a Poisson count of that mean, plus one (so an
+/// idle node still has an address for its next pod). Bounded by the
+/// instance's capacity and max pods where the plan applies them.
+pub fn adaptive_warm(arrivals_per_sec: f64, refill_secs: f64) -> u32 {
+    let mean = (arrivals_per_sec * refill_secs).max(0.0);
+    let w = (mean + 2.0 * mean.sqrt()).ceil() + 1.0;
+    if w.is_finite() {
+        w.min(f64::from(u32::MAX / 2)) as u32
+    } else {
+        1
+    }
 }
 
 /// Azure CNS's pool scaler (its NodeNetworkConfig `scaler`): the pool
@@ -139,6 +162,7 @@ impl Default for PoolConfig {
             max_pods: None,
             min_interface_age: Duration::from_secs(60),
             scaler: None,
+            adaptive: false,
         }
     }
 }
@@ -151,7 +175,7 @@ impl PoolConfig {
     /// The pool moves address by address (IP targets or the scaler), not
     /// by whole interfaces.
     fn fine_grained(&self) -> bool {
-        self.ip_targets() || self.scaler.is_some()
+        self.ip_targets() || self.scaler.is_some() || self.adaptive
     }
 }
 
@@ -209,6 +233,9 @@ pub struct PoolView {
     /// The subnet was found nearly exhausted lately (the scaler's batch
     /// drops to 1).
     pub subnet_low: bool,
+    /// The adaptive warm target now ([`adaptive_warm`]), when
+    /// [`PoolConfig::adaptive`]; 1 while the subnet is low.
+    pub adaptive_warm: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -325,6 +352,15 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
         } else {
             total
         }
+    } else if cfg.adaptive {
+        let warm = if view.subnet_low {
+            1
+        } else {
+            view.adaptive_warm.max(1)
+        };
+        demand
+            .saturating_add(warm)
+            .max(cfg.minimum_ip_target.unwrap_or(0))
     } else if cfg.ip_targets() {
         (demand + cfg.warm_ip_target.unwrap_or(0)).max(cfg.minimum_ip_target.unwrap_or(0))
     } else if pd {

@@ -41,6 +41,7 @@ fn node(instance_type: &str) -> Node {
             hot_attach: true,
             waiting: 0,
             subnet_low: false,
+            adaptive_warm: 0,
         },
         next_ip: u32::from(Ipv4Addr::new(10, 0, 0, 0)),
         next_id: 1,
@@ -860,4 +861,51 @@ fn without_hot_attach_a_full_subnet_is_asked_one_address_at_a_time() {
             .all(|a| matches!(a, Action::CreateInterface { .. })),
         "{plan:?}"
     );
+}
+
+/// ADAPTIVE_WARM_TARGET: the pool keeps the warm count the reconciler
+/// measured (arrivals × refill latency) free, address by address, bounded
+/// by max pods; prefixes in prefix mode; one free while the subnet is low.
+#[test]
+fn the_adaptive_warm_target_keeps_what_the_arrivals_need_and_no_more() {
+    use ipamd::policy::adaptive_warm;
+    // No arrivals: one address for the next pod.
+    assert_eq!(adaptive_warm(0.0, 2.0), 1);
+    // One pod a second, 2 s grows: 2 expected, + 2 sd (2.83), + 1.
+    assert_eq!(adaptive_warm(1.0, 2.0), 6);
+    assert_eq!(adaptive_warm(f64::NAN, 2.0), 1);
+    let cfg = PoolConfig {
+        adaptive: true,
+        ..PoolConfig::default()
+    };
+    let mut n = node("m5.4xlarge"); // 8 interfaces x 29 addresses
+    n.view.adaptive_warm = 6;
+    n.fill(10, &cfg);
+    assert_eq!(n.assigned(), 10);
+    assert_eq!(n.total(), 16, "10 in use and 6 warm");
+    // A burst of arrivals over a slow refill: capped by max pods.
+    n.view.adaptive_warm = 500;
+    let capped = PoolConfig {
+        max_pods: Some(110),
+        ..cfg.clone()
+    };
+    n.converge(&capped);
+    assert_eq!(n.total(), 110);
+    // The arrivals stop: back down to the warm count, single addresses.
+    n.view.adaptive_warm = 1;
+    n.converge(&capped);
+    assert_eq!(n.total(), 11);
+    n.view.subnet_low = true;
+    n.view.adaptive_warm = 40;
+    n.converge(&capped);
+    assert_eq!(n.total(), 11, "one free while the subnet is low");
+    // Prefix mode: whole prefixes.
+    let pd_cfg = PoolConfig {
+        prefix_delegation: true,
+        ..cfg
+    };
+    let mut p = node("m5.large");
+    p.view.adaptive_warm = 20;
+    p.fill(5, &pd_cfg);
+    assert_eq!(p.total(), 32, "25 addresses rounded up to two /28s");
 }

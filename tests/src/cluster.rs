@@ -19,9 +19,11 @@ use ipamd::config::Settings;
 use ipamd::datastore::PodKey;
 use ipamd::ipam::{Ipam, StartError};
 use ipamd::journal::MemStore;
+use ipamd::k8s::peers::reread_after;
 use ipamd::node::NodeTracker;
 use ipamd::pool::JournalAt;
 use providers::bucket::ec2_bucket;
+use providers::layer::CallLayer;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use vpc_sim::provider::Backend;
@@ -58,6 +60,17 @@ impl Policy {
                     ("WARM_PREFIX_TARGET", "1"),
                 ],
             },
+            Policy {
+                name: "adaptive (ADAPTIVE_WARM_TARGET=true)",
+                env: vec![("ADAPTIVE_WARM_TARGET", "true")],
+            },
+            Policy {
+                name: "adaptive with prefix delegation",
+                env: vec![
+                    ("ADAPTIVE_WARM_TARGET", "true"),
+                    ("ENABLE_PREFIX_DELEGATION", "true"),
+                ],
+            },
         ]
     }
 }
@@ -80,6 +93,10 @@ pub struct ClusterConfig {
     /// Addresses in the subnet for pods' secondary interfaces (a /N); the
     /// primary interfaces' subnet is large.
     pub pod_subnet_prefix_len: u8,
+    /// Nodes learn the cluster's node count, as ipamd does from the API
+    /// server (at start and then as [`reread_after`] says); false: each node
+    /// believes it is alone until throttled.
+    pub count_peers: bool,
 }
 
 impl ClusterConfig {
@@ -94,6 +111,7 @@ impl ClusterConfig {
             horizon: Duration::from_secs(3600),
             attach_latency: Duration::from_secs(2),
             pod_subnet_prefix_len: 13,
+            count_peers: true,
         }
     }
 }
@@ -117,8 +135,10 @@ pub struct Report {
     pub throttled: BTreeMap<String, u64>,
     pub idle_mean: f64,
     pub idle_peak: u64,
-    /// Seconds the account's buckets need at least for the calls that went
-    /// through: max over APIs of (calls − burst) / refill.
+    /// Seconds the account's buckets need at least for the changes that
+    /// went through: max over mutating APIs of (calls − burst) / refill.
+    /// Reads are left out: most are the periodic resync, whose number
+    /// grows with the run's length, not with what the pods need.
     pub floor: Duration,
     /// Invariant violations found (empty when all hold).
     pub violations: Vec<String>,
@@ -203,6 +223,9 @@ async fn simulate(cfg: ClusterConfig) -> Report {
         last_served: None,
     }));
     let nodes: Rc<std::cell::RefCell<Vec<Arc<Ipam>>>> = Rc::default();
+    // Nodes registered with the API server so far: what ipamd's node count
+    // reads (`ipamd::k8s::peers`).
+    let registered: Rc<std::cell::Cell<u32>> = Rc::default();
     let mut total_pods = 0u64;
     let mut joins: Vec<Duration> = (0..cfg.nodes)
         .map(|_| {
@@ -228,10 +251,12 @@ async fn simulate(cfg: ClusterConfig) -> Report {
     for (n, at) in joins.into_iter().enumerate() {
         total_pods += u64::from(pods_per_node);
         let (vpc, settings, stop_rx) = (vpc.clone(), settings.clone(), stop_rx.clone());
-        let (shared, nodes) = (shared.clone(), nodes.clone());
+        let (shared, nodes, registered) = (shared.clone(), nodes.clone(), registered.clone());
         let instance_type = cfg.instance_type.clone();
+        let count_peers = cfg.count_peers;
         tasks.push(tokio::task::spawn_local(async move {
             tokio::time::sleep(at).await;
+            registered.set(registered.get() + 1);
             let name = format!("node-{n:05}");
             let mut never = stop_rx.clone();
             let ipam = ipamd::startup::with_retries(
@@ -239,8 +264,19 @@ async fn simulate(cfg: ClusterConfig) -> Report {
                 &mut never,
                 StartError::is_transient,
                 async || {
-                    let p = SimProvider::join(Backend::Local(vpc.clone()), &name, &instance_type)
-                        .await?;
+                    // The node count read before the provider's first
+                    // calls, as ipamd's start does.
+                    let layer = CallLayer::ec2();
+                    if count_peers {
+                        layer.set_peers(registered.get());
+                    }
+                    let p = SimProvider::join_with(
+                        Backend::Local(vpc.clone()),
+                        &name,
+                        &instance_type,
+                        layer,
+                    )
+                    .await?;
                     Ipam::start_with(
                         Arc::new(p),
                         settings.clone(),
@@ -254,6 +290,18 @@ async fn simulate(cfg: ClusterConfig) -> Report {
             .expect("node start")
             .expect("not stopped");
             tokio::task::spawn_local(ipam.clone().run(stop_rx.clone()));
+            if count_peers {
+                // As ipamd's Kubernetes side reads the node count.
+                let (ipam, registered) = (ipam.clone(), registered.clone());
+                tokio::task::spawn_local(async move {
+                    for n in 0.. {
+                        tokio::time::sleep(reread_after(n)).await;
+                        ipam.reconciler
+                            .provider()
+                            .set_account_peers(registered.get());
+                    }
+                });
+            }
             nodes.borrow_mut().push(ipam.clone());
             // Pods are scheduled once the node is ready.
             let mut changes = ipam.subscribe();
@@ -278,6 +326,27 @@ async fn simulate(cfg: ClusterConfig) -> Report {
                                 s.waits.push(created.elapsed());
                                 s.served += 1;
                                 s.last_served = Some(Instant::now());
+                                if std::env::var("DEBUG_SLOW").is_ok()
+                                    && created.elapsed() > Duration::from_secs(1100)
+                                {
+                                    eprintln!(
+                                        "{name} pod {p} waited {:?} joined {:?}: {:#?}",
+                                        created.elapsed(),
+                                        at,
+                                        ipam.reconciler
+                                            .provider()
+                                            .api_figures()
+                                            .iter()
+                                            .map(|(k, v)| (
+                                                k.clone(),
+                                                v.calls,
+                                                v.throttles,
+                                                v.bucket_waits,
+                                                v.client_rate_per_sec
+                                            ))
+                                            .collect::<Vec<_>>()
+                                    );
+                                }
                                 return;
                             }
                             Err(_) => {
@@ -317,6 +386,7 @@ async fn simulate(cfg: ClusterConfig) -> Report {
     waits.sort();
     let floor = calls
         .iter()
+        .filter(|(api, _)| !api.starts_with("Describe"))
         .map(|(api, n)| {
             let ok = n - throttled.get(api).copied().unwrap_or(0);
             let b = ec2_bucket(api);

@@ -111,6 +111,9 @@ pub enum JournalAt<'a> {
 }
 
 /// See the module documentation.
+/// The window over which the pods' arrival rate is measured.
+pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(60);
+
 pub struct Pool {
     settings: Settings,
     state: Mutex<State>,
@@ -121,6 +124,9 @@ pub struct Pool {
     waiting: AtomicU32,
     /// What the reconciler last said about growing the pool.
     grow: Mutex<GrowStatus>,
+    /// When the ADDs of the last [`ARRIVAL_WINDOW`] came (the adaptive
+    /// warm target's arrival rate).
+    arrivals: Mutex<std::collections::VecDeque<Instant>>,
     /// Time spent answering AddNetwork / DelNetwork, transport excluded.
     pub add_latency: crate::latency::Recorder,
     pub del_latency: crate::latency::Recorder,
@@ -225,6 +231,7 @@ impl Pool {
             changed: watch::channel(0).0,
             waiting: AtomicU32::new(0),
             grow: Mutex::new(GrowStatus::default()),
+            arrivals: Mutex::default(),
             add_latency: Default::default(),
             del_latency: Default::default(),
             events: Default::default(),
@@ -267,6 +274,29 @@ impl Pool {
     /// The journal's write-and-sync durations (see [`Journal::sync_seconds`]).
     pub fn journal_sync_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
         self.journal.sync_seconds()
+    }
+
+    /// ADDs a second over the last [`ARRIVAL_WINDOW`], as of `now`.
+    pub fn arrival_rate(&self, now: Instant) -> f64 {
+        let mut a = self.arrivals.lock().expect("arrivals lock");
+        while a
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > ARRIVAL_WINDOW)
+        {
+            a.pop_front();
+        }
+        a.len() as f64 / ARRIVAL_WINDOW.as_secs_f64()
+    }
+
+    fn note_arrival(&self, at: Instant) {
+        let mut a = self.arrivals.lock().expect("arrivals lock");
+        while a
+            .front()
+            .is_some_and(|t| at.saturating_duration_since(*t) > ARRIVAL_WINDOW)
+        {
+            a.pop_front();
+        }
+        a.push_back(at);
     }
 
     /// ADDs waiting for an address now.
@@ -340,6 +370,7 @@ impl Pool {
     ) -> Result<Wiring, IpamError> {
         check_key(&key)?;
         let started = Instant::now();
+        self.note_arrival(started);
         let deadline = started + self.settings.add_wait;
         let mut changes = self.changed.subscribe();
         let mut guard = AddGuard::enter(self, &key);

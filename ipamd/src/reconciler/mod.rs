@@ -31,6 +31,11 @@ use actions::fewer;
 
 /// How often the pool is compared with what the cloud reports.
 const RESYNC_EVERY: Duration = Duration::from_secs(60);
+/// The refill latency assumed before a grow was measured: about an
+/// interface attach (EC2's attach takes seconds).
+const FIRST_REFILL_SECS: f64 = 2.0;
+/// The weight of the newest grow in the refill latency's moving average.
+const REFILL_WEIGHT: f64 = 0.5;
 /// Longest a resync waits for the cloud's Describe. The call layer retries
 /// a throttled Describe for minutes (20 answers, delays up to 10 s); a
 /// resync runs inside the step, so past this it gives up for now and the
@@ -109,6 +114,12 @@ pub struct Status {
     /// delegation counted).
     #[serde(skip)]
     pub capacity: Option<(u32, u32)>,
+    /// The adaptive warm target the last plan used (ADAPTIVE_WARM_TARGET),
+    /// from the pods' arrival rate and [`Status::refill_secs`].
+    pub adaptive_warm: Option<u32>,
+    /// Seconds a grow (assign, or create with addresses) took lately, the
+    /// client-side bucket's wait included: a moving average.
+    pub refill_secs: f64,
 }
 
 /// The reconciler's own state.
@@ -132,6 +143,8 @@ struct State {
     /// Until when the subnet counts as nearly exhausted (the scaler's
     /// batch drops to 1) after the cloud said it could not give more.
     subnet_low_until: Option<Instant>,
+    /// Seconds a grow took lately ([`Status::refill_secs`]).
+    refill_secs: f64,
     /// Subnets that said they cannot give more, until when they are not
     /// asked again for addresses on their interfaces.
     full_subnets: BTreeMap<String, Instant>,
@@ -199,6 +212,7 @@ impl Reconciler {
                 // ipamd was down, their DEL never reaching it.
                 last_reclaim: now.checked_sub(RECLAIM_EVERY).unwrap_or(now),
                 subnet_low_until: None,
+                refill_secs: FIRST_REFILL_SECS,
                 full_subnets: BTreeMap::new(),
             }),
             settings,
@@ -432,6 +446,8 @@ impl Reconciler {
             {
                 let mut st = self.lock();
                 view.subnet_low = st.subnet_low_until.is_some_and(|t| now < t);
+                view.adaptive_warm =
+                    policy::adaptive_warm(self.pool.arrival_rate(now), st.refill_secs);
                 st.full_subnets.retain(|_, until| now < *until);
                 for i in &mut view.interfaces {
                     i.subnet_full = st.full_subnets.contains_key(&i.subnet_id);
@@ -448,9 +464,12 @@ impl Reconciler {
                 1
             };
             let capacity = (interfaces, limits.slots_per_interface() * unit);
+            let refill = self.lock().refill_secs;
             self.update(|s| {
                 s.blocked = plan.blocked.clone();
                 s.capacity = Some(capacity);
+                s.adaptive_warm = cfg.adaptive.then_some(view.adaptive_warm);
+                s.refill_secs = refill;
             });
             plan
         };
@@ -474,6 +493,13 @@ impl Reconciler {
             }
             debug!(?action, "pool action");
             let kind = action.kind();
+            let grows = matches!(
+                action,
+                policy::Action::AssignIps { .. }
+                    | policy::Action::AssignPrefixes { .. }
+                    | policy::Action::CreateInterface { .. }
+            );
+            let began = Instant::now();
             if let Err(e) = self.execute(action).await {
                 self.count_error(e.site(kind));
                 // The subnet said it cannot give more: the scaler's batch
@@ -493,6 +519,11 @@ impl Reconciler {
                 return Err(e);
             }
             done += 1;
+            if grows {
+                let took = began.elapsed().as_secs_f64();
+                let mut st = self.lock();
+                st.refill_secs = (1.0 - REFILL_WEIGHT) * st.refill_secs + REFILL_WEIGHT * took;
+            }
             self.update(|s| {
                 s.actions_done += 1;
                 *s.actions_by_kind.entry(kind).or_default() += 1;
