@@ -194,18 +194,23 @@ impl Settings {
         let pd = r.boolean("ENABLE_PREFIX_DELEGATION").unwrap_or(false);
         let adaptive = r.boolean("ADAPTIVE_WARM_TARGET").unwrap_or(false);
         if adaptive {
-            let others: Vec<&str> = [
-                "WARM_ENI_TARGET",
-                "WARM_IP_TARGET",
-                "WARM_PREFIX_TARGET",
-                "IPAM_SCALER_BATCH_SIZE",
-                "IPAM_SCALER_REQUEST_THRESHOLD_PERCENT",
-                "IPAM_SCALER_RELEASE_THRESHOLD_PERCENT",
-                "IPAM_SCALER_MAX_IP_COUNT",
-            ]
-            .into_iter()
-            .filter(|k| r.raw(k).is_some())
-            .collect();
+            // WARM_IP_TARGET=0 is unset, as aws-node reads it.
+            let warm_ip_set = warm_ip.is_some().then_some("WARM_IP_TARGET");
+            let others: Vec<&str> = warm_ip_set
+                .into_iter()
+                .chain(
+                    [
+                        "WARM_ENI_TARGET",
+                        "WARM_PREFIX_TARGET",
+                        "IPAM_SCALER_BATCH_SIZE",
+                        "IPAM_SCALER_REQUEST_THRESHOLD_PERCENT",
+                        "IPAM_SCALER_RELEASE_THRESHOLD_PERCENT",
+                        "IPAM_SCALER_MAX_IP_COUNT",
+                    ]
+                    .into_iter()
+                    .filter(|k| r.raw(k).is_some()),
+                )
+                .collect();
             if !others.is_empty() {
                 r.problems.push(format!(
                     "ADAPTIVE_WARM_TARGET=true sizes the warm pool itself; unset {} (MINIMUM_IP_TARGET may stay)",

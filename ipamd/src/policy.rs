@@ -15,7 +15,8 @@
 //! * `ADAPTIVE_WARM_TARGET=true` (ours): the warm target needs no tuning;
 //!   it follows the pods' observed arrival rate × the measured time a grow
 //!   takes ([`adaptive_warm`]), address by address (prefixes in prefix
-//!   mode); `MINIMUM_IP_TARGET` still applies.
+//!   mode), releasing only above twice that; `MINIMUM_IP_TARGET` still
+//!   applies.
 //!
 //! * The pool scaler of Azure CNS (`IPAM_SCALER_*`, a mode of its own):
 //!   batch size B, request and release threshold percents, max IP count;
@@ -63,10 +64,10 @@ pub struct PoolConfig {
 pub fn adaptive_warm(arrivals_per_sec: f64, refill_secs: f64) -> u32 {
     let mean = (arrivals_per_sec * refill_secs).max(0.0);
     let w = (mean + 2.0 * mean.sqrt()).ceil() + 1.0;
-    if w.is_finite() {
-        w.min(f64::from(u32::MAX / 2)) as u32
-    } else {
+    if w.is_nan() {
         1
+    } else {
+        w.min(f64::from(u32::MAX / 2)) as u32
     }
 }
 
@@ -234,7 +235,8 @@ pub struct PoolView {
     /// drops to 1).
     pub subnet_low: bool,
     /// The adaptive warm target now ([`adaptive_warm`]), when
-    /// [`PoolConfig::adaptive`]; 1 while the subnet is low.
+    /// [`PoolConfig::adaptive`]; the plan keeps 1 instead while the subnet
+    /// is low.
     pub adaptive_warm: u32,
 }
 
@@ -336,6 +338,30 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
     let used: u32 = view.interfaces.iter().map(IfaceView::used).sum();
     let demand = used + view.waiting;
 
+    // The adaptive target now, and how many addresses the pool releases
+    // down to: it keeps up to twice its warm target free, so addresses
+    // coming out of their cooldown under churn are reused rather than
+    // released and assigned again.
+    let adaptive_warm = if view.subnet_low {
+        1
+    } else {
+        view.adaptive_warm.max(1)
+    };
+    let mut release_to = None;
+    if cfg.adaptive {
+        let floor = cfg.minimum_ip_target.unwrap_or(0);
+        let r = div_ceil(
+            demand
+                .saturating_add(adaptive_warm.saturating_mul(2))
+                .max(floor),
+            unit,
+        ) * unit;
+        // Never above the max-pods cap (what is above it is released).
+        let cap = cfg.max_pods.map_or(u32::MAX, |m| {
+            (div_ceil(m, unit) * unit).max(div_ceil(used, unit) * unit)
+        });
+        release_to = Some(r.min(cap));
+    }
     // How many addresses the pool should hold.
     let mut want = if let Some(s) = cfg.scaler {
         let s = if view.subnet_low {
@@ -353,13 +379,8 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
             total
         }
     } else if cfg.adaptive {
-        let warm = if view.subnet_low {
-            1
-        } else {
-            view.adaptive_warm.max(1)
-        };
         demand
-            .saturating_add(warm)
+            .saturating_add(adaptive_warm)
             .max(cfg.minimum_ip_target.unwrap_or(0))
     } else if cfg.ip_targets() {
         (demand + cfg.warm_ip_target.unwrap_or(0)).max(cfg.minimum_ip_target.unwrap_or(0))
@@ -462,7 +483,11 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
     }
 
     // Shrink. First a whole idle interface, at most one per step.
-    let excess = total - want;
+    let keep = release_to.map_or(want, |r| r.max(want));
+    if total <= keep {
+        return Plan { actions, blocked };
+    }
+    let excess = total - keep;
     let deletable = view
         .interfaces
         .iter()

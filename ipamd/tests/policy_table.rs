@@ -891,14 +891,18 @@ fn the_adaptive_warm_target_keeps_what_the_arrivals_need_and_no_more() {
     };
     n.converge(&capped);
     assert_eq!(n.total(), 110);
-    // The arrivals stop: back down to the warm count, single addresses.
+    // The arrivals stop: back down to twice the warm count (the pool
+    // releases only above that), single addresses.
+    n.view.adaptive_warm = 3;
+    n.converge(&capped);
+    assert_eq!(n.total(), 16, "10 in use and 2 x 3 kept");
     n.view.adaptive_warm = 1;
     n.converge(&capped);
-    assert_eq!(n.total(), 11);
+    assert_eq!(n.total(), 12);
     n.view.subnet_low = true;
     n.view.adaptive_warm = 40;
     n.converge(&capped);
-    assert_eq!(n.total(), 11, "one free while the subnet is low");
+    assert_eq!(n.total(), 12, "one free, two kept while the subnet is low");
     // Prefix mode: whole prefixes.
     let pd_cfg = PoolConfig {
         prefix_delegation: true,

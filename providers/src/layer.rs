@@ -179,7 +179,8 @@ impl CallLayer {
     /// ARM's per-subscription read and write buckets
     /// ([`crate::bucket::arm_bucket`]), adapting to 429s as
     /// [`CallLayer::ec2`] does. An API whose name ends in `_Get`, contains
-    /// `_List` or is `IMDS_Instance` draws from the read bucket; any other
+    /// `_List` draws from the read bucket; IMDS from none
+    /// ([`from_account_budget`]); any other
     /// from the write bucket.
     pub fn arm() -> Self {
         Self {

@@ -93,6 +93,9 @@ pub struct ClusterConfig {
     /// Addresses in the subnet for pods' secondary interfaces (a /N); the
     /// primary interfaces' subnet is large.
     pub pod_subnet_prefix_len: u8,
+    /// What follows a cold start in which every pod was served; `None`:
+    /// the run ends there.
+    pub then: Option<AfterStart>,
     /// Nodes learn the cluster's node count, as ipamd does from the API
     /// server (at start and then as [`reread_after`] says); false: each node
     /// believes it is alone until throttled.
@@ -112,6 +115,30 @@ impl ClusterConfig {
             attach_latency: Duration::from_secs(2),
             pod_subnet_prefix_len: 13,
             count_peers: true,
+            then: Some(AfterStart::default()),
+        }
+    }
+}
+
+/// The scenarios after the cold start: scale down (half of every node's
+/// pods deleted at once, then `scale_down_for` for the pools to shrink),
+/// then steady churn for `churn_for` (on every node, a pod deleted and a
+/// new one created every `churn_every` on average).
+#[derive(Debug, Clone)]
+pub struct AfterStart {
+    pub scale_down_for: Duration,
+    pub churn_for: Duration,
+    pub churn_every: Duration,
+}
+
+impl Default for AfterStart {
+    /// Ten minutes to shrink, 30 minutes of churn at one pod replaced per
+    /// node a minute (at 2,000 nodes, 33 ADDs a second in the cluster).
+    fn default() -> Self {
+        Self {
+            scale_down_for: Duration::from_secs(600),
+            churn_for: Duration::from_secs(1800),
+            churn_every: Duration::from_secs(60),
         }
     }
 }
@@ -140,6 +167,14 @@ pub struct Report {
     /// Reads are left out: most are the periodic resync, whose number
     /// grows with the run's length, not with what the pods need.
     pub floor: Duration,
+    /// How long the cold start ran (until every pod was served, or the
+    /// horizon).
+    pub cold_start_for: Duration,
+    /// After the cold start ([`ClusterConfig::then`]): half of every
+    /// node's pods deleted at once.
+    pub scale_down: Option<Phase>,
+    /// Then steady churn on the pods left.
+    pub churn: Option<Phase>,
     /// Invariant violations found (empty when all hold).
     pub violations: Vec<String>,
 }
@@ -326,27 +361,6 @@ async fn simulate(cfg: ClusterConfig) -> Report {
                                 s.waits.push(created.elapsed());
                                 s.served += 1;
                                 s.last_served = Some(Instant::now());
-                                if std::env::var("DEBUG_SLOW").is_ok()
-                                    && created.elapsed() > Duration::from_secs(1100)
-                                {
-                                    eprintln!(
-                                        "{name} pod {p} waited {:?} joined {:?}: {:#?}",
-                                        created.elapsed(),
-                                        at,
-                                        ipam.reconciler
-                                            .provider()
-                                            .api_figures()
-                                            .iter()
-                                            .map(|(k, v)| (
-                                                k.clone(),
-                                                v.calls,
-                                                v.throttles,
-                                                v.bucket_waits,
-                                                v.client_rate_per_sec
-                                            ))
-                                            .collect::<Vec<_>>()
-                                    );
-                                }
                                 return;
                             }
                             Err(_) => {
@@ -360,27 +374,45 @@ async fn simulate(cfg: ClusterConfig) -> Report {
         }));
     }
     // Count idle addresses until every pod is served or the horizon.
-    let (mut idle_sum, mut idle_samples, mut idle_peak) = (0u64, 0u64, 0u64);
+    let mut idle = Idle::default();
     loop {
         tokio::time::sleep(SAMPLE_EVERY).await;
-        let idle: u64 = nodes
-            .borrow()
-            .iter()
-            .map(|i| u64::from(i.pool.read(|r| r.ds.counts(Instant::now())).available))
-            .sum();
-        idle_sum += idle;
-        idle_samples += 1;
-        idle_peak = idle_peak.max(idle);
+        idle.sample(&nodes.borrow());
         let served = shared.borrow().served;
         if served == total_pods || started.elapsed() >= cfg.horizon {
             break;
         }
     }
+    let (calls, throttled) = vpc.call_counts();
+    let cold_elapsed = started.elapsed();
+    let all_nodes: Vec<Arc<Ipam>> = nodes.borrow().clone();
+    let (scale_down, churn) = if shared.borrow().served == total_pods && cfg.then.is_some() {
+        let then = cfg.then.clone().expect("checked");
+        let down = phase(&vpc, &all_nodes, then.scale_down_for, |ipam| {
+            let mut pods: Vec<PodKey> = ipam.assignments().into_iter().map(|(k, _)| k).collect();
+            pods.sort();
+            let half = pods.len() / 2;
+            async move {
+                for key in pods.into_iter().take(half) {
+                    ipam.del(key).await.ok();
+                }
+                vec![]
+            }
+        })
+        .await;
+        let churn = phase(&vpc, &all_nodes, then.churn_for, |ipam| {
+            let (every, until) = (then.churn_every, Instant::now() + then.churn_for);
+            async move { churn_node(ipam, every, until).await }
+        })
+        .await;
+        (Some(down), Some(churn))
+    } else {
+        (None, None)
+    };
     stop_tx.send(true).ok();
     for t in tasks {
         t.abort();
     }
-    let (calls, throttled) = vpc.call_counts();
     let s = shared.borrow();
     let mut waits = s.waits.clone();
     waits.sort();
@@ -394,7 +426,14 @@ async fn simulate(cfg: ClusterConfig) -> Report {
         })
         .max()
         .unwrap_or_default();
-    let violations = check(&vpc, &nodes.borrow(), &calls, &throttled, started.elapsed());
+    let (all_calls, all_throttled) = vpc.call_counts();
+    let violations = check(
+        &vpc,
+        &nodes.borrow(),
+        &all_calls,
+        &all_throttled,
+        started.elapsed(),
+    );
     Report {
         policy: cfg.policy.name.to_string(),
         nodes: cfg.nodes,
@@ -409,14 +448,176 @@ async fn simulate(cfg: ClusterConfig) -> Report {
         add_failures: s.failures,
         calls,
         throttled,
-        idle_mean: if idle_samples == 0 {
+        idle_mean: idle.mean(),
+        idle_peak: idle.peak,
+        floor,
+        cold_start_for: cold_elapsed,
+        scale_down,
+        churn,
+        violations,
+    }
+}
+
+/// Idle (available) addresses over the nodes, sampled.
+#[derive(Default)]
+struct Idle {
+    sum: u64,
+    samples: u64,
+    peak: u64,
+    last: u64,
+}
+
+impl Idle {
+    fn sample(&mut self, nodes: &[Arc<Ipam>]) {
+        let now = Instant::now();
+        let idle: u64 = nodes
+            .iter()
+            .map(|i| u64::from(i.pool.read(|r| r.ds.counts(now)).available))
+            .sum();
+        self.sum += idle;
+        self.samples += 1;
+        self.peak = self.peak.max(idle);
+        self.last = idle;
+    }
+
+    fn mean(&self) -> f64 {
+        if self.samples == 0 {
             0.0
         } else {
-            idle_sum as f64 / idle_samples as f64
-        },
-        idle_peak,
-        floor,
-        violations,
+            self.sum as f64 / self.samples as f64
+        }
+    }
+}
+
+/// What happened in the cluster during one phase after the cold start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phase {
+    pub adds: u64,
+    pub add_wait_p50: Duration,
+    pub add_wait_p99: Duration,
+    pub add_wait_max: Duration,
+    /// ADD attempts that failed after their wait (retried by the kubelet).
+    pub add_failures: u64,
+    /// Calls the account received in the phase, per API, and of those
+    /// throttled.
+    pub calls: BTreeMap<String, u64>,
+    pub throttled: BTreeMap<String, u64>,
+    pub idle_mean: f64,
+    pub idle_peak: u64,
+    /// Idle addresses at the phase's end.
+    pub idle_end: u64,
+}
+
+impl Phase {
+    pub fn total_calls(&self) -> u64 {
+        self.calls.values().sum()
+    }
+
+    pub fn total_throttled(&self) -> u64 {
+        self.throttled.values().sum()
+    }
+}
+
+fn minus(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    a.iter()
+        .map(|(k, v)| (k.clone(), v - b.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+/// Runs `work` on every node at once for `length`, sampling idle
+/// addresses; `work` returns the waits and failures of the ADDs it made.
+async fn phase<F, Fut>(vpc: &Vpc, nodes: &[Arc<Ipam>], length: Duration, work: F) -> Phase
+where
+    F: Fn(Arc<Ipam>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<Duration, u64>>> + 'static,
+{
+    let (calls0, throttled0) = vpc.call_counts();
+    let started = Instant::now();
+    let tasks: Vec<_> = nodes
+        .iter()
+        .map(|n| tokio::task::spawn_local(work(n.clone())))
+        .collect();
+    let mut idle = Idle::default();
+    while started.elapsed() < length {
+        tokio::time::sleep(SAMPLE_EVERY).await;
+        idle.sample(nodes);
+    }
+    let (mut waits, mut failures) = (vec![], 0);
+    for t in tasks {
+        for r in t.await.unwrap_or_default() {
+            match r {
+                Ok(w) => waits.push(w),
+                Err(f) => failures += f,
+            }
+        }
+    }
+    waits.sort();
+    let (calls, throttled) = vpc.call_counts();
+    Phase {
+        adds: waits.len() as u64,
+        add_wait_p50: percentile(&waits, 0.5),
+        add_wait_p99: percentile(&waits, 0.99),
+        add_wait_max: waits.last().copied().unwrap_or_default(),
+        add_failures: failures,
+        calls: minus(&calls, &calls0),
+        throttled: minus(&throttled, &throttled0),
+        idle_mean: idle.mean(),
+        idle_peak: idle.peak,
+        idle_end: idle.last,
+    }
+}
+
+/// Steady churn on one node until `until`: every `every` on average
+/// (exponential gaps, seeded) a pod is deleted and a new one created; each
+/// ADD is retried as the kubelet retries. Gives each ADD's wait, or the
+/// failures of one never served before `until`.
+async fn churn_node(
+    ipam: Arc<Ipam>,
+    every: Duration,
+    until: Instant,
+) -> Vec<Result<Duration, u64>> {
+    let mut out = vec![];
+    let mut n = 0u32;
+    loop {
+        let u = providers::jitter::between(1, 1_000_000) as f64 / 1e6;
+        tokio::time::sleep(every.mul_f64(-u.ln())).await;
+        if Instant::now() >= until {
+            return out;
+        }
+        let mut pods: Vec<PodKey> = ipam.assignments().into_iter().map(|(k, _)| k).collect();
+        if pods.is_empty() {
+            continue;
+        }
+        pods.sort();
+        let gone = pods.swap_remove(providers::jitter::between(0, pods.len() as u64 - 1) as usize);
+        ipam.del(gone.clone()).await.ok();
+        n += 1;
+        let key = PodKey {
+            container_id: format!("{}-churn-{n}", gone.container_id),
+            ..gone
+        };
+        let created = Instant::now();
+        let mut failures = 0;
+        loop {
+            match ipam.add(key.clone()).await {
+                Ok(_) => {
+                    out.push(Ok(created.elapsed()));
+                    break;
+                }
+                Err(_) if Instant::now() < until => {
+                    failures += 1;
+                    tokio::time::sleep(KUBELET_RETRY).await;
+                }
+                Err(_) => {
+                    out.push(Err(failures + 1));
+                    return out;
+                }
+            }
+        }
+        if failures > 0 {
+            out.push(Err(failures));
+        }
     }
 }
 

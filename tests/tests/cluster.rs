@@ -4,11 +4,16 @@
 
 use std::time::Duration;
 
-use vpc_cni_e2e::cluster::{run, ClusterConfig, Policy};
+use vpc_cni_e2e::cluster::{run, AfterStart, ClusterConfig, Policy};
 
 fn config(policy: Policy, seed: u64) -> ClusterConfig {
     let mut c = ClusterConfig::new(200, policy, seed);
     c.horizon = Duration::from_secs(1800);
+    c.then = Some(AfterStart {
+        scale_down_for: Duration::from_secs(300),
+        churn_for: Duration::from_secs(600),
+        churn_every: Duration::from_secs(60),
+    });
     c
 }
 
@@ -21,6 +26,27 @@ fn two_hundred_nodes_cold_start_keeps_every_invariant_and_is_deterministic() {
         assert_eq!(a.pods, 200 * 27, "{}", a.policy);
         assert_eq!(a.pods_served, a.pods, "{}: not every pod served", a.policy);
         assert!(a.all_served_after.is_some());
+        // Scale down and churn ran, and the invariants above held after
+        // them too (checked at the end of the run).
+        let churn = a.churn.as_ref().expect("churn ran");
+        assert!(
+            churn.adds > 200 * 5,
+            "{}: {} churn ADDs",
+            a.policy,
+            churn.adds
+        );
+        let down = a.scale_down.as_ref().expect("scale down ran");
+        if a.policy.starts_with("WARM_IP") || a.policy.starts_with("adaptive (") {
+            // The policies that move single addresses give them back (whole
+            // interfaces stay under WARM_ENI_TARGET, and the pods left
+            // still hold part of every prefix).
+            assert!(
+                down.calls.contains_key("UnassignPrivateIpAddresses"),
+                "{}: nothing released after half the pods went: {:?}",
+                a.policy,
+                down.calls
+            );
+        }
         // Same seed, same run.
         let b = run(&config(policy, 7));
         assert_eq!(a, b, "two runs with one seed differ");
@@ -33,8 +59,11 @@ fn two_hundred_nodes_cold_start_keeps_every_invariant_and_is_deterministic() {
 #[test]
 fn the_node_count_keeps_two_hundred_nodes_from_being_throttled() {
     let default = Policy::all().remove(0);
-    let shared = run(&config(default.clone(), 7));
+    let mut shared = config(default.clone(), 7);
+    shared.then = None;
+    let shared = run(&shared);
     let mut alone = config(default, 7);
+    alone.then = None;
     alone.count_peers = false;
     let alone = run(&alone);
     for r in [&shared, &alone] {

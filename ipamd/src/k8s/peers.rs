@@ -35,17 +35,35 @@ pub fn reread_after(n: u32) -> Duration {
     let d = FIRST_REREAD.saturating_mul(1 << n.min(8)).min(PEERS_EVERY);
     providers::jitter::about(d)
 }
+/// The largest count believed (a cluster of more nodes than any
+/// Kubernetes supports is a wrong answer, and would stop this node's calls
+/// for good).
+pub const MAX_PEERS: u32 = 100_000;
 /// How long the count read before the pool's start may take.
 const PRIME_WITHIN: Duration = Duration::from_secs(5);
 
 /// The cluster's node count: the one node listed plus
-/// `remainingItemCount`. An API server that gives no count (an older one,
-/// or a list it cannot count) gives at least the one node.
-pub async fn count(client: &Client) -> Result<u32, kube::Error> {
+/// `remainingItemCount`, at most [`MAX_PEERS`]. An error when the API
+/// server says there are more nodes without saying how many.
+pub async fn count(client: &Client) -> Result<u32, String> {
     let api: Api<Node> = Api::all(client.clone());
-    let list = api.list(&ListParams::default().limit(1)).await?;
-    let rest = list.metadata.remaining_item_count.unwrap_or(0).max(0);
-    Ok(u32::try_from(list.items.len() as i64 + rest).unwrap_or(u32::MAX))
+    let list = api
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(|e| super::describe(&e))?;
+    let more = list
+        .metadata
+        .continue_
+        .as_deref()
+        .is_some_and(|c| !c.is_empty());
+    let rest = match list.metadata.remaining_item_count {
+        Some(n) => n.max(0),
+        // More nodes, but not how many: not a count (reading it as none
+        // would make this node believe it is alone).
+        None if more => return Err("the API server gave no remainingItemCount".into()),
+        None => 0,
+    };
+    Ok((list.items.len() as i64 + rest).clamp(1, i64::from(MAX_PEERS)) as u32)
 }
 
 /// Reads the count once, within a few seconds, for the provider's first

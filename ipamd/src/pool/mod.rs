@@ -110,10 +110,10 @@ pub enum JournalAt<'a> {
     Memory(journal::MemStore),
 }
 
-/// See the module documentation.
 /// The window over which the pods' arrival rate is measured.
-pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(60);
+pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(300);
 
+/// See the module documentation.
 pub struct Pool {
     settings: Settings,
     state: Mutex<State>,
@@ -127,6 +127,10 @@ pub struct Pool {
     /// When the ADDs of the last [`ARRIVAL_WINDOW`] came (the adaptive
     /// warm target's arrival rate).
     arrivals: Mutex<std::collections::VecDeque<Instant>>,
+    /// Whether an ADD has ever come (the adaptive target's prior holds
+    /// until then), and when the pool was made.
+    arrived: std::sync::atomic::AtomicBool,
+    born: Instant,
     /// Time spent answering AddNetwork / DelNetwork, transport excluded.
     pub add_latency: crate::latency::Recorder,
     pub del_latency: crate::latency::Recorder,
@@ -232,6 +236,8 @@ impl Pool {
             waiting: AtomicU32::new(0),
             grow: Mutex::new(GrowStatus::default()),
             arrivals: Mutex::default(),
+            arrived: std::sync::atomic::AtomicBool::new(false),
+            born: Instant::now(),
             add_latency: Default::default(),
             del_latency: Default::default(),
             events: Default::default(),
@@ -276,7 +282,14 @@ impl Pool {
         self.journal.sync_seconds()
     }
 
-    /// ADDs a second over the last [`ARRIVAL_WINDOW`], as of `now`.
+    /// Whether any ADD has come since the pool was made.
+    pub fn any_arrival(&self) -> bool {
+        self.arrived.load(Ordering::Relaxed)
+    }
+
+    /// ADDs a second over the last [`ARRIVAL_WINDOW`] (or since the pool
+    /// was made, when that is shorter), as of `now`; kept only under
+    /// `ADAPTIVE_WARM_TARGET`.
     pub fn arrival_rate(&self, now: Instant) -> f64 {
         let mut a = self.arrivals.lock().expect("arrivals lock");
         while a
@@ -285,10 +298,17 @@ impl Pool {
         {
             a.pop_front();
         }
-        a.len() as f64 / ARRIVAL_WINDOW.as_secs_f64()
+        let window = now
+            .saturating_duration_since(self.born)
+            .clamp(Duration::from_secs(1), ARRIVAL_WINDOW);
+        a.len() as f64 / window.as_secs_f64()
     }
 
     fn note_arrival(&self, at: Instant) {
+        if !self.settings.pool.adaptive {
+            return;
+        }
+        self.arrived.store(true, Ordering::Relaxed);
         let mut a = self.arrivals.lock().expect("arrivals lock");
         while a
             .front()

@@ -395,7 +395,16 @@ impl Reconciler {
             // growing (it did at 2,000 nodes, whose resyncs alone exceed
             // the account's Describe budget): say so and look again at the
             // next resync.
-            if let Err(e) = self.resync().await {
+            let outcome = self.resync_within().await;
+            if let Ok(None) = outcome {
+                // Not a failure: at thousands of nodes a node's share of
+                // the Describe budget comes about once a resync interval.
+                debug!("resync deferred: no Describe within its budget");
+                let mut st = self.lock();
+                st.last_resync = Instant::now();
+                st.resync_now = false;
+            }
+            if let Err(e) = outcome {
                 self.count_error("resync");
                 if !e.is_transient() {
                     return Err(e.into());
@@ -446,8 +455,16 @@ impl Reconciler {
             {
                 let mut st = self.lock();
                 view.subnet_low = st.subnet_low_until.is_some_and(|t| now < t);
-                view.adaptive_warm =
-                    policy::adaptive_warm(self.pool.arrival_rate(now), st.refill_secs);
+                view.adaptive_warm = if self.pool.any_arrival() {
+                    policy::adaptive_warm(self.pool.arrival_rate(now), st.refill_secs)
+                } else if self.settings.pool.prefix_delegation {
+                    // Before the first pod: what the default targets keep,
+                    // one prefix, or one interface's worth (a new node is
+                    // usually given pods at once).
+                    policy::PREFIX_SIZE
+                } else {
+                    limits.slots_per_interface()
+                };
                 st.full_subnets.retain(|_, until| now < *until);
                 for i in &mut view.interfaces {
                     i.subnet_full = st.full_subnets.contains_key(&i.subnet_id);
@@ -631,15 +648,28 @@ impl Reconciler {
 
     /// Compares the pool with the cloud's view of the instance.
     pub async fn resync(&self) -> Result<(), ProviderError> {
-        // A read: dropping it half-way changes nothing.
-        let all = tokio::time::timeout(RESYNC_BUDGET, self.provider.describe_interfaces())
-            .await
-            .map_err(|_| ProviderError::Timeout {
+        match self.resync_within().await? {
+            Some(()) => Ok(()),
+            None => Err(ProviderError::Timeout {
                 api: format!(
                     "DescribeNetworkInterfaces: the resync gave up after {} s",
                     RESYNC_BUDGET.as_secs()
                 ),
-            })??;
+            }),
+        }
+    }
+
+    /// [`Reconciler::resync`]; `None` when the Describe did not come back
+    /// within [`RESYNC_BUDGET`] (the node's share of the account's
+    /// Describe budget not there yet, or throttling).
+    async fn resync_within(&self) -> Result<Option<()>, ProviderError> {
+        // A read: dropping it half-way changes nothing.
+        let Ok(all) =
+            tokio::time::timeout(RESYNC_BUDGET, self.provider.describe_interfaces()).await
+        else {
+            return Ok(None);
+        };
+        let all = all?;
         if let Some(e) = complete_half_made(&*self.provider, &self.instance.id, &all).await {
             self.count_error("resync");
             self.update(|s| s.last_error = Some(e));
@@ -685,7 +715,7 @@ impl Reconciler {
         let unconfirmed = self.pool.unconfirmed() as u64;
         self.update(|s| s.unconfirmed_assignments = unconfirmed);
         self.pool.publish();
-        Ok(())
+        Ok(Some(()))
     }
 }
 

@@ -1,16 +1,17 @@
 //! `cluster-sim`: N simulated nodes on one simulated EC2 account, each with
 //! ipamd's production pool and reconciler, for every pool policy in one
-//! run; prints time until every pod has an address against the floor the
-//! account's buckets allow, ADD waits, calls and throttles, idle addresses,
-//! and the simulator's own wall time and peak RSS.
+//! run: a cold start (time until every pod has an address against the
+//! floor the account's buckets allow, ADD waits, calls and throttles, idle
+//! addresses), then a scale down and steady churn; and the simulator's own
+//! wall time and peak RSS.
 
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vpc_cni_e2e::cluster::{run, ClusterConfig, Policy};
+use vpc_cni_e2e::cluster::{run, AfterStart, ClusterConfig, Policy};
 
 #[derive(Parser, Debug)]
-#[command(about = "Cold start of a cluster on one simulated EC2 account")]
+#[command(about = "A cluster on one simulated EC2 account: cold start, scale down, churn")]
 struct Args {
     /// Nodes.
     #[arg(long, default_value_t = 2000)]
@@ -30,6 +31,29 @@ struct Args {
     /// Only policies whose name contains this.
     #[arg(long)]
     policy: Option<String>,
+    /// Prefix length of the subnet for pods' secondary interfaces (a
+    /// smaller subnet: subnet pressure).
+    #[arg(long, default_value_t = 13, value_parser = clap::value_parser!(u8).range(10..=28))]
+    pod_subnet: u8,
+    /// Stop after the cold start (no scale down, no churn).
+    #[arg(long)]
+    cold_start_only: bool,
+    /// Simulated seconds for the pools to shrink after half the pods go.
+    #[arg(long, default_value_t = 600)]
+    scale_down_for: u64,
+    /// Simulated seconds of steady churn.
+    #[arg(long, default_value_t = 1800)]
+    churn_for: u64,
+    /// Mean seconds between pod replacements on each node during churn.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    churn_every: u64,
+}
+
+fn per_api(m: &std::collections::BTreeMap<String, u64>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn peak_rss_mib() -> f64 {
@@ -78,6 +102,12 @@ fn main() {
         cfg.instance_type = a.instance_type.clone();
         cfg.join_within = Duration::from_secs(a.join_within);
         cfg.horizon = Duration::from_secs(a.horizon);
+        cfg.pod_subnet_prefix_len = a.pod_subnet;
+        cfg.then = (!a.cold_start_only).then(|| AfterStart {
+            scale_down_for: Duration::from_secs(a.scale_down_for),
+            churn_for: Duration::from_secs(a.churn_for),
+            churn_every: Duration::from_secs(a.churn_every),
+        });
         let t = Instant::now();
         let r = run(&cfg);
         let served = r
@@ -112,6 +142,34 @@ fn main() {
                 .join(", "),
             t.elapsed().as_secs_f64()
         );
+        if let Some(d) = &r.scale_down {
+            println!(
+                "    scale down (half of every node's pods deleted, {} s): {} calls ({} throttled): {}; idle mean/peak/end {:.0}/{}/{}",
+                a.scale_down_for,
+                d.total_calls(),
+                d.total_throttled(),
+                per_api(&d.calls),
+                d.idle_mean,
+                d.idle_peak,
+                d.idle_end
+            );
+        }
+        if let Some(c) = &r.churn {
+            println!(
+                "    churn (a pod replaced per node every {} s on average, {} s): {} ADDs, wait p50/p99/max {}/{}/{} s, {} retries, {} calls ({} throttled), idle mean/peak {:.0}/{}",
+                a.churn_every,
+                a.churn_for,
+                c.adds,
+                secs(c.add_wait_p50),
+                secs(c.add_wait_p99),
+                secs(c.add_wait_max),
+                c.add_failures,
+                c.total_calls(),
+                c.total_throttled(),
+                c.idle_mean,
+                c.idle_peak
+            );
+        }
         for v in &r.violations {
             println!("    INVARIANT BROKEN: {v}");
         }
