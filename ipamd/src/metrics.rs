@@ -368,12 +368,23 @@ pub fn render(ipam: &Ipam) -> Result<String, std::fmt::Error> {
         vec![(vec![], events.add_waits.get())],
     );
     let p = &settings.pool;
-    let targets = [
-        ("WARM_ENI_TARGET", Some(p.warm_eni_target)),
-        ("WARM_IP_TARGET", p.warm_ip_target),
-        ("MINIMUM_IP_TARGET", p.minimum_ip_target),
-        ("WARM_PREFIX_TARGET", p.warm_prefix_target),
-    ];
+    // Under ADAPTIVE_WARM_TARGET the warm targets do not apply: the
+    // adaptive target the last plan computed does.
+    let targets = if p.adaptive {
+        [
+            ("ADAPTIVE_WARM_TARGET", status.adaptive_warm),
+            ("MINIMUM_IP_TARGET", p.minimum_ip_target),
+            ("WARM_IP_TARGET", None),
+            ("WARM_PREFIX_TARGET", None),
+        ]
+    } else {
+        [
+            ("WARM_ENI_TARGET", Some(p.warm_eni_target)),
+            ("WARM_IP_TARGET", p.warm_ip_target),
+            ("MINIMUM_IP_TARGET", p.minimum_ip_target),
+            ("WARM_PREFIX_TARGET", p.warm_prefix_target),
+        ]
+    };
     out.add(
         "vpc_cni_warm_target",
         "The pool's configured targets, by setting (only those set)",

@@ -379,8 +379,12 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
             total
         }
     } else if cfg.adaptive {
+        // Never more than the node can run pods (MAX_PODS, else the
+        // instance's max pods), whatever the arrivals say.
+        let pods = cfg.max_pods.unwrap_or_else(|| view.limits.max_pods());
         demand
             .saturating_add(adaptive_warm)
+            .min(pods.max(demand))
             .max(cfg.minimum_ip_target.unwrap_or(0))
     } else if cfg.ip_targets() {
         (demand + cfg.warm_ip_target.unwrap_or(0)).max(cfg.minimum_ip_target.unwrap_or(0))

@@ -96,7 +96,8 @@ pub const MIN_SHARE: f64 = 1.0 / 2000.0;
 /// callers of the account, a count not yet refreshed).
 ///
 /// When a share's burst is under one call, a node's buckets start filled
-/// to a random part of one call (one draw for all its APIs, so a chain
+/// to a random part of one call, and start over at a new random part after
+/// a throttle (one draw for all its APIs, so a chain
 /// such as Create, Attach follows without a wait between), so that nodes
 /// that join together spread their first calls over one refill period
 /// instead of sending them at once.
@@ -225,7 +226,15 @@ impl Buckets {
         let b = self.bucket(api, now);
         b.rate = (b.rate / 2.0).max(b.spec.refill_per_sec / peers * MIN_SHARE);
         b.burst = (b.burst / 2.0).max(1.0);
-        b.tokens = b.tokens.min(0.0);
+        b.tokens = if b.spec.burst / peers >= 1.0 {
+            b.tokens.min(0.0)
+        } else {
+            // A share under one call: nodes throttled together (all full
+            // when a cluster-wide event came) would otherwise refill and
+            // call together again; each starts over at a random part of
+            // one call.
+            crate::jitter::between(0, 1000) as f64 / 1000.0
+        };
     }
 
     /// The refill rate in force for `api`, per second.
