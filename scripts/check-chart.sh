@@ -83,10 +83,14 @@ done
 # Combinations ipamd refuses.
 for bad in "settings.IPAM_SCALER_BATCH_SIZE=16,settings.WARM_IP_TARGET=5" \
   "settings.ENABLE_PREFIX_DELEGATION=true,settings.WARM_PREFIX_TARGET=0" \
-  "settings.ENABLE_PREFIX_DELEGATION=true,settings.WARM_PREFIX_TARGET=0,settings.WARM_IP_TARGET=0"; do
+  "settings.ENABLE_PREFIX_DELEGATION=true,settings.WARM_PREFIX_TARGET=0,settings.WARM_IP_TARGET=0" \
+  "settings.ADAPTIVE_WARM_TARGET=true,settings.WARM_IP_TARGET=5" \
+  "settings.ADAPTIVE_WARM_TARGET=true,settings.WARM_ENI_TARGET=1" \
+  "settings.ADAPTIVE_WARM_TARGET=true,settings.IPAM_SCALER_MAX_IP_COUNT=100"; do
   if "$helm" template vpc-cni "$chart" --set-string "$bad" >/dev/null 2>&1; then
     echo "check-chart: $bad was accepted" >&2; exit 1
   fi
 done
 "$helm" template vpc-cni "$chart" --set-string settings.IPAM_SCALER_BATCH_SIZE=16 >/dev/null
+"$helm" template vpc-cni "$chart" --set-string settings.ADAPTIVE_WARM_TARGET=true,settings.WARM_IP_TARGET=0,settings.MINIMUM_IP_TARGET=10 >/dev/null
 echo "check-chart: the schema and the templates refuse misspelt settings and bad values"

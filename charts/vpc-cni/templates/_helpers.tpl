@@ -48,6 +48,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end }}
 {{- if $pd }}{{ fail "settings: IPAM_SCALER_* with ENABLE_PREFIX_DELEGATION=true: the scaler moves single addresses" }}{{ end }}
 {{- end -}}
+{{- if has (get $set "ADAPTIVE_WARM_TARGET") $truthy -}}
+{{- if $scaler }}{{ fail "settings: ADAPTIVE_WARM_TARGET=true sizes the warm pool itself; unset IPAM_SCALER_*" }}{{ end -}}
+{{- range $k := list "WARM_ENI_TARGET" "WARM_PREFIX_TARGET" }}
+{{- if hasKey $set $k }}{{ fail (printf "settings: ADAPTIVE_WARM_TARGET=true sizes the warm pool itself; unset %s (MINIMUM_IP_TARGET may stay)" $k) }}{{ end }}
+{{- end }}
+{{- if ne (get $set "WARM_IP_TARGET" | default "0") "0" }}{{ fail "settings: ADAPTIVE_WARM_TARGET=true sizes the warm pool itself; unset WARM_IP_TARGET (MINIMUM_IP_TARGET may stay)" }}{{ end -}}
+{{- end -}}
 {{- /* WARM_IP_TARGET and MINIMUM_IP_TARGET of 0 are unset, as ipamd reads them. */ -}}
 {{- if and $pd (eq (get $set "WARM_PREFIX_TARGET") "0") (eq (get $set "WARM_IP_TARGET" | default "0") "0") (eq (get $set "MINIMUM_IP_TARGET" | default "0") "0") -}}
 {{- fail "settings: ENABLE_PREFIX_DELEGATION=true with WARM_PREFIX_TARGET=0 and no WARM_IP_TARGET/MINIMUM_IP_TARGET: the pool would never keep a prefix ready" -}}

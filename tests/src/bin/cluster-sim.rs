@@ -14,8 +14,8 @@ use vpc_cni_e2e::cluster::{run, AfterStart, ClusterConfig, Policy};
 #[command(about = "A cluster on one simulated EC2 account: cold start, scale down, churn")]
 struct Args {
     /// Nodes.
-    #[arg(long, default_value_t = 2000)]
-    nodes: usize,
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    nodes: u64,
     /// Seed of every jitter (same seed, same figures).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -38,6 +38,10 @@ struct Args {
     /// Stop after the cold start (no scale down, no churn).
     #[arg(long)]
     cold_start_only: bool,
+    /// Also run each policy with nodes that do not know the cluster's node
+    /// count (each believes it is alone until throttled), the peer.
+    #[arg(long)]
+    with_alone: bool,
     /// Simulated seconds for the pools to shrink after half the pods go.
     #[arg(long, default_value_t = 600)]
     scale_down_for: u64,
@@ -74,6 +78,14 @@ fn secs(d: Duration) -> String {
 
 fn main() {
     let a = Args::parse();
+    let Some(limits) = providers::limits::lookup(&a.instance_type).map(|t| t.limits) else {
+        eprintln!(
+            "cluster-sim: unknown instance type {:?} (EC2's names, e.g. m5.large)",
+            a.instance_type
+        );
+        std::process::exit(64);
+    };
+    let (mut matched, mut failed) = (false, false);
     println!(
         "cluster-sim: {} x {}, joining within {} s, one account (EC2's documented buckets), seed {}",
         a.nodes, a.instance_type, a.join_within, a.seed
@@ -91,14 +103,34 @@ fn main() {
         "retries"
     );
     let wall = Instant::now();
-    for policy in Policy::all() {
+    let runs: Vec<(Policy, bool)> = Policy::all()
+        .into_iter()
+        .flat_map(|p| {
+            let alone = a.with_alone.then(|| (p.clone(), false));
+            std::iter::once((p, true)).chain(alone)
+        })
+        .collect();
+    for (policy, count_peers) in runs {
         if a.policy
             .as_ref()
             .is_some_and(|p| !policy.name.contains(p.as_str()))
         {
             continue;
         }
-        let mut cfg = ClusterConfig::new(a.nodes, policy, a.seed);
+        matched = true;
+        let pd = policy
+            .env
+            .iter()
+            .any(|(k, v)| *k == "ENABLE_PREFIX_DELEGATION" && *v == "true");
+        if pd && !limits.prefix_delegation {
+            println!(
+                "{:<44} skipped: {} does not support prefix delegation",
+                policy.name, a.instance_type
+            );
+            continue;
+        }
+        let mut cfg = ClusterConfig::new(a.nodes as usize, policy, a.seed);
+        cfg.count_peers = count_peers;
         cfg.instance_type = a.instance_type.clone();
         cfg.join_within = Duration::from_secs(a.join_within);
         cfg.horizon = Duration::from_secs(a.horizon);
@@ -114,9 +146,14 @@ fn main() {
             .all_served_after
             .map_or_else(|| format!(">{}", a.horizon), secs);
         let thr = 100.0 * r.total_throttled() as f64 / r.total_calls().max(1) as f64;
+        let name = if count_peers {
+            r.policy.clone()
+        } else {
+            format!("{} ALONE", r.policy)
+        };
         println!(
             "{:<44} {:>9} {:>8} {:>6} {:>22} {:>8} {:>7.1} {:>12} {:>8}",
-            r.policy,
+            name,
             served,
             secs(r.floor),
             r.ratio().map_or("-".into(), |x| format!("{x:.2}")),
@@ -170,6 +207,9 @@ fn main() {
                 c.idle_peak
             );
         }
+        if !r.violations.is_empty() || r.pods_served < r.pods {
+            failed = true;
+        }
         for v in &r.violations {
             println!("    INVARIANT BROKEN: {v}");
         }
@@ -179,4 +219,12 @@ fn main() {
         wall.elapsed().as_secs_f64(),
         peak_rss_mib()
     );
+    if !matched {
+        eprintln!("cluster-sim: no policy matches {:?}", a.policy);
+        std::process::exit(64);
+    }
+    if failed {
+        eprintln!("cluster-sim: not every pod was served, or an invariant broke (see above)");
+        std::process::exit(1);
+    }
 }
