@@ -113,6 +113,16 @@ pub enum JournalAt<'a> {
 /// The window over which the pods' arrival rate is measured.
 pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(300);
 
+/// Drops the arrivals older than [`ARRIVAL_WINDOW`] as of `now`.
+fn forget_arrivals_before(a: &mut std::collections::VecDeque<Instant>, now: Instant) {
+    while a
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) > ARRIVAL_WINDOW)
+    {
+        a.pop_front();
+    }
+}
+
 /// See the module documentation.
 pub struct Pool {
     settings: Settings,
@@ -292,12 +302,7 @@ impl Pool {
     /// `ADAPTIVE_WARM_TARGET`.
     pub fn arrival_rate(&self, now: Instant) -> f64 {
         let mut a = self.arrivals.lock().expect("arrivals lock");
-        while a
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) > ARRIVAL_WINDOW)
-        {
-            a.pop_front();
-        }
+        forget_arrivals_before(&mut a, now);
         let window = now
             .saturating_duration_since(self.born)
             .clamp(Duration::from_secs(1), ARRIVAL_WINDOW);
@@ -310,12 +315,7 @@ impl Pool {
         }
         self.arrived.store(true, Ordering::Relaxed);
         let mut a = self.arrivals.lock().expect("arrivals lock");
-        while a
-            .front()
-            .is_some_and(|t| at.saturating_duration_since(*t) > ARRIVAL_WINDOW)
-        {
-            a.pop_front();
-        }
+        forget_arrivals_before(&mut a, at);
         a.push_back(at);
     }
 

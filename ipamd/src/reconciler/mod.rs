@@ -455,7 +455,10 @@ impl Reconciler {
             {
                 let mut st = self.lock();
                 view.subnet_low = st.subnet_low_until.is_some_and(|t| now < t);
-                view.adaptive_warm = if self.pool.any_arrival() {
+                // Only the adaptive mode reads it.
+                view.adaptive_warm = if !self.settings.pool.adaptive {
+                    0
+                } else if self.pool.any_arrival() {
                     policy::adaptive_warm(self.pool.arrival_rate(now), st.refill_secs)
                 } else if self.settings.pool.prefix_delegation {
                     // Before the first pod: what the default targets keep,
