@@ -66,6 +66,11 @@ struct Bucket {
     burst: f64,
 }
 
+/// A random part of one call, in thousandths (seeded in simulations).
+fn random_part() -> f64 {
+    crate::jitter::between(0, 1000) as f64 / 1000.0
+}
+
 /// The shortest wait [`Buckets::take_or_wait`] asks for.
 const MIN_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 /// The longest wait [`Buckets::take_or_wait`] asks for.
@@ -96,11 +101,11 @@ pub const MIN_SHARE: f64 = 1.0 / 2000.0;
 /// callers of the account, a count not yet refreshed).
 ///
 /// When a share's burst is under one call, a node's buckets start filled
-/// to a random part of one call, and start over at a new random part after
-/// a throttle (one draw for all its APIs, so a chain
+/// to a random part of one call (one draw for all its APIs, so a chain
 /// such as Create, Attach follows without a wait between), so that nodes
 /// that join together spread their first calls over one refill period
-/// instead of sending them at once.
+/// instead of sending them at once; a throttled bucket starts over at a
+/// new random part of its own.
 #[derive(Debug)]
 pub struct Buckets {
     spec: fn(&str) -> BucketSpec,
@@ -177,7 +182,7 @@ impl Buckets {
     pub fn adaptive(spec: fn(&str) -> BucketSpec) -> Self {
         Self {
             adaptive: true,
-            phase: crate::jitter::between(0, 1000) as f64 / 1000.0,
+            phase: random_part(),
             ..Self::with_spec(spec)
         }
     }
@@ -233,7 +238,7 @@ impl Buckets {
             // when a cluster-wide event came) would otherwise refill and
             // call together again; each starts over at a random part of
             // one call.
-            crate::jitter::between(0, 1000) as f64 / 1000.0
+            random_part()
         };
     }
 
