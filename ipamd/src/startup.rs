@@ -22,6 +22,7 @@ pub async fn with_retries<T, E: std::fmt::Display>(
             return Ok(None);
         }
         let result = tokio::select! {
+            biased;
             r = attempt() => r,
             _ = stop.wait_for(|s| *s) => return Ok(None),
         };
@@ -31,6 +32,7 @@ pub async fn with_retries<T, E: std::fmt::Display>(
                 let wait = providers::jitter::upper_half(delay);
                 warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: the cloud answered with a transient error; trying again");
                 tokio::select! {
+                    biased;
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.wait_for(|s| *s) => return Ok(None),
                 }

@@ -93,6 +93,7 @@ pub async fn prime(client: &Client) -> Option<u32> {
 pub(super) async fn run(cx: Ctx, mut stop: watch::Receiver<bool>) {
     for n in 0.. {
         tokio::select! {
+            biased;
             _ = tokio::time::sleep(reread_after(n)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }

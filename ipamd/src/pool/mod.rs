@@ -131,6 +131,11 @@ pub struct Pool {
     /// Wakes the reconciler (an ADD waits, an address was used or freed).
     wake: Notify,
     changed: watch::Sender<u64>,
+    /// Wakes waiting ADDs when the pool changed. A `Notify` rather than a
+    /// receiver of `changed` each: tokio's watch channel wakes its
+    /// receivers in a random order, so which waiting ADD took a freed
+    /// address varied, and a seeded simulation did not run the same twice.
+    add_waiters: Notify,
     waiting: AtomicU32,
     /// What the reconciler last said about growing the pool.
     grow: Mutex<GrowStatus>,
@@ -243,6 +248,7 @@ impl Pool {
             journal,
             wake: Notify::new(),
             changed: watch::channel(0).0,
+            add_waiters: Notify::new(),
             waiting: AtomicU32::new(0),
             grow: Mutex::new(GrowStatus::default()),
             arrivals: Mutex::default(),
@@ -265,6 +271,7 @@ impl Pool {
     /// Tells watchers (waiting ADDs, tests) that the pool changed.
     pub fn publish(&self) {
         self.changed.send_modify(|g| *g = g.wrapping_add(1));
+        self.add_waiters.notify_waiters();
     }
 
     /// Subscribes to pool changes.
@@ -392,9 +399,13 @@ impl Pool {
         let started = Instant::now();
         self.note_arrival(started);
         let deadline = started + self.settings.add_wait;
-        let mut changes = self.changed.subscribe();
         let mut guard = AddGuard::enter(self, &key);
         let outcome = loop {
+            // Listening before the pool is looked at: a change published
+            // meanwhile still wakes us.
+            let changed = self.add_waiters.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let now = Instant::now();
             let attempt = {
                 let mut st = self.lock();
@@ -497,7 +508,7 @@ impl Pool {
             let nap = until
                 .saturating_duration_since(now)
                 .clamp(Duration::from_millis(1), MAX_NAP);
-            tokio::time::timeout(nap, changes.changed()).await.ok();
+            tokio::time::timeout(nap, changed).await.ok();
         };
         drop(guard);
         // Using an address may take the pool below its warm target.

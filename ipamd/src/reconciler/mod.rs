@@ -339,7 +339,12 @@ impl Reconciler {
             }
             match self.step().await {
                 Ok(0) => {
+                    // `biased`: branches polled in order, not at random,
+                    // so that a seeded simulation runs the same twice
+                    // (tokio's random order decided whether a stored
+                    // wake-up was taken now or on the next pass).
                     tokio::select! {
+                        biased;
                         _ = self.pool.woken() => {}
                         _ = tokio::time::sleep(RECONCILE_EVERY) => {}
                         _ = shutdown.changed() => return,
@@ -349,6 +354,7 @@ impl Reconciler {
                     // waiting for an address is served at once.
                     if self.pool.waiting() == 0 {
                         tokio::select! {
+                            biased;
                             _ = tokio::time::sleep(WAKE_DEBOUNCE) => {}
                             _ = shutdown.changed() => return,
                         }
@@ -366,6 +372,7 @@ impl Reconciler {
                     });
                     self.pool.publish();
                     tokio::select! {
+                        biased;
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.changed() => return,
                     }
