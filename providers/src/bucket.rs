@@ -64,11 +64,32 @@ struct Bucket {
     /// (adaptive buckets only).
     rate: f64,
     burst: f64,
+    /// A share under one call sat full (more refilled than it holds):
+    /// the node's phase is lost, and every node idle alike would call at
+    /// once. The next call draws a new phase ([`Buckets::try_take`]).
+    idle: bool,
 }
 
 /// A random part of one call, in thousandths (seeded in simulations).
 fn random_part() -> f64 {
     crate::jitter::between(0, 1000) as f64 / 1000.0
+}
+
+/// Calls refilled beyond a full bucket after which a share under one call
+/// counts as idle ([`Bucket::idle`]): a caller woken as its token came
+/// finds the bucket just full, not idle.
+const IDLE_SLACK: f64 = 0.01;
+
+/// Calls that give back what the pool no longer needs: never urgent, so a
+/// node's saved token does not send them at once (see [`Bucket::idle`]).
+fn is_release(api: &str) -> bool {
+    matches!(
+        api,
+        "UnassignPrivateIpAddresses"
+            | "UnassignIpv6Addresses"
+            | "DetachNetworkInterface"
+            | "DeleteNetworkInterface"
+    )
 }
 
 /// The shortest wait [`Buckets::take_or_wait`] asks for.
@@ -105,7 +126,12 @@ pub const MIN_SHARE: f64 = 1.0 / 2000.0;
 /// such as Create, Attach follows without a wait between), so that nodes
 /// that join together spread their first calls over one refill period
 /// instead of sending them at once; a throttled bucket starts over at a
-/// new random part of its own.
+/// new random part of its own. A release (Unassign, Detach, Delete) is
+/// never urgent: when its bucket has sat full, the node's saved token is
+/// not spent on it at once (every node idle alike would send its release
+/// in the same second after a cluster-wide scale down); it goes at once
+/// with the chance of the share's burst, else after a random part of one
+/// refill period. Grows and reads keep the saved token.
 #[derive(Debug)]
 pub struct Buckets {
     spec: fn(&str) -> BucketSpec,
@@ -192,10 +218,11 @@ impl Buckets {
             let spec = (self.spec)(api);
             let (rate, burst) = self.share(spec);
             let born = *self.born.get_or_insert(now);
+            let filled = self.phase + now.saturating_duration_since(born).as_secs_f64() * rate;
             let tokens = if spec.burst / self.peers >= 1.0 {
                 burst
             } else {
-                (self.phase + now.saturating_duration_since(born).as_secs_f64() * rate).min(burst)
+                filled.min(burst)
             };
             self.buckets.insert(
                 api.to_string(),
@@ -205,10 +232,13 @@ impl Buckets {
                     at: now,
                     rate,
                     burst,
+                    idle: spec.burst / self.peers < 1.0
+                        && filled > burst + IDLE_SLACK
+                        && is_release(api),
                 },
             );
         }
-        let adaptive = self.adaptive;
+        let (adaptive, peers) = (self.adaptive, self.peers);
         let (rate, burst) = self.share(self.buckets[api].spec);
         let b = self.buckets.get_mut(api).expect("just made");
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
@@ -216,7 +246,11 @@ impl Buckets {
             b.rate = (b.rate + elapsed * rate / RECOVER_SECS).min(rate);
             b.burst = (b.burst + elapsed * burst / RECOVER_SECS).min(burst);
         }
-        b.tokens = (b.tokens + elapsed * b.rate).min(b.burst);
+        let filled = b.tokens + elapsed * b.rate;
+        if b.spec.burst / peers < 1.0 && filled > b.burst + IDLE_SLACK && is_release(api) {
+            b.idle = true;
+        }
+        b.tokens = filled.min(b.burst);
         b.at = now;
         b
     }
@@ -242,6 +276,25 @@ impl Buckets {
         };
     }
 
+    /// A call came to an idle bucket (see [`Bucket::idle`]): the node
+    /// takes it at once with the chance of the share's burst (so that the
+    /// nodes idle alike send about the account's burst together), else
+    /// starts over at a random part of one call. Its other idle buckets
+    /// start over at the same part, so that a chain (Detach, Delete)
+    /// follows without a second wait.
+    fn rephase_idle(&mut self, api: &str, now: Instant) {
+        let share_burst = self.buckets[api].spec.burst / self.peers;
+        let start = (random_part() + share_burst).min(1.0);
+        let apis: Vec<String> = self.buckets.keys().cloned().collect();
+        for other in apis {
+            let b = self.bucket(&other, now);
+            if b.idle {
+                b.idle = false;
+                b.tokens = start.min(b.burst);
+            }
+        }
+    }
+
     /// The refill rate in force for `api`, per second.
     pub fn rate(&mut self, api: &str, now: Instant) -> f64 {
         self.bucket(api, now).rate
@@ -265,6 +318,9 @@ impl Buckets {
 
     /// Takes a token for `api`; false means the call is throttled.
     pub fn try_take(&mut self, api: &str, now: Instant) -> bool {
+        if self.bucket(api, now).idle {
+            self.rephase_idle(api, now);
+        }
         let b = self.bucket(api, now);
         // A token refilled to within rounding of one is one.
         if b.tokens >= 1.0 - 1e-9 {
@@ -328,6 +384,49 @@ mod tests {
         let mut acct = Buckets::default();
         acct.throttled(api, t0);
         assert_eq!(acct.rate(api, t0), 5.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_nodes_release_over_one_period_not_at_once() {
+        // 2,000 nodes, idle for an hour (their buckets full), then each
+        // wants to give addresses back (a cluster-wide scale down) and to
+        // grow. Releases: about the account's burst (50) at once, the rest
+        // spread over one refill period (400 s at 1/400 per second); a
+        // grow still takes the node's saved token at once.
+        let (release, grow) = ("UnassignPrivateIpAddresses", "AssignPrivateIpAddresses");
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(3600);
+        crate::jitter::seed_this_thread(11);
+        let (mut at_once, mut first_half, mut grows) = (0, 0, 0);
+        for node in 0..2000 {
+            let mut b = Buckets::adaptive(ec2_bucket);
+            b.set_peers(2000, t0);
+            // Born at t0.
+            b.try_take("DescribeInstances", t0);
+            if node % 2 == 0 {
+                // A release bucket used before, idle since.
+                b.bucket(release, t0).tokens = 1.0;
+                assert!(b.try_take(release, t0));
+            }
+            if b.try_take(release, later) {
+                at_once += 1;
+            } else {
+                let mut now = later;
+                while let Some(w) = b.take_or_wait(release, now) {
+                    now += w;
+                }
+                let waited = now - later;
+                assert!(waited <= Duration::from_secs(401), "{waited:?}");
+                first_half += usize::from(waited < Duration::from_secs(200));
+            }
+            grows += usize::from(b.try_take(grow, later));
+        }
+        assert!((20..=100).contains(&at_once), "{at_once} released at once");
+        assert!(
+            (800..=1200).contains(&first_half),
+            "{first_half} in the first half period"
+        );
+        assert_eq!(grows, 2000, "a grow keeps the saved token");
     }
 
     #[tokio::test(start_paused = true)]
