@@ -100,10 +100,11 @@ async fn sigterm_during_start_up_is_not_lost() {
         },
     )
     .await;
-    // Every Describe of the instance times out: start-up keeps retrying.
+    // Every Describe of the instance's interfaces times out: start-up
+    // keeps retrying.
     sim.vpc
         .handle(Request::InjectFault(Fault {
-            api: Some("DescribeInstances".into()),
+            api: Some("DescribeNetworkInterfaces".into()),
             kind: FaultKind::Timeout { applied: false },
             count: 100_000,
         }))

@@ -38,6 +38,12 @@ pub enum Request {
     DescribeInstance {
         instance_id: String,
     },
+    /// What the instance metadata service tells an instance about itself
+    /// (the same facts as `DescribeInstance`): IMDS is the instance's own,
+    /// so it is billed to no EC2 API and never throttled.
+    InstanceMetadata {
+        instance_id: String,
+    },
     DescribeInterfaces {
         instance_id: String,
     },
@@ -476,7 +482,8 @@ impl Vpc {
 
     async fn apply_state(&self, req: Request, partial: Option<u32>) -> Result<Reply> {
         Ok(match req {
-            Request::DescribeInstance { instance_id } => Reply::Instance(Box::new(
+            Request::DescribeInstance { instance_id }
+            | Request::InstanceMetadata { instance_id } => Reply::Instance(Box::new(
                 self.state
                     .lock()
                     .expect("lock")

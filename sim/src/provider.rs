@@ -123,11 +123,16 @@ impl CloudProvider for SimProvider {
         self.caps
     }
 
+    /// From the instance metadata service, as the AWS provider learns
+    /// its instance (no EC2 call, so nothing throttled when 2,000 nodes
+    /// start together).
     async fn describe_instance(&self) -> Result<Instance> {
+        let req = Request::InstanceMetadata {
+            instance_id: self.instance_id.clone(),
+        };
         match self
-            .call(Request::DescribeInstance {
-                instance_id: self.instance_id.clone(),
-            })
+            .layer
+            .call("IMDS_Instance", || self.backend.call(req.clone()))
             .await?
         {
             Reply::Instance(i) => Ok(*i),

@@ -505,3 +505,35 @@ async fn azure_sizes_cannot_hot_attach() {
         200
     );
 }
+
+/// A node learns its instance from the metadata service, as on EC2: no
+/// DescribeInstances call, so nothing throttled however many nodes ask,
+/// while the EC2 call itself is still billed and throttled.
+#[tokio::test(start_paused = true)]
+async fn the_instance_comes_from_metadata_not_from_a_throttled_describe() {
+    let vpc = Arc::new(Vpc::with_config(VpcConfig {
+        attach_latency: Duration::ZERO,
+        throttling: true,
+        ..VpcConfig::default()
+    }));
+    let n = node(&vpc, "meta", "m5.large").await;
+    for _ in 0..300 {
+        assert_eq!(
+            n.describe_instance().await.unwrap().instance_type,
+            "m5.large"
+        );
+    }
+    let (calls, _) = vpc.call_counts();
+    assert!(!calls.contains_key("DescribeInstances"), "{calls:?}");
+    // 300 DescribeInstances at once: past the account's burst of 100.
+    let mut throttled = 0;
+    for _ in 0..300 {
+        let r = vpc
+            .handle(Request::DescribeInstance {
+                instance_id: n.instance_id().to_string(),
+            })
+            .await;
+        throttled += usize::from(matches!(r, Err(ProviderError::Throttled { .. })));
+    }
+    assert!(throttled >= 150, "{throttled} throttled");
+}

@@ -53,9 +53,14 @@ struct Args {
     churn_every: u64,
 }
 
-fn per_api(m: &std::collections::BTreeMap<String, u64>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k} {v}"))
+/// "Api calls (throttled), ..." per API.
+fn per_api(
+    calls: &std::collections::BTreeMap<String, u64>,
+    throttled: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    calls
+        .iter()
+        .map(|(k, v)| format!("{k} {v} ({})", throttled.get(k).copied().unwrap_or(0)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -172,11 +177,7 @@ fn main() {
             "    {} of {} pods served; calls (throttled) per API: {}; {:.1} s wall",
             r.pods_served,
             r.pods,
-            r.calls
-                .iter()
-                .map(|(k, v)| format!("{k} {v} ({})", r.throttled.get(k).copied().unwrap_or(0)))
-                .collect::<Vec<_>>()
-                .join(", "),
+            per_api(&r.calls, &r.throttled),
             t.elapsed().as_secs_f64()
         );
         if let Some(d) = &r.scale_down {
@@ -185,7 +186,7 @@ fn main() {
                 a.scale_down_for,
                 d.total_calls(),
                 d.total_throttled(),
-                per_api(&d.calls),
+                per_api(&d.calls, &d.throttled),
                 d.idle_mean,
                 d.idle_peak,
                 d.idle_end
@@ -193,7 +194,7 @@ fn main() {
         }
         if let Some(c) = &r.churn {
             println!(
-                "    churn (a pod replaced per node every {} s on average, {} s): {} ADDs, wait p50/p99/max {}/{}/{} s, {} retries, {} calls ({} throttled), idle mean/peak {:.0}/{}",
+                "    churn (a pod replaced per node every {} s on average, {} s): {} ADDs, wait p50/p99/max {}/{}/{} s, {} retries, {} calls ({} throttled): {}; idle mean/peak {:.0}/{}",
                 a.churn_every,
                 a.churn_for,
                 c.adds,
@@ -203,6 +204,7 @@ fn main() {
                 c.add_failures,
                 c.total_calls(),
                 c.total_throttled(),
+                per_api(&c.calls, &c.throttled),
                 c.idle_mean,
                 c.idle_peak
             );
