@@ -145,6 +145,11 @@ pub struct Buckets {
     /// When the first bucket was made: tokens a later bucket would have
     /// gathered since are in its start fill.
     born: Option<Instant>,
+    /// When idle releases last started over ([`Buckets::try_take`]): for
+    /// two refill periods after, a release bucket is not idle, so that a
+    /// chain (Detach, the Describe polls until it is detached, Delete)
+    /// follows on the phase drawn for its first call.
+    rephased_at: Option<Instant>,
 }
 
 impl Default for Buckets {
@@ -164,6 +169,7 @@ impl Buckets {
             peers: 1.0,
             phase: 1.0,
             born: None,
+            rephased_at: None,
         }
     }
 
@@ -232,14 +238,14 @@ impl Buckets {
                     at: now,
                     rate,
                     burst,
-                    idle: spec.burst / self.peers < 1.0
-                        && filled > burst + IDLE_SLACK
-                        && is_release(api),
+                    idle: self.may_idle(api, spec, rate, now) && filled > burst + IDLE_SLACK,
                 },
             );
         }
-        let (adaptive, peers) = (self.adaptive, self.peers);
-        let (rate, burst) = self.share(self.buckets[api].spec);
+        let adaptive = self.adaptive;
+        let spec = self.buckets[api].spec;
+        let (rate, burst) = self.share(spec);
+        let may_idle = self.may_idle(api, spec, rate, now);
         let b = self.buckets.get_mut(api).expect("just made");
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         if adaptive {
@@ -247,9 +253,7 @@ impl Buckets {
             b.burst = (b.burst + elapsed * burst / RECOVER_SECS).min(burst);
         }
         let filled = b.tokens + elapsed * b.rate;
-        if b.spec.burst / peers < 1.0 && filled > b.burst + IDLE_SLACK && is_release(api) {
-            b.idle = true;
-        }
+        b.idle = may_idle && (b.idle || filled > b.burst + IDLE_SLACK);
         b.tokens = filled.min(b.burst);
         b.at = now;
         b
@@ -276,6 +280,17 @@ impl Buckets {
         };
     }
 
+    /// Whether `api`'s bucket (share `rate`) can be idle now: a release
+    /// whose share's burst is under one call, not within two refill
+    /// periods of the last start over.
+    fn may_idle(&self, api: &str, spec: BucketSpec, rate: f64, now: Instant) -> bool {
+        is_release(api)
+            && spec.burst / self.peers < 1.0
+            && self
+                .rephased_at
+                .is_none_or(|t| now.saturating_duration_since(t).as_secs_f64() * rate >= 2.0)
+    }
+
     /// A call came to an idle bucket (see [`Bucket::idle`]): the node
     /// takes it at once with the chance of the share's burst (so that the
     /// nodes idle alike send about the account's burst together), else
@@ -285,13 +300,16 @@ impl Buckets {
     fn rephase_idle(&mut self, api: &str, now: Instant) {
         let share_burst = self.buckets[api].spec.burst / self.peers;
         let start = (random_part() + share_burst).min(1.0);
+        // Every bucket brought up to now first (which flags the idle
+        // ones), then the start over, which stops flagging for a while.
         let apis: Vec<String> = self.buckets.keys().cloned().collect();
-        for other in apis {
-            let b = self.bucket(&other, now);
-            if b.idle {
-                b.idle = false;
-                b.tokens = start.min(b.burst);
-            }
+        for other in &apis {
+            self.bucket(other, now);
+        }
+        self.rephased_at = Some(now);
+        for b in self.buckets.values_mut().filter(|b| b.idle) {
+            b.idle = false;
+            b.tokens = start.min(b.burst);
         }
     }
 
@@ -403,6 +421,9 @@ mod tests {
             b.set_peers(2000, t0);
             // Born at t0.
             b.try_take("DescribeInstances", t0);
+            // A grow bucket made before the idle hour: its saved token
+            // is not touched by the releases' start over.
+            b.bucket(grow, t0);
             if node % 2 == 0 {
                 // A release bucket used before, idle since.
                 b.bucket(release, t0).tokens = 1.0;
@@ -427,6 +448,34 @@ mod tests {
             "{first_half} in the first half period"
         );
         assert_eq!(grows, 2000, "a grow keeps the saved token");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_chain_follows_its_first_call_and_a_large_share_is_never_idle() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(3600);
+        for seed in 0..20 {
+            crate::jitter::seed_this_thread(seed);
+            let mut b = Buckets::adaptive(ec2_bucket);
+            b.set_peers(2000, t0);
+            b.try_take("DescribeInstances", t0);
+            // Detach after an idle hour: its own random wait, then Delete
+            // 30 s later (the polls until detached) goes at once.
+            let mut now = later;
+            while let Some(w) = b.take_or_wait("DetachNetworkInterface", now) {
+                now += w;
+            }
+            now += Duration::from_secs(30);
+            assert!(
+                b.try_take("DeleteNetworkInterface", now),
+                "seed {seed}: Delete waited a second phase"
+            );
+            // Ten nodes: a share of 5 calls, nothing idle, released at once.
+            let mut b = Buckets::adaptive(ec2_bucket);
+            b.set_peers(10, t0);
+            b.try_take("DescribeInstances", t0);
+            assert!(b.try_take("UnassignPrivateIpAddresses", later));
+        }
     }
 
     #[tokio::test(start_paused = true)]
