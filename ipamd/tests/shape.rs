@@ -416,13 +416,15 @@ async fn a_full_node_that_restarts_is_ready() {
     assert_eq!(again.readiness(), Ok(()));
 }
 
-/// A hundred nodes of one simulated account start at once, as a DaemonSet
-/// rollout does: EC2's account-wide buckets throttle many of their first
+/// Two hundred nodes of one simulated account start at once, as a
+/// DaemonSet rollout does (each reads its instance from the metadata
+/// service and its interfaces with one DescribeNetworkInterfaces, twice the
+/// bucket's burst of 100): EC2's account-wide buckets throttle many of their first
 /// calls, and every node still starts (the shared layer and start-up retry
 /// throttling; nothing is fatal). Under tokio's paused clock, with the
 /// production start-up code.
 #[tokio::test(start_paused = true)]
-async fn a_hundred_nodes_starting_at_once_all_start() {
+async fn two_hundred_nodes_starting_at_once_all_start() {
     use ipamd::ipam::StartError;
     use vpc_sim::provider::Backend;
     use vpc_sim::{SimProvider, Vpc, VpcConfig};
@@ -451,14 +453,14 @@ async fn a_hundred_nodes_starting_at_once_all_start() {
             .await
         }
     };
-    let all = futures_util::future::join_all((0..100).map(start)).await;
+    let all = futures_util::future::join_all((0..200).map(start)).await;
     let mut started = 0;
     for r in all {
         let ipam = r.expect("a node failed to start").expect("not stopped");
         assert_eq!(ipam.instance().instance_type, "m5.large");
         started += 1;
     }
-    assert_eq!(started, 100);
+    assert_eq!(started, 200);
     let (calls, throttled) = vpc.call_counts();
     assert!(
         throttled.values().sum::<u64>() > 0,

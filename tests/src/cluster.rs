@@ -90,9 +90,10 @@ pub struct ClusterConfig {
     pub horizon: Duration,
     /// EC2's attach latency.
     pub attach_latency: Duration,
-    /// Addresses in the subnet for pods' secondary interfaces (a /N); the
-    /// primary interfaces' subnet is large.
-    pub pod_subnet_prefix_len: u8,
+    /// The one subnet every node and its pods take addresses from, a /N
+    /// (a small one: subnet pressure). A node whose primary interface finds
+    /// no address does not start, and its pods go unserved.
+    pub subnet_prefix_len: u8,
     /// What follows a cold start in which every pod was served; `None`:
     /// the run ends there.
     pub then: Option<AfterStart>,
@@ -113,7 +114,7 @@ impl ClusterConfig {
             seed,
             horizon: Duration::from_secs(3600),
             attach_latency: Duration::from_secs(2),
-            pod_subnet_prefix_len: 13,
+            subnet_prefix_len: 12,
             count_peers: true,
             then: Some(AfterStart::default()),
         }
@@ -177,6 +178,10 @@ pub struct Report {
     pub churn: Option<Phase>,
     /// Invariant violations found (empty when all hold).
     pub violations: Vec<String>,
+    /// Nodes that could not start (their pods unserved), and the first
+    /// one's reason.
+    pub nodes_not_started: u64,
+    pub not_started_why: Option<String>,
 }
 
 impl Report {
@@ -231,18 +236,19 @@ struct Shared {
     failures: u64,
     served: u64,
     last_served: Option<Instant>,
+    /// Nodes that could not start, with the first reason.
+    not_started: u64,
+    not_started_why: Option<String>,
 }
 
 async fn simulate(cfg: ClusterConfig) -> Report {
-    let pods_len = cfg.pod_subnet_prefix_len;
-    let pod_cidr = format!("10.64.0.0/{pods_len}");
-    let tags: &[(&str, &str)] = &[("kubernetes.io/role/cni", "1")];
+    // One subnet: a second one for pods only would never be used while
+    // the nodes' own subnet has more addresses free (ipamd picks the
+    // candidate with the most), so it could not show subnet pressure.
+    let cidr = format!("10.0.0.0/{}", cfg.subnet_prefix_len);
     let state = VpcState::with_layout(
         "10.0.0.0/8",
-        &[
-            ("subnet-0sim00000000node", "10.0.0.0/12", "sim-1a", &[]),
-            ("subnet-0sim00000000pods", &pod_cidr, "sim-1a", tags),
-        ],
+        &[("subnet-0sim00000000node", &cidr, "sim-1a", &[])],
     )
     .expect("layout");
     let vpc = Arc::new(Vpc::with_state(
@@ -261,6 +267,8 @@ async fn simulate(cfg: ClusterConfig) -> Report {
         failures: 0,
         served: 0,
         last_served: None,
+        not_started: 0,
+        not_started_why: None,
     }));
     let nodes: Rc<std::cell::RefCell<Vec<Arc<Ipam>>>> = Rc::default();
     // Nodes registered with the API server so far: what ipamd's node count
@@ -326,9 +334,19 @@ async fn simulate(cfg: ClusterConfig) -> Report {
                     .await
                 },
             )
-            .await
-            .expect("node start")
-            .expect("not stopped");
+            .await;
+            let ipam = match ipam {
+                Ok(Some(ipam)) => ipam,
+                Ok(None) => return,
+                Err(e) => {
+                    // A fatal start error (a subnet with no address for
+                    // the node's own interface): its pods go unserved.
+                    let mut s = shared.borrow_mut();
+                    s.not_started += 1;
+                    s.not_started_why.get_or_insert(format!("{name}: {e}"));
+                    return;
+                }
+            };
             tokio::task::spawn_local(ipam.clone().run(stop_rx.clone()));
             if count_peers {
                 // As ipamd's Kubernetes side reads the node count.
@@ -460,6 +478,8 @@ async fn simulate(cfg: ClusterConfig) -> Report {
         scale_down,
         churn,
         violations,
+        nodes_not_started: s.not_started,
+        not_started_why: s.not_started_why.clone(),
     }
 }
 
@@ -586,7 +606,10 @@ async fn churn_node(
     let mut n = 0u32;
     loop {
         let u = providers::jitter::between(1, 1_000_000) as f64 / 1e6;
-        tokio::time::sleep(every.mul_f64(-u.ln())).await;
+        // Never past the phase's end: the phase ends when every node's
+        // task has, and its calls are counted then.
+        let gap = every.mul_f64(-u.ln());
+        tokio::time::sleep(gap.min(until.saturating_duration_since(Instant::now()))).await;
         if Instant::now() >= until {
             return out;
         }

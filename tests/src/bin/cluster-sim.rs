@@ -10,11 +10,14 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use vpc_cni_e2e::cluster::{run, AfterStart, ClusterConfig, Policy};
 
+/// The longest simulated time a flag takes, in seconds.
+const WEEK: u64 = 7 * 24 * 3600;
+
 #[derive(Parser, Debug)]
 #[command(about = "A cluster on one simulated EC2 account: cold start, scale down, churn")]
 struct Args {
     /// Nodes.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     nodes: u64,
     /// Seed of every jitter (same seed, same figures).
     #[arg(long, default_value_t = 1)]
@@ -23,18 +26,18 @@ struct Args {
     #[arg(long, default_value = "m5.large")]
     instance_type: String,
     /// Seconds over which the nodes join.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(..=WEEK))]
     join_within: u64,
     /// Simulated seconds after which a run stops.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(..=WEEK))]
     horizon: u64,
     /// Only policies whose name contains this.
     #[arg(long)]
     policy: Option<String>,
-    /// Prefix length of the subnet for pods' secondary interfaces (a
-    /// smaller subnet: subnet pressure).
-    #[arg(long, default_value_t = 13, value_parser = clap::value_parser!(u8).range(10..=28))]
-    pod_subnet: u8,
+    /// Prefix length (10 to 28) of the one subnet the nodes and their pods
+    /// take addresses from (a smaller subnet: subnet pressure).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u8).range(10..=28))]
+    subnet: u8,
     /// Stop after the cold start (no scale down, no churn).
     #[arg(long)]
     cold_start_only: bool,
@@ -43,13 +46,13 @@ struct Args {
     #[arg(long)]
     with_alone: bool,
     /// Simulated seconds for the pools to shrink after half the pods go.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(..=WEEK))]
     scale_down_for: u64,
     /// Simulated seconds of steady churn.
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(..=WEEK))]
     churn_for: u64,
     /// Mean seconds between pod replacements on each node during churn.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=WEEK))]
     churn_every: u64,
 }
 
@@ -83,9 +86,12 @@ fn secs(d: Duration) -> String {
 
 fn main() {
     let a = Args::parse();
-    let Some(limits) = providers::limits::lookup(&a.instance_type).map(|t| t.limits) else {
+    let Some(limits) = providers::limits::lookup(&a.instance_type)
+        .filter(|t| t.family != providers::limits::Family::Azure)
+        .map(|t| t.limits)
+    else {
         eprintln!(
-            "cluster-sim: unknown instance type {:?} (EC2's names, e.g. m5.large)",
+            "cluster-sim: unknown instance type {:?} (EC2's names, e.g. m5.large: the simulated account is EC2's)",
             a.instance_type
         );
         std::process::exit(64);
@@ -139,7 +145,7 @@ fn main() {
         cfg.instance_type = a.instance_type.clone();
         cfg.join_within = Duration::from_secs(a.join_within);
         cfg.horizon = Duration::from_secs(a.horizon);
-        cfg.pod_subnet_prefix_len = a.pod_subnet;
+        cfg.subnet_prefix_len = a.subnet;
         cfg.then = (!a.cold_start_only).then(|| AfterStart {
             scale_down_for: Duration::from_secs(a.scale_down_for),
             churn_for: Duration::from_secs(a.churn_for),
@@ -214,6 +220,12 @@ fn main() {
         }
         for v in &r.violations {
             println!("    INVARIANT BROKEN: {v}");
+        }
+        if let Some(why) = &r.not_started_why {
+            println!(
+                "    {} node(s) did not start, their pods unserved; the first: {why}",
+                r.nodes_not_started
+            );
         }
     }
     println!(
