@@ -144,15 +144,10 @@ impl Default for AfterStart {
     }
 }
 
-/// The figures of one run.
+/// ADD waits, calls and idle addresses: the cold start's and each later
+/// phase's.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Report {
-    pub policy: String,
-    pub nodes: usize,
-    pub pods: u64,
-    pub pods_served: u64,
-    /// From the first node's join to the last pod's address.
-    pub all_served_after: Option<Duration>,
+pub struct Figures {
     pub add_wait_p50: Duration,
     pub add_wait_p99: Duration,
     pub add_wait_max: Duration,
@@ -163,6 +158,49 @@ pub struct Report {
     pub throttled: BTreeMap<String, u64>,
     pub idle_mean: f64,
     pub idle_peak: u64,
+}
+
+impl Figures {
+    /// From the ADD waits (sorted), failed attempts, calls and idle samples.
+    fn new(
+        sorted_waits: &[Duration],
+        add_failures: u64,
+        calls: BTreeMap<String, u64>,
+        throttled: BTreeMap<String, u64>,
+        idle: &Idle,
+    ) -> Self {
+        Self {
+            add_wait_p50: percentile(sorted_waits, 0.5),
+            add_wait_p99: percentile(sorted_waits, 0.99),
+            add_wait_max: sorted_waits.last().copied().unwrap_or_default(),
+            add_failures,
+            calls,
+            throttled,
+            idle_mean: idle.mean(),
+            idle_peak: idle.peak,
+        }
+    }
+
+    pub fn total_calls(&self) -> u64 {
+        self.calls.values().sum()
+    }
+
+    pub fn total_throttled(&self) -> u64 {
+        self.throttled.values().sum()
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub policy: String,
+    pub nodes: usize,
+    pub pods: u64,
+    pub pods_served: u64,
+    /// From the first node's join to the last pod's address.
+    pub all_served_after: Option<Duration>,
+    /// The cold start's.
+    pub figures: Figures,
     /// Seconds the account's buckets need at least for the changes that
     /// went through: max over mutating APIs of (calls − burst) / refill.
     /// Reads are left out: most are the periodic resync, whose number
@@ -185,14 +223,6 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn total_calls(&self) -> u64 {
-        self.calls.values().sum()
-    }
-
-    pub fn total_throttled(&self) -> u64 {
-        self.throttled.values().sum()
-    }
-
     /// Achieved time over the floor.
     pub fn ratio(&self) -> Option<f64> {
         let t = self.all_served_after?;
@@ -465,14 +495,7 @@ async fn simulate(cfg: ClusterConfig) -> Report {
         all_served_after: (s.served == total_pods)
             .then(|| s.last_served.map(|t| t - started))
             .flatten(),
-        add_wait_p50: percentile(&waits, 0.5),
-        add_wait_p99: percentile(&waits, 0.99),
-        add_wait_max: waits.last().copied().unwrap_or_default(),
-        add_failures: s.failures,
-        calls,
-        throttled,
-        idle_mean: idle.mean(),
-        idle_peak: idle.peak,
+        figures: Figures::new(&waits, s.failures, calls, throttled, &idle),
         floor,
         cold_start_for: cold_elapsed,
         scale_down,
@@ -518,29 +541,10 @@ impl Idle {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Phase {
     pub adds: u64,
-    pub add_wait_p50: Duration,
-    pub add_wait_p99: Duration,
-    pub add_wait_max: Duration,
-    /// ADD attempts that failed after their wait (retried by the kubelet).
-    pub add_failures: u64,
-    /// Calls the account received in the phase, per API, and of those
-    /// throttled.
-    pub calls: BTreeMap<String, u64>,
-    pub throttled: BTreeMap<String, u64>,
-    pub idle_mean: f64,
-    pub idle_peak: u64,
+    /// The phase's own (calls: those made during it).
+    pub figures: Figures,
     /// Idle addresses at the phase's end.
     pub idle_end: u64,
-}
-
-impl Phase {
-    pub fn total_calls(&self) -> u64 {
-        self.calls.values().sum()
-    }
-
-    pub fn total_throttled(&self) -> u64 {
-        self.throttled.values().sum()
-    }
 }
 
 fn minus(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
@@ -581,14 +585,13 @@ where
     let (calls, throttled) = vpc.call_counts();
     Phase {
         adds: waits.len() as u64,
-        add_wait_p50: percentile(&waits, 0.5),
-        add_wait_p99: percentile(&waits, 0.99),
-        add_wait_max: waits.last().copied().unwrap_or_default(),
-        add_failures: failures,
-        calls: minus(&calls, &calls0),
-        throttled: minus(&throttled, &throttled0),
-        idle_mean: idle.mean(),
-        idle_peak: idle.peak,
+        figures: Figures::new(
+            &waits,
+            failures,
+            minus(&calls, &calls0),
+            minus(&throttled, &throttled0),
+            &idle,
+        ),
         idle_end: idle.last,
     }
 }

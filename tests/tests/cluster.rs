@@ -41,20 +41,22 @@ fn two_hundred_nodes_cold_start_keeps_every_invariant_and_is_deterministic() {
             // interfaces stay under WARM_ENI_TARGET, and the pods left
             // still hold part of every prefix).
             assert!(
-                down.calls.contains_key("UnassignPrivateIpAddresses"),
+                down.figures
+                    .calls
+                    .contains_key("UnassignPrivateIpAddresses"),
                 "{}: nothing released after half the pods went: {:?}",
                 a.policy,
-                down.calls
+                down.figures.calls
             );
             // Every node released after the same scale down; their idle
             // buckets spread the releases instead of sending them in one
             // second (a count, not a timing: at most 5% throttled).
             assert!(
-                down.total_throttled() * 20 <= down.total_calls(),
+                down.figures.total_throttled() * 20 <= down.figures.total_calls(),
                 "{}: scale down throttled {:?} of {:?}",
                 a.policy,
-                down.throttled,
-                down.calls
+                down.figures.throttled,
+                down.figures.calls
             );
         }
         // Same seed, same run: every phase's figures.
@@ -81,9 +83,9 @@ fn the_node_count_keeps_two_hundred_nodes_from_being_throttled() {
         assert_eq!(r.pods_served, r.pods);
     }
     assert!(
-        alone.total_throttled() > 10 * shared.total_throttled().max(1),
+        alone.figures.total_throttled() > 10 * shared.figures.total_throttled().max(1),
         "throttled calls: {} knowing the node count, {} without",
-        shared.total_throttled(),
-        alone.total_throttled()
+        shared.figures.total_throttled(),
+        alone.figures.total_throttled()
     );
 }

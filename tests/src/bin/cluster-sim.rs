@@ -156,7 +156,8 @@ fn main() {
         let served = r
             .all_served_after
             .map_or_else(|| format!(">{}", a.horizon), secs);
-        let thr = 100.0 * r.total_throttled() as f64 / r.total_calls().max(1) as f64;
+        let thr =
+            100.0 * r.figures.total_throttled() as f64 / r.figures.total_calls().max(1) as f64;
         let name = if count_peers {
             r.policy.clone()
         } else {
@@ -170,31 +171,31 @@ fn main() {
             r.ratio().map_or("-".into(), |x| format!("{x:.2}")),
             format!(
                 "{}/{}/{}",
-                secs(r.add_wait_p50),
-                secs(r.add_wait_p99),
-                secs(r.add_wait_max)
+                secs(r.figures.add_wait_p50),
+                secs(r.figures.add_wait_p99),
+                secs(r.figures.add_wait_max)
             ),
-            r.total_calls(),
+            r.figures.total_calls(),
             thr,
-            format!("{:.0}/{}", r.idle_mean, r.idle_peak),
-            r.add_failures,
+            format!("{:.0}/{}", r.figures.idle_mean, r.figures.idle_peak),
+            r.figures.add_failures,
         );
         println!(
             "    {} of {} pods served; calls (throttled) per API: {}; {:.1} s wall",
             r.pods_served,
             r.pods,
-            per_api(&r.calls, &r.throttled),
+            per_api(&r.figures.calls, &r.figures.throttled),
             t.elapsed().as_secs_f64()
         );
         if let Some(d) = &r.scale_down {
             println!(
                 "    scale down (half of every node's pods deleted, {} s): {} calls ({} throttled): {}; idle mean/peak/end {:.0}/{}/{}",
                 a.scale_down_for,
-                d.total_calls(),
-                d.total_throttled(),
-                per_api(&d.calls, &d.throttled),
-                d.idle_mean,
-                d.idle_peak,
+                d.figures.total_calls(),
+                d.figures.total_throttled(),
+                per_api(&d.figures.calls, &d.figures.throttled),
+                d.figures.idle_mean,
+                d.figures.idle_peak,
                 d.idle_end
             );
         }
@@ -204,15 +205,15 @@ fn main() {
                 a.churn_every,
                 a.churn_for,
                 c.adds,
-                secs(c.add_wait_p50),
-                secs(c.add_wait_p99),
-                secs(c.add_wait_max),
-                c.add_failures,
-                c.total_calls(),
-                c.total_throttled(),
-                per_api(&c.calls, &c.throttled),
-                c.idle_mean,
-                c.idle_peak
+                secs(c.figures.add_wait_p50),
+                secs(c.figures.add_wait_p99),
+                secs(c.figures.add_wait_max),
+                c.figures.add_failures,
+                c.figures.total_calls(),
+                c.figures.total_throttled(),
+                per_api(&c.figures.calls, &c.figures.throttled),
+                c.figures.idle_mean,
+                c.figures.idle_peak
             );
         }
         if !r.violations.is_empty() || r.pods_served < r.pods {
