@@ -59,9 +59,14 @@ async fn main() {
         );
     }
     println!("== traffic (the receiver reports the source address it saw)");
+    // What failed: the demo exits 1 if anything did, after cleaning up.
+    let failed = std::cell::Cell::new(0u32);
     let show = |what: &str, r: Result<std::net::Ipv4Addr, String>| match r {
         Ok(src) => println!("   {what:<52} ok, seen from {src}"),
-        Err(e) => println!("   {what:<52} FAILED: {e}"),
+        Err(e) => {
+            failed.set(failed.get() + 1);
+            println!("   {what:<52} FAILED: {e}");
+        }
     };
     let (p, q) = (&pods[0], &pods[1]);
     show(
@@ -95,6 +100,7 @@ async fn main() {
     for p in pods {
         let r = lab.del_pod(p);
         if !r.ok {
+            failed.set(failed.get() + 1);
             println!("   DEL failed: {}", r.stdout);
         }
     }
@@ -110,4 +116,11 @@ async fn main() {
             left.join(", ")
         }
     );
+    if !left.is_empty() {
+        failed.set(failed.get() + 1);
+    }
+    if failed.get() > 0 {
+        eprintln!("vpc-lab: {} check(s) failed (see above)", failed.get());
+        std::process::exit(1);
+    }
 }
