@@ -68,6 +68,13 @@ struct Bucket {
     /// the node's phase is lost, and every node idle alike would call at
     /// once. The next call draws a new phase ([`Buckets::try_take`]).
     idle: bool,
+    /// When a share under one call last became full (more refilled than
+    /// it holds); `None` while it is not full. A change put off
+    /// ([`Buckets::put_off`]) to a bucket full for a while draws a phase.
+    full_since: Option<Instant>,
+    /// Until when a change nobody waits for is put off
+    /// ([`Buckets::put_off`]).
+    not_before: Option<Instant>,
 }
 
 /// A random part of one call, in thousandths (seeded in simulations).
@@ -90,6 +97,16 @@ fn is_release(api: &str) -> bool {
             | "DetachNetworkInterface"
             | "DeleteNetworkInterface"
     )
+}
+
+/// `s` seconds (non-negative, finite).
+fn secs(s: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(s.clamp(0.0, 1e9))
+}
+
+/// `s` seconds before `now` (at the earliest the clock's start).
+fn before(now: Instant, s: f64) -> Instant {
+    now.checked_sub(secs(s)).unwrap_or(now)
 }
 
 /// The shortest wait [`Buckets::take_or_wait`] asks for.
@@ -131,7 +148,10 @@ pub const MIN_SHARE: f64 = 1.0 / 2000.0;
 /// not spent on it at once (every node idle alike would send its release
 /// in the same second after a cluster-wide scale down); it goes at once
 /// with the chance of the share's burst, else after a random part of one
-/// refill period. Grows and reads keep the saved token.
+/// refill period. Grows and reads keep the saved token. A change no ADD
+/// waits for is asked about first ([`Buckets::put_off`]): it waits for a
+/// token outside the call, and is spread the same way after an idle spell
+/// while the saved token stays for a grow an ADD waits for.
 #[derive(Debug)]
 pub struct Buckets {
     spec: fn(&str) -> BucketSpec,
@@ -239,6 +259,9 @@ impl Buckets {
                     rate,
                     burst,
                     idle: self.may_idle(api, spec, rate, now) && filled > burst + IDLE_SLACK,
+                    full_since: (spec.burst / self.peers < 1.0 && filled >= burst)
+                        .then(|| before(now, (filled - burst) / rate)),
+                    not_before: None,
                 },
             );
         }
@@ -254,6 +277,11 @@ impl Buckets {
         }
         let filled = b.tokens + elapsed * b.rate;
         b.idle = may_idle && (b.idle || filled > b.burst + IDLE_SLACK);
+        if filled < b.burst || b.spec.burst / self.peers >= 1.0 {
+            b.full_since = None;
+        } else if b.full_since.is_none() {
+            b.full_since = Some(before(now, (filled - b.burst) / b.rate));
+        }
         b.tokens = filled.min(b.burst);
         b.at = now;
         b
@@ -343,10 +371,63 @@ impl Buckets {
         // A token refilled to within rounding of one is one.
         if b.tokens >= 1.0 - 1e-9 {
             b.tokens = (b.tokens - 1.0).max(0.0);
+            b.full_since = None;
+            b.not_before = None;
             true
         } else {
             false
         }
+    }
+
+    /// A call to `api` that nobody waits for (a pool change ahead of
+    /// demand): how long to put it off, or `None` to make it now. Asked
+    /// before the call, which then takes its token as any other.
+    ///
+    /// It is put off until the bucket has a token, instead of waiting for
+    /// one in the call and holding up a change an ADD does wait for. When
+    /// the node's share is under one call and the bucket has sat full
+    /// (nodes idle alike after a cluster-wide event would all call in the
+    /// same second), it goes at once only with the chance of the share's
+    /// burst, otherwise at a random part of one refill period; unlike a
+    /// release's start over ([`Buckets::try_take`]), the saved token stays,
+    /// for a change an ADD waits for. A time drawn is kept until a token
+    /// is taken, or until one period after it passed without a call (the
+    /// change was no longer needed): a change put off does not lose its
+    /// turn by being asked about again.
+    pub fn put_off(&mut self, api: &str, now: Instant) -> Option<std::time::Duration> {
+        if self.bucket(api, now).idle {
+            // A release: its start over, now rather than inside the call.
+            self.rephase_idle(api, now);
+        }
+        let share_burst = self.buckets[api].spec.burst / self.peers;
+        let b = self.bucket(api, now);
+        let drawn = match b.not_before {
+            Some(t) if now < t => return Some(t - now),
+            Some(t) => {
+                b.not_before = None;
+                now.saturating_duration_since(t).as_secs_f64() * b.rate < 1.0
+            }
+            None => false,
+        };
+        if b.tokens < 1.0 - 1e-9 {
+            let wait = secs((1.0 - b.tokens) / b.rate).max(MIN_WAIT);
+            b.not_before = Some(now + wait);
+            return Some(wait);
+        }
+        let sat_full = b
+            .full_since
+            .is_some_and(|t| now.saturating_duration_since(t).as_secs_f64() * b.rate > IDLE_SLACK);
+        // A release's idle bucket started over above.
+        if drawn || !sat_full || is_release(api) {
+            return None;
+        }
+        b.full_since = None;
+        if random_part() < share_burst {
+            return None;
+        }
+        let wait = secs(random_part() / b.rate).max(MIN_WAIT);
+        b.not_before = Some(now + wait);
+        Some(wait)
     }
 }
 
@@ -448,6 +529,69 @@ mod tests {
             "{first_half} in the first half period"
         );
         assert_eq!(grows, 2000, "a grow keeps the saved token");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_put_off_keeps_its_token_and_idle_nodes_spread_theirs() {
+        // 2,000 nodes, idle for an hour after a grow each (their Assign
+        // buckets full), then each wants to grow ahead of demand (no ADD
+        // waiting): about the share's burst chance (5%) goes at once, the
+        // rest at a random point of one refill period (400 s); a node
+        // whose grow is put off still takes its token at once for an ADD.
+        let grow = "AssignPrivateIpAddresses";
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(3600);
+        crate::jitter::seed_this_thread(5);
+        let (mut at_once, mut first_half) = (0, 0);
+        for node in 0..2000 {
+            let mut b = Buckets::adaptive(ec2_bucket);
+            b.set_peers(2000, t0);
+            b.bucket(grow, t0).tokens = 1.0;
+            assert!(b.try_take(grow, t0));
+            match b.put_off(grow, later) {
+                None => at_once += 1,
+                Some(w) => {
+                    assert!(w <= Duration::from_secs(400), "{w:?}");
+                    first_half += usize::from(w < Duration::from_secs(200));
+                    // Asked again later, the same time: not a new draw.
+                    let again = b.put_off(grow, later + Duration::from_millis(1500));
+                    assert_eq!(
+                        again.map(|a| a + Duration::from_millis(1500)),
+                        Some(w).filter(|w| *w > Duration::from_millis(1500)),
+                    );
+                    if node % 2 == 0 {
+                        // Its time comes: made then.
+                        assert_eq!(b.put_off(grow, later + w), None);
+                        assert!(b.try_take(grow, later + w));
+                    } else {
+                        // An ADD waits meanwhile: the saved token is there.
+                        assert!(b.try_take(grow, later + w / 2), "token kept");
+                    }
+                }
+            }
+        }
+        assert!((50..=160).contains(&at_once), "{at_once} at once");
+        assert!(
+            (800..=1100).contains(&first_half),
+            "{first_half} in the first half period"
+        );
+        // A bucket without a token: put off until it has one, which it
+        // then takes; a drawn time that passed unused goes stale.
+        let mut b = Buckets::adaptive(ec2_bucket);
+        b.set_peers(2000, t0);
+        b.bucket(grow, t0).tokens = 1.0;
+        assert!(b.try_take(grow, t0));
+        let w = b.put_off(grow, t0).expect("no token");
+        assert!(
+            (Duration::from_secs(399)..=Duration::from_secs(400)).contains(&w),
+            "{w:?}"
+        );
+        assert_eq!(b.put_off(grow, t0 + w), None);
+        assert!(b.try_take(grow, t0 + w));
+        // One node, a full share of 100: never put off with tokens.
+        let mut one = Buckets::adaptive(ec2_bucket);
+        assert_eq!(one.put_off(grow, t0), None);
+        assert_eq!(one.put_off(grow, later), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -228,6 +228,16 @@ impl CallLayer {
         }
     }
 
+    /// How long to put off a call to `api` that nobody waits for, see
+    /// [`Buckets::put_off`]; `None` (make it now) without client-side
+    /// buckets.
+    pub fn put_off(&self, api: &str) -> Option<Duration> {
+        let key = self.bucket_key(api);
+        self.buckets
+            .as_ref()
+            .and_then(|b| b.lock().expect("bucket lock").put_off(key, Instant::now()))
+    }
+
     /// Runs one cloud call `f` (a fresh attempt per invocation) under the
     /// bucket for `api`, retrying throttling, and the other transient
     /// failures when [`safe_to_repeat`] says so, per the policy. Returns the

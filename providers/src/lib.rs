@@ -96,6 +96,18 @@ pub trait CloudProvider: Send + Sync + 'static {
     /// provider without client-side buckets ignores it.
     fn set_account_peers(&self, _nodes: u32) {}
 
+    /// How long to put off `change`, which no ADD waits for, or `None` to
+    /// make it now: until its client-side bucket has a token (rather than
+    /// waiting for one inside the call, holding up a change an ADD does
+    /// wait for), and, when the node's share of the account is under one
+    /// call and the bucket has sat full, to a random point of one refill
+    /// period, so that the nodes of an account idle alike do not all make
+    /// theirs at once (see [`bucket::Buckets::put_off`]). Cheap: no cloud
+    /// call. A provider without client-side buckets: `None`.
+    fn put_off(&self, _change: Change) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Per-API call figures (calls, errors, throttles, latency), keyed by
     /// the cloud's API name (e.g. `AssignPrivateIpAddresses`); empty for a
     /// provider that keeps none.

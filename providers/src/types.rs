@@ -146,3 +146,30 @@ pub mod tags {
     /// node moves from aws-node (see ipamd's `migrate`).
     pub const AWS_NODE_INSTANCE: &str = "node.k8s.amazonaws.com/instance_id";
 }
+
+/// A pool change the reconciler makes ahead of demand, which no ADD waits
+/// for ([`crate::CloudProvider::put_off`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// More addresses or prefixes on an interface.
+    Assign,
+    /// A new interface (with its first addresses).
+    CreateInterface,
+    /// Addresses or prefixes given back.
+    Release,
+    /// An interface detached and deleted.
+    DeleteInterface,
+}
+
+impl Change {
+    /// The EC2 API that makes the change (its first call, for a chain):
+    /// the bucket it draws from, in EC2's API names.
+    pub fn ec2_api(self) -> &'static str {
+        match self {
+            Self::Assign => "AssignPrivateIpAddresses",
+            Self::CreateInterface => "CreateNetworkInterface",
+            Self::Release => "UnassignPrivateIpAddresses",
+            Self::DeleteInterface => "DetachNetworkInterface",
+        }
+    }
+}

@@ -249,6 +249,10 @@ impl CloudProvider for SimProvider {
         self.layer.set_peers(nodes);
     }
 
+    fn put_off(&self, change: providers::Change) -> Option<std::time::Duration> {
+        self.layer.put_off(change.ec2_api())
+    }
+
     fn api_figures(&self) -> std::collections::BTreeMap<String, providers::layer::ApiStats> {
         self.layer.stats()
     }

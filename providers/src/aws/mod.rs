@@ -607,6 +607,10 @@ impl CloudProvider for AwsProvider {
         self.layer.set_peers(nodes);
     }
 
+    fn put_off(&self, change: crate::Change) -> Option<std::time::Duration> {
+        self.layer.put_off(change.ec2_api())
+    }
+
     fn api_figures(&self) -> std::collections::BTreeMap<String, crate::layer::ApiStats> {
         self.layer.stats()
     }

@@ -1221,6 +1221,11 @@ impl CloudProvider for AzureProvider {
         self.layer.set_peers(nodes);
     }
 
+    /// Every change is a PUT of the NIC: ARM's per-subscription writes.
+    fn put_off(&self, _change: crate::Change) -> Option<std::time::Duration> {
+        self.layer.put_off("NetworkInterfaces_CreateOrUpdate")
+    }
+
     fn api_figures(&self) -> BTreeMap<String, crate::layer::ApiStats> {
         self.layer.stats()
     }
