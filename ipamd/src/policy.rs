@@ -13,18 +13,20 @@
 //!   apply in addresses and are rounded up to prefixes.
 //! * `MAX_ENI` and the max-pods cap bound growth.
 //! * `ADAPTIVE_WARM_TARGET=true` (ours): the warm target needs no tuning;
-//!   it follows the pods' observed arrival rate × the measured time a grow
-//!   takes ([`adaptive_warm`]), address by address (prefixes in prefix
-//!   mode), releasing only above twice that; `MINIMUM_IP_TARGET` still
-//!   applies.
+//!   it follows the pods' observed arrival and departure rates, the
+//!   measured time a grow takes and the cooldown ([`adaptive_warm`]),
+//!   address by address (prefixes in prefix mode), counting addresses in
+//!   their cooldown toward it and releasing only above twice it;
+//!   `MINIMUM_IP_TARGET` still applies.
 //!
 //! * The pool scaler of Azure CNS (`IPAM_SCALER_*`, a mode of its own):
 //!   batch size B, request and release threshold percents, max IP count;
 //!   see [`Scaler`].
 //!
 //! Where we deliberately differ: addresses in cooldown count as in use (never
-//! as available), and waiting ADDs count as demand so the pool grows for them
-//! even when the targets alone would not.
+//! as available; the adaptive target counts them as soon free), and waiting
+//! ADDs count as demand so the pool grows for them even when the targets
+//! alone would not.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -55,19 +57,63 @@ pub struct PoolConfig {
     pub adaptive: bool,
 }
 
-/// The adaptive warm target: addresses to keep free so that pods arriving
-/// at `arrivals_per_sec` (observed) rarely wait for a grow taking
-/// `refill_secs` (measured): the arrivals expected during one grow, plus
-/// two standard deviations of a Poisson count of that mean, plus one (so an
-/// idle node still has an address for its next pod). Bounded by the
-/// instance's capacity and max pods where the plan applies them.
-pub fn adaptive_warm(arrivals_per_sec: f64, refill_secs: f64) -> u32 {
-    let mean = (arrivals_per_sec * refill_secs).max(0.0);
-    let w = (mean + 2.0 * mean.sqrt()).ceil() + 1.0;
-    if w.is_nan() {
-        1
-    } else {
-        w.min(f64::from(u32::MAX / 2)) as u32
+/// The chance that an ADD finds no address under the adaptive warm
+/// target and waits (for a grow, or for an address's cooldown): one in
+/// 10,000.
+pub const ADAPTIVE_MISS: f64 = 1e-4;
+
+/// The adaptive warm target: addresses to keep free *or cooling* so that
+/// an ADD waits with a chance of at most [`ADAPTIVE_MISS`].
+///
+/// Pods arrive at `arrivals_per_sec` and leave at `departures_per_sec`
+/// (both observed). An arrival matched by a departure is covered by the
+/// departed pod's address, free again after `cooldown_secs` (or by a grow
+/// when `refill_secs` is shorter); an arrival beyond the departures only by
+/// a grow taking `refill_secs` (measured). The target is the smallest `k`
+/// with P(N ≥ k) ≤ [`ADAPTIVE_MISS`] for N a Poisson count of the arrivals
+/// expected in those times: at least 1, so that an idle node still has an
+/// address for its next pod. Bounded by the instance's capacity and max
+/// pods where the plan applies them.
+pub fn adaptive_warm(
+    arrivals_per_sec: f64,
+    departures_per_sec: f64,
+    refill_secs: f64,
+    cooldown_secs: f64,
+) -> u32 {
+    let clean = |x: f64| if x.is_finite() { x.max(0.0) } else { 0.0 };
+    let (a, d, r, c) = (
+        clean(arrivals_per_sec),
+        clean(departures_per_sec),
+        clean(refill_secs),
+        clean(cooldown_secs),
+    );
+    let matched = a.min(d);
+    let mean = matched * c.min(r) + (a - matched) * r;
+    poisson_tail_quantile(mean, ADAPTIVE_MISS)
+}
+
+/// The smallest `k` with P(N ≥ k) ≤ `miss` for N Poisson with `mean`
+/// (a normal approximation above a mean of 500, where the exact sum's
+/// first term underflows).
+fn poisson_tail_quantile(mean: f64, miss: f64) -> u32 {
+    const CAP: f64 = (u32::MAX / 2) as f64;
+    if !mean.is_finite() || mean <= 0.0 {
+        return 1;
+    }
+    if mean > 500.0 {
+        // 1e-4 one-sided: 3.72 standard deviations.
+        return (mean + 3.72 * mean.sqrt()).ceil().min(CAP) as u32 + 1;
+    }
+    // P(N ≥ k) = 1 − P(N ≤ k − 1).
+    let (mut pmf, mut below) = ((-mean).exp(), 0.0);
+    let mut k = 0u32;
+    loop {
+        if 1.0 - below <= miss {
+            return k.max(1);
+        }
+        below += pmf;
+        k += 1;
+        pmf *= mean / f64::from(k);
     }
 }
 
@@ -268,6 +314,16 @@ pub enum Action {
 }
 
 impl Action {
+    /// The kind of cloud change it is (what the provider may put off).
+    pub fn change(&self) -> providers::Change {
+        match self {
+            Self::AssignIps { .. } | Self::AssignPrefixes { .. } => providers::Change::Assign,
+            Self::CreateInterface { .. } => providers::Change::CreateInterface,
+            Self::ReleaseIps { .. } | Self::ReleasePrefixes { .. } => providers::Change::Release,
+            Self::DeleteInterface { .. } => providers::Change::DeleteInterface,
+        }
+    }
+
     /// The action's kind in snake case (`assign_ips`, `create_interface`,
     /// ...), as `/v1/pool` and the `fn` label of `awscni_reconcile_count`
     /// name it.
@@ -336,12 +392,13 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
 
     let total: u32 = view.interfaces.iter().map(IfaceView::total).sum();
     let used: u32 = view.interfaces.iter().map(IfaceView::used).sum();
+    let assigned: u32 = view.interfaces.iter().map(|i| i.assigned).sum();
     let demand = used + view.waiting;
 
     // The adaptive target now, and how many addresses the pool releases
-    // down to: it keeps up to twice its warm target free, so addresses
-    // coming out of their cooldown under churn are reused rather than
-    // released and assigned again.
+    // down to: it keeps up to twice its warm target free or cooling, so
+    // addresses coming out of their cooldown under churn are reused rather
+    // than released and assigned again.
     let adaptive_warm = if view.subnet_low {
         1
     } else {
@@ -351,7 +408,7 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
     if cfg.adaptive {
         let floor = cfg.minimum_ip_target.unwrap_or(0);
         let r = div_ceil(
-            demand
+            (assigned + view.waiting)
                 .saturating_add(adaptive_warm.saturating_mul(2))
                 .max(floor),
             unit,
@@ -379,11 +436,17 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
             total
         }
     } else if cfg.adaptive {
+        // Cooling addresses count toward the target (each is free again
+        // within the cooldown, which `adaptive_warm` covers): under churn a
+        // grow for every ADD would be released again as the departed pod's
+        // address cooled down. An ADD waiting gets an address at once.
         // Never more than the node can run pods (MAX_PODS, else the
         // instance's max pods), whatever the arrivals say.
         let pods = cfg.max_pods.unwrap_or_else(|| view.limits.max_pods());
-        demand
+        assigned
+            .saturating_add(view.waiting)
             .saturating_add(adaptive_warm)
+            .max(demand)
             .min(pods.max(demand))
             .max(cfg.minimum_ip_target.unwrap_or(0))
     } else if cfg.ip_targets() {

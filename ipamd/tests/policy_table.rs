@@ -870,10 +870,23 @@ fn without_hot_attach_a_full_subnet_is_asked_one_address_at_a_time() {
 fn the_adaptive_warm_target_keeps_what_the_arrivals_need_and_no_more() {
     use ipamd::policy::adaptive_warm;
     // No arrivals: one address for the next pod.
-    assert_eq!(adaptive_warm(0.0, 2.0), 1);
-    // One pod a second, 2 s grows: 2 expected, + 2 sd (2.83), + 1.
-    assert_eq!(adaptive_warm(1.0, 2.0), 6);
-    assert_eq!(adaptive_warm(f64::NAN, 2.0), 1);
+    assert_eq!(adaptive_warm(0.0, 0.0, 2.0, 30.0), 1);
+    // One pod a second, none leaving, 2 s grows: a Poisson count of mean
+    // 2 is 9 or more with a chance of 2.4e-4 and 10 or more with 4.6e-5.
+    assert_eq!(adaptive_warm(1.0, 0.0, 2.0, 30.0), 10);
+    assert_eq!(adaptive_warm(f64::NAN, 0.0, 2.0, 30.0), 1);
+    // Churn, a pod replaced a minute: each arrival is covered by the
+    // departed pod's address after its 30 s cooldown, not by a 400 s grow
+    // (mean 0.5: 5 or more 1.7e-4, 6 or more 1.4e-5).
+    assert_eq!(adaptive_warm(1.0 / 60.0, 1.0 / 60.0, 400.0, 30.0), 6);
+    // Growth with no departures waits for the grow (mean 6.7: 19 or more
+    // has a chance under 1e-4, 18 or more over).
+    assert_eq!(adaptive_warm(1.0 / 60.0, 0.0, 400.0, 30.0), 19);
+    // A grow faster than the cooldown covers churn sooner.
+    assert_eq!(adaptive_warm(1.0, 1.0, 2.0, 30.0), 10);
+    // Far past the exact sum's range: the normal tail, still finite.
+    let big = adaptive_warm(100.0, 0.0, 100.0, 30.0);
+    assert!((10_370..=10_380).contains(&big), "{big}");
     let cfg = PoolConfig {
         adaptive: true,
         ..PoolConfig::default()
@@ -912,4 +925,48 @@ fn the_adaptive_warm_target_keeps_what_the_arrivals_need_and_no_more() {
     p.view.adaptive_warm = 20;
     p.fill(5, &pd_cfg);
     assert_eq!(p.total(), 32, "25 addresses rounded up to two /28s");
+}
+
+/// ADAPTIVE_WARM_TARGET under churn: a departed pod's address in its
+/// cooldown counts toward the warm target, so replacing a pod makes no
+/// grow (WARM_IP_TARGET grows for it and releases the address again once
+/// cooled); an ADD that finds nothing free still gets a grow at once.
+#[test]
+fn adaptive_counts_cooling_addresses_and_still_serves_a_waiting_add() {
+    let cfg = PoolConfig {
+        adaptive: true,
+        ..PoolConfig::default()
+    };
+    let mut n = node("m5.large");
+    n.view.adaptive_warm = 3;
+    n.fill(4, &cfg);
+    assert_eq!(n.total(), 7, "4 pods and 3 warm");
+    // A pod replaced: its address cools, the new pod takes a free one.
+    n.remove_pod(true);
+    n.add_pod();
+    n.converge(&cfg);
+    assert_eq!(n.total(), 7, "2 free + 1 cooling cover the target");
+    // Two more replaced: nothing free, three cooling; no ADD waits yet.
+    for _ in 0..2 {
+        n.remove_pod(true);
+        n.add_pod();
+    }
+    n.converge(&cfg);
+    assert_eq!(n.total(), 7, "3 cooling still cover the target");
+    // The next ADD finds nothing free and waits: it gets an address now.
+    assert!(!n.add_pod());
+    n.view.waiting = 1;
+    n.converge(&cfg);
+    n.view.waiting = 0;
+    assert!(n.add_pod(), "a grow for the waiting ADD");
+    assert_eq!(n.total(), 8);
+    // WARM_IP_TARGET=3 on the same replacement grows for it.
+    let warm_ip = ip(Some(3), None);
+    let mut w = node("m5.large");
+    w.fill(4, &warm_ip);
+    let before = w.total();
+    w.remove_pod(true);
+    w.add_pod();
+    w.converge(&warm_ip);
+    assert_eq!(w.total(), before + 1);
 }

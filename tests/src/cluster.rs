@@ -220,6 +220,9 @@ pub struct Report {
     /// one's reason.
     pub nodes_not_started: u64,
     pub not_started_why: Option<String>,
+    /// Addresses the subnet still had free at the end (subnet pressure:
+    /// 0 when the pods that went unserved could not have had one).
+    pub subnet_free_at_end: u32,
 }
 
 impl Report {
@@ -503,6 +506,12 @@ async fn simulate(cfg: ClusterConfig) -> Report {
         violations,
         nodes_not_started: s.not_started,
         not_started_why: s.not_started_why.clone(),
+        subnet_free_at_end: vpc
+            .snapshot()
+            .subnets
+            .values()
+            .map(|s| s.free_count())
+            .sum(),
     }
 }
 
@@ -540,7 +549,10 @@ impl Idle {
 /// What happened in the cluster during one phase after the cold start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Phase {
+    /// ADDs served.
     pub adds: u64,
+    /// Pods created in the phase whose ADD was never served before its end.
+    pub unserved: u64,
     /// The phase's own (calls: those made during it).
     pub figures: Figures,
     /// Idle addresses at the phase's end.
@@ -554,12 +566,25 @@ fn minus(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<Strin
         .collect()
 }
 
+/// One pod's ADD in a phase, with the attempts that failed after their
+/// wait (each retried as the kubelet retries).
+enum Add {
+    Served {
+        wait: Duration,
+        failures: u64,
+    },
+    /// Not served before the phase ended.
+    Unserved {
+        failures: u64,
+    },
+}
+
 /// Runs `work` on every node at once for `length`, sampling idle
-/// addresses; `work` returns the waits and failures of the ADDs it made.
+/// addresses; `work` returns the ADDs it made.
 async fn phase<F, Fut>(vpc: &Vpc, nodes: &[Arc<Ipam>], length: Duration, work: F) -> Phase
 where
     F: Fn(Arc<Ipam>) -> Fut,
-    Fut: std::future::Future<Output = Vec<Result<Duration, u64>>> + 'static,
+    Fut: std::future::Future<Output = Vec<Add>> + 'static,
 {
     let (calls0, throttled0) = vpc.call_counts();
     let started = Instant::now();
@@ -572,12 +597,18 @@ where
         tokio::time::sleep(SAMPLE_EVERY).await;
         idle.sample(nodes);
     }
-    let (mut waits, mut failures) = (vec![], 0);
+    let (mut waits, mut failures, mut unserved) = (vec![], 0, 0);
     for t in tasks {
-        for r in t.await.unwrap_or_default() {
-            match r {
-                Ok(w) => waits.push(w),
-                Err(f) => failures += f,
+        for add in t.await.unwrap_or_default() {
+            match add {
+                Add::Served { wait, failures: f } => {
+                    waits.push(wait);
+                    failures += f;
+                }
+                Add::Unserved { failures: f } => {
+                    unserved += 1;
+                    failures += f;
+                }
             }
         }
     }
@@ -585,6 +616,7 @@ where
     let (calls, throttled) = vpc.call_counts();
     Phase {
         adds: waits.len() as u64,
+        unserved,
         figures: Figures::new(
             &waits,
             failures,
@@ -598,13 +630,8 @@ where
 
 /// Steady churn on one node until `until`: every `every` on average
 /// (exponential gaps, seeded) a pod is deleted and a new one created; each
-/// ADD is retried as the kubelet retries. Gives each ADD's wait, or the
-/// failures of one never served before `until`.
-async fn churn_node(
-    ipam: Arc<Ipam>,
-    every: Duration,
-    until: Instant,
-) -> Vec<Result<Duration, u64>> {
+/// ADD is retried as the kubelet retries.
+async fn churn_node(ipam: Arc<Ipam>, every: Duration, until: Instant) -> Vec<Add> {
     let mut out = vec![];
     let mut n = 0u32;
     loop {
@@ -633,7 +660,10 @@ async fn churn_node(
         loop {
             match ipam.add(key.clone()).await {
                 Ok(_) => {
-                    out.push(Ok(created.elapsed()));
+                    out.push(Add::Served {
+                        wait: created.elapsed(),
+                        failures,
+                    });
                     break;
                 }
                 Err(_) if Instant::now() < until => {
@@ -641,13 +671,12 @@ async fn churn_node(
                     tokio::time::sleep(KUBELET_RETRY).await;
                 }
                 Err(_) => {
-                    out.push(Err(failures + 1));
+                    out.push(Add::Unserved {
+                        failures: failures + 1,
+                    });
                     return out;
                 }
             }
-        }
-        if failures > 0 {
-            out.push(Err(failures));
         }
     }
 }

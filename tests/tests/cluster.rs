@@ -89,3 +89,38 @@ fn the_node_count_keeps_two_hundred_nodes_from_being_throttled() {
         alone.figures.total_throttled()
     );
 }
+
+/// Subnet pressure: two nodes on a /26 (59 usable addresses) that cannot
+/// hold their 54 pods and the interfaces' own addresses. The full subnet
+/// is not asked again at every retry: in an hour each node makes at most
+/// its two interfaces' creates plus one probe (of up to four halving
+/// calls) per five-minute mark, and lists the subnets about as often.
+/// The pods get every address the subnet has, under prefix delegation too
+/// (single addresses once no /28 is left).
+#[test]
+fn a_subnet_too_small_for_the_pods_is_used_up_and_not_asked_at_every_retry() {
+    for policy in Policy::all() {
+        let mut c = ClusterConfig::new(2, policy, 7);
+        c.subnet_prefix_len = 26;
+        c.horizon = Duration::from_secs(3600);
+        c.then = None;
+        let r = run(&c);
+        assert!(r.violations.is_empty(), "{}: {:?}", r.policy, r.violations);
+        assert_eq!(r.nodes_not_started, 0, "{}", r.policy);
+        assert!(r.pods_served < r.pods, "{}: every pod fit", r.policy);
+        assert_eq!(
+            r.subnet_free_at_end, 0,
+            "{}: pods waited while the subnet had addresses ({} served)",
+            r.policy, r.pods_served
+        );
+        for api in ["CreateNetworkInterface", "DescribeSubnets"] {
+            let n = r.figures.calls.get(api).copied().unwrap_or(0);
+            assert!(
+                n <= 2 * (2 + 4 * 12),
+                "{}: {n} {api} calls in an hour: {:?}",
+                r.policy,
+                r.figures.calls
+            );
+        }
+    }
+}

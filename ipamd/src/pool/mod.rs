@@ -110,7 +110,8 @@ pub enum JournalAt<'a> {
     Memory(journal::MemStore),
 }
 
-/// The window over which the pods' arrival rate is measured.
+/// The window over which the pods' arrival and departure rates are
+/// measured.
 pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(300);
 
 /// Drops the arrivals older than [`ARRIVAL_WINDOW`] as of `now`.
@@ -142,6 +143,9 @@ pub struct Pool {
     /// When the ADDs of the last [`ARRIVAL_WINDOW`] came (the adaptive
     /// warm target's arrival rate).
     arrivals: Mutex<std::collections::VecDeque<Instant>>,
+    /// When the DELs that released an address in the last
+    /// [`ARRIVAL_WINDOW`] came (the adaptive target's departure rate).
+    departures: Mutex<std::collections::VecDeque<Instant>>,
     /// Whether an ADD has ever come (the adaptive target's prior holds
     /// until then), and when the pool was made.
     arrived: std::sync::atomic::AtomicBool,
@@ -252,6 +256,7 @@ impl Pool {
             waiting: AtomicU32::new(0),
             grow: Mutex::new(GrowStatus::default()),
             arrivals: Mutex::default(),
+            departures: Mutex::default(),
             arrived: std::sync::atomic::AtomicBool::new(false),
             born: Instant::now(),
             add_latency: Default::default(),
@@ -308,7 +313,17 @@ impl Pool {
     /// was made, when that is shorter), as of `now`; kept only under
     /// `ADAPTIVE_WARM_TARGET`.
     pub fn arrival_rate(&self, now: Instant) -> f64 {
-        let mut a = self.arrivals.lock().expect("arrivals lock");
+        self.rate_of(&self.arrivals, now)
+    }
+
+    /// DELs that released an address, a second, over the same window as
+    /// [`Pool::arrival_rate`].
+    pub fn departure_rate(&self, now: Instant) -> f64 {
+        self.rate_of(&self.departures, now)
+    }
+
+    fn rate_of(&self, times: &Mutex<std::collections::VecDeque<Instant>>, now: Instant) -> f64 {
+        let mut a = times.lock().expect("rate lock");
         forget_arrivals_before(&mut a, now);
         let window = now
             .saturating_duration_since(self.born)
@@ -321,7 +336,11 @@ impl Pool {
             return;
         }
         self.arrived.store(true, Ordering::Relaxed);
-        let mut a = self.arrivals.lock().expect("arrivals lock");
+        Self::note(&self.arrivals, at);
+    }
+
+    fn note(times: &Mutex<std::collections::VecDeque<Instant>>, at: Instant) {
+        let mut a = times.lock().expect("rate lock");
         forget_arrivals_before(&mut a, at);
         a.push_back(at);
     }
@@ -550,6 +569,9 @@ impl Pool {
         };
         durable.wait().await.map_err(IpamError::Journal)?;
         if found.is_some() {
+            if self.settings.pool.adaptive {
+                Self::note(&self.departures, Instant::now());
+            }
             self.wake.notify_one();
             // A waiting ADD may take it (after its cooldown).
             self.publish();

@@ -27,8 +27,13 @@ impl Reconciler {
                     .grow(&interface_id, AssignRequest::Prefixes(count))
                     .await
                 {
-                    Err(ProviderError::InsufficientCidrBlocks { subnet }) => {
-                        warn!(%subnet, "no free /28 left in the subnet (fragmented); adding single addresses instead");
+                    // No free /28 (fragmented), or fewer than 16 addresses
+                    // left: the single addresses it still has.
+                    Err(
+                        ProviderError::InsufficientCidrBlocks { subnet }
+                        | ProviderError::SubnetExhausted { subnet },
+                    ) => {
+                        warn!(%subnet, "no free /28 left in the subnet; adding single addresses instead");
                         self.grow(&interface_id, AssignRequest::Ips(count)).await?
                     }
                     other => other?,
@@ -197,7 +202,40 @@ impl Reconciler {
             .as_ref()
             .map(|t| t.security_groups.clone())
             .unwrap_or_default();
-        for subnet_id in self.candidate_subnets(custom.as_ref()).await {
+        // A subnet that said it is full is not asked for a new interface
+        // again until its mark lapses ([`super::SUBNET_LOW_FOR`]): asked
+        // at every retry, it cost each waiting node four failed creates
+        // (the halving below) per backoff, ~340 an hour, all billed to the
+        // account's CreateNetworkInterface bucket.
+        let now = tokio::time::Instant::now();
+        let listed = custom.is_none() && self.settings.subnet_discovery;
+        if listed {
+            // The subnets listed last time all still marked full: not even
+            // listed again (a DescribeSubnets per retry).
+            let st = self.lock();
+            let marked = |s: &String| st.full_subnets.get(s).is_some_and(|until| now < *until);
+            if st.listed_subnets.iter().all(marked) {
+                if let Some(subnet) = st.listed_subnets.first() {
+                    return Err(ProviderError::SubnetExhausted {
+                        subnet: subnet.clone(),
+                    });
+                }
+            }
+        }
+        let candidates = self.candidate_subnets(custom.as_ref()).await;
+        if listed {
+            self.lock().listed_subnets = candidates.clone();
+        }
+        let (open, marked): (Vec<String>, Vec<String>) = {
+            let st = self.lock();
+            candidates
+                .into_iter()
+                .partition(|s| st.full_subnets.get(s).is_none_or(|until| *until <= now))
+        };
+        if let Some(subnet) = marked.into_iter().next() {
+            last = ProviderError::SubnetExhausted { subnet };
+        }
+        for subnet_id in open {
             let mut spec = CreateInterface {
                 subnet_id: subnet_id.clone(),
                 // Empty: the node's groups, read by the provider as they
@@ -207,8 +245,13 @@ impl Reconciler {
                 initial,
             };
             let mut result = self.provider.create_interface(&spec).await;
-            if let (Err(ProviderError::InsufficientCidrBlocks { .. }), AssignRequest::Prefixes(n)) =
-                (&result, initial)
+            if let (
+                Err(
+                    ProviderError::InsufficientCidrBlocks { .. }
+                    | ProviderError::SubnetExhausted { .. },
+                ),
+                AssignRequest::Prefixes(n),
+            ) = (&result, initial)
             {
                 warn!(subnet = %subnet_id, "no free /28 for a new interface; creating it with single addresses");
                 spec.initial = AssignRequest::Ips(n);

@@ -148,6 +148,9 @@ struct State {
     /// Subnets that said they cannot give more, until when they are not
     /// asked again for addresses on their interfaces.
     full_subnets: BTreeMap<String, Instant>,
+    /// The subnets the last interface create found to choose from (with
+    /// subnet discovery).
+    listed_subnets: Vec<String>,
 }
 
 /// How long a subnet counts as nearly exhausted after the cloud said so.
@@ -214,6 +217,7 @@ impl Reconciler {
                 subnet_low_until: None,
                 refill_secs: FIRST_REFILL_SECS,
                 full_subnets: BTreeMap::new(),
+                listed_subnets: Vec::new(),
             }),
             settings,
             pool,
@@ -445,7 +449,7 @@ impl Reconciler {
             self.lock().last_reclaim = Instant::now();
             self.pool.reclaim_gone().await;
         }
-        let plan = {
+        let (plan, urgent) = {
             let now = Instant::now();
             // The limits as the provider knows them now (a cap the cloud
             // taught); interfaces ipamd does not manage still take slots.
@@ -466,7 +470,12 @@ impl Reconciler {
                 view.adaptive_warm = if !self.settings.pool.adaptive {
                     0
                 } else if self.pool.any_arrival() {
-                    policy::adaptive_warm(self.pool.arrival_rate(now), st.refill_secs)
+                    policy::adaptive_warm(
+                        self.pool.arrival_rate(now),
+                        self.pool.departure_rate(now),
+                        st.refill_secs,
+                        self.settings.cooldown.as_secs_f64(),
+                    )
                 } else if self.settings.pool.prefix_delegation {
                     // Before the first pod: what the default targets keep,
                     // one prefix, or one interface's worth (a new node is
@@ -498,7 +507,7 @@ impl Reconciler {
                 s.adaptive_warm = cfg.adaptive.then_some(view.adaptive_warm);
                 s.refill_secs = refill;
             });
-            plan
+            (plan, view.waiting > 0)
         };
         let mut done = 0;
         let held = self.interfaces_held();
@@ -526,17 +535,39 @@ impl Reconciler {
                     | policy::Action::AssignPrefixes { .. }
                     | policy::Action::CreateInterface { .. }
             );
+            // A change no ADD waits for is put off until its bucket has a
+            // token (it would wait inside the call and hold up a grow an
+            // ADD does wait for), and spread over the nodes of the account
+            // when their buckets sat full; the next step plans again.
+            if !urgent {
+                if let Some(wait) = self.provider.put_off(action.change()) {
+                    debug!(
+                        ?action,
+                        wait_ms = wait.as_millis() as u64,
+                        "put off: no ADD waits for it"
+                    );
+                    continue;
+                }
+            }
             let began = Instant::now();
             if let Err(e) = self.execute(action).await {
                 self.count_error(e.site(kind));
                 // The subnet said it cannot give more: the scaler's batch
                 // drops to one, and a full subnet is not asked again.
-                let until = Instant::now() + SUBNET_LOW_FOR;
+                let now = Instant::now();
+                let until = now + SUBNET_LOW_FOR;
                 match &e {
                     StepError::Cloud(ProviderError::SubnetExhausted { subnet }) => {
                         let mut st = self.lock();
                         st.subnet_low_until = Some(until);
-                        st.full_subnets.insert(subnet.clone(), until);
+                        // A mark still running is not renewed: the error
+                        // then came from the mark itself, not from a
+                        // cloud answer, and the subnet is asked again when
+                        // the mark lapses.
+                        let mark = st.full_subnets.entry(subnet.clone()).or_insert(until);
+                        if *mark <= now {
+                            *mark = until;
+                        }
                     }
                     StepError::Cloud(ProviderError::InsufficientCidrBlocks { .. }) => {
                         self.lock().subnet_low_until = Some(until);
