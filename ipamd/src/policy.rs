@@ -67,9 +67,10 @@ pub const ADAPTIVE_MISS: f64 = 1e-4;
 ///
 /// Pods arrive at `arrivals_per_sec` and leave at `departures_per_sec`
 /// (both observed). An arrival matched by a departure is covered by the
-/// departed pod's address, free again after `cooldown_secs` (or by a grow
-/// when `refill_secs` is shorter); an arrival beyond the departures only by
-/// a grow taking `refill_secs` (measured). The target is the smallest `k`
+/// departed pod's address, free again after `cooldown_secs` (the cooling
+/// addresses count toward the target, so no grow is made for it even when
+/// one would be quicker); an arrival beyond the departures only by a grow
+/// taking `refill_secs` (measured). The target is the smallest `k`
 /// with P(N ≥ k) ≤ [`ADAPTIVE_MISS`] for N a Poisson count of the arrivals
 /// expected in those times: at least 1, so that an idle node still has an
 /// address for its next pod. Bounded by the instance's capacity and max
@@ -88,13 +89,13 @@ pub fn adaptive_warm(
         clean(cooldown_secs),
     );
     let matched = a.min(d);
-    let mean = matched * c.min(r) + (a - matched) * r;
+    let mean = matched * c + (a - matched) * r;
     poisson_tail_quantile(mean, ADAPTIVE_MISS)
 }
 
 /// The smallest `k` with P(N ≥ k) ≤ `miss` for N Poisson with `mean`
-/// (a normal approximation above a mean of 500, where the exact sum's
-/// first term underflows).
+/// (above a mean of 500 a normal approximation: the exact sum's first
+/// term, e^−mean, underflows from a mean of about 745).
 fn poisson_tail_quantile(mean: f64, miss: f64) -> u32 {
     const CAP: f64 = (u32::MAX / 2) as f64;
     if !mean.is_finite() || mean <= 0.0 {

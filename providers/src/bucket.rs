@@ -104,7 +104,8 @@ fn secs(s: f64) -> std::time::Duration {
     std::time::Duration::from_secs_f64(s.clamp(0.0, 1e9))
 }
 
-/// `s` seconds before `now` (at the earliest the clock's start).
+/// `s` seconds before `now` (`now` itself where that would be before the
+/// clock's start).
 fn before(now: Instant, s: f64) -> Instant {
     now.checked_sub(secs(s)).unwrap_or(now)
 }
@@ -221,6 +222,10 @@ impl Buckets {
             b.rate = b.rate.min(rate);
             b.burst = b.burst.min(burst);
             b.tokens = b.tokens.min(b.burst);
+            // A time drawn for a smaller share is not kept beyond one
+            // period of the new one.
+            let period = secs(1.0 / rate);
+            b.not_before = b.not_before.map(|t| t.min(now + period));
         }
     }
 
@@ -588,6 +593,16 @@ mod tests {
         );
         assert_eq!(b.put_off(grow, t0 + w), None);
         assert!(b.try_take(grow, t0 + w));
+        // A time drawn for 2,000 nodes is cut to one period of the share
+        // when the cluster shrinks to 10 (a call every 2 s).
+        let mut shrinking = Buckets::adaptive(ec2_bucket);
+        shrinking.set_peers(2000, t0);
+        shrinking.bucket(grow, t0).tokens = 1.0;
+        assert!(shrinking.try_take(grow, t0));
+        assert!(shrinking.put_off(grow, later).is_some());
+        shrinking.set_peers(10, later);
+        let cut = shrinking.put_off(grow, later).expect("still drawn");
+        assert!(cut <= Duration::from_secs(2), "{cut:?}");
         // One node, a full share of 100: never put off with tokens.
         let mut one = Buckets::adaptive(ec2_bucket);
         assert_eq!(one.put_off(grow, t0), None);

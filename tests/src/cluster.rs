@@ -628,6 +628,9 @@ where
     }
 }
 
+/// How long after churn's end a pod created in it is still retried.
+const CHURN_GRACE: Duration = Duration::from_secs(60);
+
 /// Steady churn on one node until `until`: every `every` on average
 /// (exponential gaps, seeded) a pod is deleted and a new one created; each
 /// ADD is retried as the kubelet retries.
@@ -666,7 +669,9 @@ async fn churn_node(ipam: Arc<Ipam>, every: Duration, until: Instant) -> Vec<Add
                     });
                     break;
                 }
-                Err(_) if Instant::now() < until => {
+                // Retried a little past the phase's end too: an ADD that
+                // failed in its last seconds is not "never served".
+                Err(_) if Instant::now() < until + CHURN_GRACE => {
                     failures += 1;
                     tokio::time::sleep(KUBELET_RETRY).await;
                 }

@@ -23,10 +23,26 @@ impl Reconciler {
                 interface_id,
                 count,
             } => {
-                match self
-                    .grow(&interface_id, AssignRequest::Prefixes(count))
-                    .await
-                {
+                // A subnet marked full has no /28 to give: single
+                // addresses at once, without a refused prefix request first.
+                let now = tokio::time::Instant::now();
+                let marked = self
+                    .pool
+                    .interface(&interface_id)
+                    .map(|i| i.subnet_id)
+                    .filter(|subnet| {
+                        self.lock()
+                            .full_subnets
+                            .get(subnet)
+                            .is_some_and(|until| now < *until)
+                    });
+                let result = if let Some(subnet) = marked {
+                    Err(ProviderError::SubnetExhausted { subnet })
+                } else {
+                    self.grow(&interface_id, AssignRequest::Prefixes(count))
+                        .await
+                };
+                match result {
                     // No free /28 (fragmented), or fewer than 16 addresses
                     // left: the single addresses it still has.
                     Err(
@@ -149,12 +165,16 @@ impl Reconciler {
 
     /// Subnets a new interface may go in: the node's own and same-zone ones
     /// tagged for the CNI, most free addresses first; a tag of "0" excludes.
-    async fn candidate_subnets(&self, custom: Option<&super::InterfaceTarget>) -> Vec<String> {
+    /// Also whether they come from a listing of the cloud's subnets.
+    async fn candidate_subnets(
+        &self,
+        custom: Option<&super::InterfaceTarget>,
+    ) -> (Vec<String>, bool) {
         if let Some(t) = custom {
-            return vec![t.subnet_id.clone()];
+            return (vec![t.subnet_id.clone()], false);
         }
         if !self.settings.subnet_discovery {
-            return vec![self.instance.subnet_id.clone()];
+            return (vec![self.instance.subnet_id.clone()], false);
         }
         match self.provider.list_subnets().await {
             Ok(subnets) => {
@@ -170,11 +190,11 @@ impl Reconciler {
                         .cmp(&a.free_addresses)
                         .then(a.id.cmp(&b.id))
                 });
-                c.into_iter().map(|s| s.id).collect()
+                (c.into_iter().map(|s| s.id).collect(), true)
             }
             Err(e) => {
                 warn!(error = %e, "cannot list subnets; using the node's subnet");
-                vec![self.instance.subnet_id.clone()]
+                (vec![self.instance.subnet_id.clone()], false)
             }
         }
     }
@@ -222,8 +242,8 @@ impl Reconciler {
                 }
             }
         }
-        let candidates = self.candidate_subnets(custom.as_ref()).await;
-        if listed {
+        let (candidates, from_listing) = self.candidate_subnets(custom.as_ref()).await;
+        if from_listing {
             self.lock().listed_subnets = candidates.clone();
         }
         let (open, marked): (Vec<String>, Vec<String>) = {
@@ -278,6 +298,13 @@ impl Reconciler {
                 Err(e @ ProviderError::SubnetExhausted { .. })
                 | Err(e @ ProviderError::InsufficientCidrBlocks { .. }) => {
                     warn!(subnet = %subnet_id, error = %e, "subnet full, trying the next one");
+                    // Each subnet that refused is marked, not only the
+                    // last one tried (which the step's error marks).
+                    if matches!(e, ProviderError::SubnetExhausted { .. }) {
+                        self.lock()
+                            .full_subnets
+                            .insert(subnet_id.clone(), now + super::SUBNET_LOW_FOR);
+                    }
                     last = e;
                 }
                 Err(e) => return Err(e),

@@ -151,6 +151,10 @@ struct State {
     /// The subnets the last interface create found to choose from (with
     /// subnet discovery).
     listed_subnets: Vec<String>,
+    /// The soonest a change the last step put off may be made
+    /// ([`CloudProvider::put_off`]): the run loop looks again then rather
+    /// than after [`RECONCILE_EVERY`].
+    put_off_for: Option<Duration>,
 }
 
 /// How long a subnet counts as nearly exhausted after the cloud said so.
@@ -218,6 +222,7 @@ impl Reconciler {
                 refill_secs: FIRST_REFILL_SECS,
                 full_subnets: BTreeMap::new(),
                 listed_subnets: Vec::new(),
+                put_off_for: None,
             }),
             settings,
             pool,
@@ -347,10 +352,15 @@ impl Reconciler {
                     // so that a seeded simulation runs the same twice
                     // (tokio's random order decided whether a stored
                     // wake-up was taken now or on the next pass).
+                    // Sooner when a change put off may be made before then.
+                    let next = self
+                        .lock()
+                        .put_off_for
+                        .map_or(RECONCILE_EVERY, |d| d.min(RECONCILE_EVERY));
                     tokio::select! {
                         biased;
                         _ = self.pool.woken() => {}
-                        _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+                        _ = tokio::time::sleep(next) => {}
                         _ = shutdown.changed() => return,
                     }
                     // Every ADD and DEL wakes us; under a burst, look once
@@ -510,6 +520,7 @@ impl Reconciler {
             (plan, view.waiting > 0)
         };
         let mut done = 0;
+        let mut put_off_for: Option<Duration> = None;
         let held = self.interfaces_held();
         let no_target = self.target_missing();
         for action in plan.actions {
@@ -546,6 +557,7 @@ impl Reconciler {
                         wait_ms = wait.as_millis() as u64,
                         "put off: no ADD waits for it"
                     );
+                    put_off_for = Some(put_off_for.map_or(wait, |w| w.min(wait)));
                     continue;
                 }
             }
@@ -592,6 +604,7 @@ impl Reconciler {
             });
             self.pool.publish();
         }
+        self.lock().put_off_for = put_off_for;
         // Nothing failed in this step: an earlier failure (one a later plan
         // no longer needed to retry) is not the pool's state any more.
         if self.errors_total() == errors_before && self.lock().status.last_error.is_some() {
