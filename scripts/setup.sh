@@ -8,7 +8,24 @@
 #   podman, runc                a real container runtime calling the plugin
 #   iptables                    what Debian's portmap programs (in the node namespace)
 #   busybox-static              the container image's rootfs
+#   python3, python3-venv       the venvs of kubernetes-validate and LocalStack
+#                               (Debian ships ensurepip apart from python3)
+# and the Rust toolchain's rustfmt and clippy, which scripts/test.sh runs
+# (added with rustup; without rustup, a clear error).
 set -euo pipefail
+for c in fmt clippy; do
+  if ! cargo "$c" --version >/dev/null 2>&1; then
+    comp=clippy
+    [ "$c" = fmt ] && comp=rustfmt
+    if command -v rustup >/dev/null; then
+      echo "setup: adding the Rust component $comp" >&2
+      rustup component add "$comp"
+    else
+      echo "setup: cargo $c is missing and there is no rustup to add $comp" >&2
+      exit 1
+    fi
+  fi
+done
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
@@ -17,6 +34,8 @@ command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
 command -v iptables >/dev/null || need+=(iptables)
 [ -x /bin/busybox ] || need+=(busybox-static)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install: ${need[*]}" >&2
