@@ -551,7 +551,8 @@ impl Idle {
 pub struct Phase {
     /// ADDs served.
     pub adds: u64,
-    /// Pods created in the phase whose ADD was never served before its end.
+    /// Pods created in the phase whose ADD was not served by
+    /// `CHURN_GRACE` (60 s) after its end.
     pub unserved: u64,
     /// The phase's own (calls: those made during it).
     pub figures: Figures,
@@ -573,7 +574,7 @@ enum Add {
         wait: Duration,
         failures: u64,
     },
-    /// Not served before the phase ended.
+    /// Not served by `CHURN_GRACE` (60 s) after the phase ended.
     Unserved {
         failures: u64,
     },

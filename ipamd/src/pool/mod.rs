@@ -114,8 +114,9 @@ pub enum JournalAt<'a> {
 /// measured.
 pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(300);
 
-/// Drops the arrivals older than [`ARRIVAL_WINDOW`] as of `now`.
-fn forget_arrivals_before(a: &mut std::collections::VecDeque<Instant>, now: Instant) {
+/// Drops the times (arrivals, departures) older than [`ARRIVAL_WINDOW`]
+/// as of `now`.
+fn forget_before(a: &mut std::collections::VecDeque<Instant>, now: Instant) {
     while a
         .front()
         .is_some_and(|t| now.saturating_duration_since(*t) > ARRIVAL_WINDOW)
@@ -324,7 +325,7 @@ impl Pool {
 
     fn rate_of(&self, times: &Mutex<std::collections::VecDeque<Instant>>, now: Instant) -> f64 {
         let mut a = times.lock().expect("rate lock");
-        forget_arrivals_before(&mut a, now);
+        forget_before(&mut a, now);
         let window = now
             .saturating_duration_since(self.born)
             .clamp(Duration::from_secs(1), ARRIVAL_WINDOW);
@@ -341,7 +342,7 @@ impl Pool {
 
     fn note(times: &Mutex<std::collections::VecDeque<Instant>>, at: Instant) {
         let mut a = times.lock().expect("rate lock");
-        forget_arrivals_before(&mut a, at);
+        forget_before(&mut a, at);
         a.push_back(at);
     }
 

@@ -30,12 +30,7 @@ impl Reconciler {
                     .pool
                     .interface(&interface_id)
                     .map(|i| i.subnet_id)
-                    .filter(|subnet| {
-                        self.lock()
-                            .full_subnets
-                            .get(subnet)
-                            .is_some_and(|until| now < *until)
-                    });
+                    .filter(|subnet| self.lock().marked_full(subnet, now));
                 let result = if let Some(subnet) = marked {
                     Err(ProviderError::SubnetExhausted { subnet })
                 } else {
@@ -233,8 +228,7 @@ impl Reconciler {
             // The subnets listed last time all still marked full: not even
             // listed again (a DescribeSubnets per retry).
             let st = self.lock();
-            let marked = |s: &String| st.full_subnets.get(s).is_some_and(|until| now < *until);
-            if st.listed_subnets.iter().all(marked) {
+            if st.listed_subnets.iter().all(|s| st.marked_full(s, now)) {
                 if let Some(subnet) = st.listed_subnets.first() {
                     return Err(ProviderError::SubnetExhausted {
                         subnet: subnet.clone(),
@@ -250,7 +244,7 @@ impl Reconciler {
             let st = self.lock();
             candidates
                 .into_iter()
-                .partition(|s| st.full_subnets.get(s).is_none_or(|until| *until <= now))
+                .partition(|s| !st.marked_full(s, now))
         };
         if let Some(subnet) = marked.into_iter().next() {
             last = ProviderError::SubnetExhausted { subnet };

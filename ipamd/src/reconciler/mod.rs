@@ -153,6 +153,15 @@ struct State {
     listed_subnets: Vec<String>,
 }
 
+impl State {
+    /// Whether `subnet` said it is full and its mark has not lapsed.
+    fn marked_full(&self, subnet: &str, now: Instant) -> bool {
+        self.full_subnets
+            .get(subnet)
+            .is_some_and(|until| now < *until)
+    }
+}
+
 /// How long a subnet counts as nearly exhausted after the cloud said so.
 const SUBNET_LOW_FOR: Duration = Duration::from_secs(300);
 
