@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ipamd::config::Settings;
 use ipamd::datastore::PodKey;
-use ipamd::ipam::{Ipam, StartError};
+use ipamd::ipam::{Ipam, IpamError, StartError};
 use ipamd::journal::MemStore;
 use ipamd::k8s::peers::reread_after;
 use ipamd::node::NodeTracker;
@@ -554,6 +554,8 @@ pub struct Phase {
     /// Pods created in the phase whose ADD was not served by
     /// `CHURN_GRACE` (60 s) after its end.
     pub unserved: u64,
+    /// The first of them: its node and the last error its ADD got.
+    pub unserved_why: Option<String>,
     /// The phase's own (calls: those made during it).
     pub figures: Figures,
     /// Idle addresses at the phase's end.
@@ -574,9 +576,11 @@ enum Add {
         wait: Duration,
         failures: u64,
     },
-    /// Not served by `CHURN_GRACE` (60 s) after the phase ended.
+    /// Not served by `CHURN_GRACE` (60 s) after the phase ended, or
+    /// refused as invalid (never retried): the node and the last error.
     Unserved {
         failures: u64,
+        why: String,
     },
 }
 
@@ -599,6 +603,7 @@ where
         idle.sample(nodes);
     }
     let (mut waits, mut failures, mut unserved) = (vec![], 0, 0);
+    let mut unserved_why = None;
     for t in tasks {
         for add in t.await.unwrap_or_default() {
             match add {
@@ -606,9 +611,10 @@ where
                     waits.push(wait);
                     failures += f;
                 }
-                Add::Unserved { failures: f } => {
+                Add::Unserved { failures: f, why } => {
                     unserved += 1;
                     failures += f;
+                    unserved_why.get_or_insert(why);
                 }
             }
         }
@@ -618,6 +624,7 @@ where
     Phase {
         adds: waits.len() as u64,
         unserved,
+        unserved_why,
         figures: Figures::new(
             &waits,
             failures,
@@ -655,8 +662,16 @@ async fn churn_node(ipam: Arc<Ipam>, every: Duration, until: Instant) -> Vec<Add
         let gone = pods.swap_remove(providers::jitter::between(0, pods.len() as u64 - 1) as usize);
         ipam.del(gone.clone()).await.ok();
         n += 1;
+        // Named after the node's first pod, not after the one it replaces:
+        // a name grown at each replacement passes the CNI's 256-byte limit
+        // on a node with few pods.
+        let base = gone
+            .container_id
+            .split("-churn-")
+            .next()
+            .unwrap_or_default();
         let key = PodKey {
-            container_id: format!("{}-churn-{n}", gone.container_id),
+            container_id: format!("{base}-churn-{n}"),
             ..gone
         };
         let created = Instant::now();
@@ -671,14 +686,17 @@ async fn churn_node(ipam: Arc<Ipam>, every: Duration, until: Instant) -> Vec<Add
                     break;
                 }
                 // Retried a little past the phase's end too: an ADD that
-                // failed in its last seconds is not "never served".
-                Err(_) if Instant::now() < until + CHURN_GRACE => {
+                // failed in its last seconds is not "never served". Only
+                // waits are retried: any other refusal is the simulator's
+                // fault or ipamd's, and is reported at once.
+                Err(IpamError::Exhausted { .. }) if Instant::now() < until + CHURN_GRACE => {
                     failures += 1;
                     tokio::time::sleep(KUBELET_RETRY).await;
                 }
-                Err(_) => {
+                Err(e) => {
                     out.push(Add::Unserved {
                         failures: failures + 1,
+                        why: format!("{}: {e}", key.container_id),
                     });
                     return out;
                 }

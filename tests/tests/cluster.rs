@@ -124,3 +124,42 @@ fn a_subnet_too_small_for_the_pods_is_used_up_and_not_asked_at_every_retry() {
         }
     }
 }
+
+/// Churn on nodes at their instance's limit (t2.micro: two pods, one
+/// address per interface): the replacing pod finds the departed pod's
+/// address in its cooldown and nothing left to grow, so its ADD waits for
+/// the cooldown's end (retried as the kubelet retries) and is served then.
+/// Every replacement keeps a valid pod name, however many there are.
+#[test]
+fn churn_at_the_instance_limit_waits_out_the_cooldown_and_serves_every_pod() {
+    for policy in Policy::all()
+        .into_iter()
+        .filter(|p| !p.env.contains(&("ENABLE_PREFIX_DELEGATION", "true")))
+    {
+        let mut c = ClusterConfig::new(4, policy, 7);
+        c.instance_type = "t2.micro".into();
+        c.then = Some(AfterStart {
+            scale_down_for: Duration::from_secs(300),
+            churn_for: Duration::from_secs(1800),
+            churn_every: Duration::from_secs(60),
+        });
+        let r = run(&c);
+        assert!(r.violations.is_empty(), "{}: {:?}", r.policy, r.violations);
+        assert_eq!(r.pods_served, r.pods, "{}", r.policy);
+        let churn = r.churn.as_ref().expect("churn ran");
+        assert_eq!(churn.unserved, 0, "{}: {:?}", r.policy, churn.unserved_why);
+        // Thirty replacements per node in 30 minutes, more than the 256
+        // bytes a name grown at each replacement would allow.
+        assert!(churn.adds >= 4 * 20, "{}: {} ADDs", r.policy, churn.adds);
+        // Some ADDs met every address cooling and waited past one ADD
+        // wait; none waited past the cooldown plus one wait and a retry.
+        assert!(churn.figures.add_failures > 0, "{}", r.policy);
+        assert!(
+            churn.figures.add_wait_max > Duration::from_secs(10)
+                && churn.figures.add_wait_max <= Duration::from_secs(30 + 10 + 2),
+            "{}: longest churn ADD {:?}",
+            r.policy,
+            churn.figures.add_wait_max
+        );
+    }
+}

@@ -225,6 +225,9 @@ fn main() {
                 c.figures.idle_peak
             );
         }
+        if let Some(why) = r.churn.as_ref().and_then(|c| c.unserved_why.as_ref()) {
+            println!("    churn: the first pod never served: {why}");
+        }
         if r.pods_served < r.pods {
             println!(
                 "    {} pods unserved; {} addresses left free in the subnet",
