@@ -16,6 +16,7 @@
 //! pass or fail.
 
 pub mod cluster;
+pub mod leftovers;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -88,7 +89,7 @@ pub fn require_root() {
         nix::unistd::geteuid().is_root(),
         "this test builds network namespaces and must run as root"
     );
-    for tool in ["ip", "nft", "nsenter"] {
+    for tool in ["ip", "nft", "nsenter", "setpriv"] {
         let ok = Command::new(tool)
             .arg("-V")
             .stdout(Stdio::null())
@@ -134,6 +135,7 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: &str) -> Self {
+        let _creating = leftovers::creating();
         assert!(
             !Path::new("/var/run/netns").join(name).exists(),
             "namespace {name} already exists"
@@ -168,8 +170,10 @@ pub fn ns_out(ns: &str, cmd: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-/// Namespaces left behind with this prefix (for the cleanup assertions).
+/// Namespaces left behind by the lab named `prefix` (its namespaces are
+/// `<prefix>-<name>`), for the cleanup assertions.
 pub fn leftover_namespaces(prefix: &str) -> Vec<String> {
+    let prefix = format!("{prefix}-");
     let out = Command::new("ip")
         .args(["netns", "list"])
         .output()
@@ -177,7 +181,7 @@ pub fn leftover_namespaces(prefix: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(prefix))
+        .filter(|n| n.starts_with(&prefix))
         .map(String::from)
         .collect()
 }
@@ -428,12 +432,20 @@ impl Lab {
     pub async fn on(cloud: Cloud) -> Lab {
         require_root();
         let bins = Bins::find();
+        // What killed runs left (their ipamd processes too) goes first.
+        leftovers::remove_gone_runs();
         let prefix = format!(
-            "vcni{}x{}",
-            std::process::id() % 100_000,
+            "{}x{}",
+            leftovers::run_tag(),
             LABS.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = {
+            let _creating = leftovers::creating();
+            tempfile::Builder::new()
+                .prefix(&format!("{}.", leftovers::run_tag()))
+                .tempdir()
+                .expect("tempdir")
+        };
         let vpc_ns = Netns::new(&format!("{prefix}-vpc"));
         let outside = Netns::new(&format!("{prefix}-out"));
         let subnets: Vec<_> = VpcState::default()
@@ -685,7 +697,8 @@ impl Lab {
             .append(true)
             .open(&node.log)
             .unwrap();
-        let mut cmd = Command::new("nsenter");
+        // Dies with the lab, even when the lab is killed (no Drop runs).
+        let mut cmd = leftovers::dying_with_this_process("nsenter");
         cmd.arg(format!("--net={}", node.ns.path().display()))
             .arg(self.bins.ipamd())
             .args(["--metrics", "off", "--node-name", &node.ns.name]);

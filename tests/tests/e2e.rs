@@ -3,6 +3,7 @@
 //! fails, never skips, when it cannot set up.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use serde_json::Value;
 use vpc_cni_e2e::*;
@@ -308,7 +309,7 @@ async fn two_nodes_three_pods_follow_the_kubernetes_networking_rules() {
         while ip_out(ns, &["link"]).contains(&veth) {
             tries += 1;
             assert!(tries < 300, "{veth} left behind");
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
     drop(lab);
@@ -406,4 +407,114 @@ async fn a_failure_in_the_middle_of_add_leaves_nothing_behind() {
     }
     drop(lab);
     assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
+}
+
+/// The namespaces of vpc-lab's run with process `pid`.
+fn namespaces_of_run(pid: u32) -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("vcni{pid}s")))
+        .map(String::from)
+        .collect()
+}
+
+/// Whether process `pid` is gone (a zombie, never reaped where PID 1 does
+/// not reap, counts as gone).
+fn gone(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Starts the main job and waits until both of its nodes run ipamd;
+/// returns it with the ipamd processes in its namespaces.
+fn start_vpc_lab() -> (std::process::Child, Vec<String>) {
+    use std::io::BufRead;
+    let bin = Bins::find().dir.join("vpc-lab");
+    let mut lab = std::process::Command::new(&bin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    let mut lines = std::io::BufReader::new(lab.stdout.take().unwrap()).lines();
+    // "   node node-a (...), ipamd on ...": printed once both nodes run.
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("   node ")),
+        "vpc-lab ended before its nodes ran"
+    );
+    // Read on, or its next line would fail on a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let ipamds: Vec<String> = namespaces_of_run(lab.id())
+        .iter()
+        .flat_map(|ns| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .expect("ip netns pids");
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        // Not a plugin being run meanwhile.
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "ipamd")
+        })
+        .collect();
+    assert_eq!(ipamds.len(), 2, "one ipamd per node: {ipamds:?}");
+    (lab, ipamds)
+}
+
+/// The main job killed at the worst moment (both nodes running, pods
+/// coming): its ipamd processes die with it (no orphan retrying a gone
+/// VPC), and the next lab removes the namespaces and temporary directory
+/// it left. Interrupted (SIGTERM), it removes everything itself.
+#[test]
+fn a_killed_vpc_lab_leaves_no_process_and_the_next_lab_removes_its_namespaces() {
+    require_root();
+    let (mut lab, ipamds) = start_vpc_lab();
+    let pid = lab.id();
+    lab.kill().unwrap();
+    lab.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !ipamds.iter().all(|p| gone(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        ipamds.iter().all(|p| gone(p)),
+        "ipamd outlived the killed lab: {ipamds:?}"
+    );
+    // What a new lab does first (a concurrent test's lab may have done it).
+    leftovers::remove_gone_runs();
+    assert_eq!(namespaces_of_run(pid), Vec::<String>::new());
+    let tmp: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("vcni{pid}s")))
+        .collect();
+    assert_eq!(tmp, Vec::<String>::new(), "temporary directories left");
+
+    let (lab, ipamds) = start_vpc_lab();
+    let pid = lab.id();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = lab.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "vpc-lab on SIGTERM");
+    assert!(ipamds.iter().all(|p| gone(p)), "{ipamds:?}");
+    assert_eq!(namespaces_of_run(pid), Vec::<String>::new());
 }

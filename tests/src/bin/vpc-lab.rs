@@ -8,6 +8,20 @@ use vpc_cni_e2e::*;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // Interrupted (Ctrl-C, SIGTERM): no Drop runs, so the lab is removed
+    // by name, its ipamd processes with it, before exiting.
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let code = tokio::select! {
+            _ = int.recv() => 130,
+            _ = term.recv() => 143,
+        };
+        eprintln!("vpc-lab: interrupted, removing the lab");
+        leftovers::remove_this_run();
+        std::process::exit(code);
+    });
     let mut lab = Lab::new().await;
     println!(
         "== simulated VPC 10.0.0.0/16 in namespace {} (outside world: {})",

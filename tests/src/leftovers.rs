@@ -1,0 +1,185 @@
+//! What a lab run killed before its cleanup (SIGKILL, a crash, a signal)
+//! leaves behind, and its removal.
+//!
+//! Every lab names its namespaces, and its temporary directory, after the
+//! run: `vcni<pid>s<start>`, `start` being the process's start time in
+//! clock ticks after boot (field 22 of `/proc/<pid>/stat`, proc(5)). A run
+//! is gone when no process has that pid *and* that start time, so a later
+//! process given the same pid is not mistaken for it. A new lab removes
+//! the leftovers of gone runs before it builds its own; the ipamd
+//! processes a lab starts die with it (see [`dying_with_this_process`]).
+
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// The prefix of every name this run gives: `vcni<pid>s<start>`.
+pub fn run_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let pid = std::process::id();
+        let start = start_time(pid).expect("this process's own /proc/self/stat");
+        format!("vcni{pid}s{start}")
+    })
+}
+
+/// The start time of process `pid` (clock ticks after boot), `None` when
+/// there is no such process.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses,
+    // so fields are counted after its last ')'; starttime is field 22.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// The run tag a lab name starts with (`vcni<pid>s<start>`, then `x` or
+/// `.`), and whether that run still lives. `None` for any other name.
+fn tag_of(name: &str) -> Option<(&str, bool)> {
+    let rest = name.strip_prefix("vcni")?;
+    let (pid, rest) = rest.split_once('s')?;
+    let end = rest.find(['x', '.'])?;
+    let start = &rest[..end];
+    let (pid, start): (u32, u64) = (pid.parse().ok()?, start.parse().ok()?);
+    let tag = &name[..4 + pid.to_string().len() + 1 + end];
+    Some((tag, start_time(pid) == Some(start)))
+}
+
+/// Removes what runs that are gone left behind: their namespaces (after
+/// killing any process still in them, as an orphaned ipamd would be) and
+/// their temporary directories. Returns the names removed. Runs still
+/// alive, this one included, are not touched.
+pub fn remove_gone_runs() -> Vec<String> {
+    let mut removed = vec![];
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    for name in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        if matches!(tag_of(name), Some((_, false))) {
+            remove_namespace(name);
+            removed.push(name.to_string());
+        }
+    }
+    let tmp = std::env::temp_dir();
+    for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if matches!(tag_of(&name), Some((_, false))) && entry.path().is_dir() {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                eprintln!("cannot remove {}: {e}", entry.path().display());
+            } else {
+                removed.push(entry.path().display().to_string());
+            }
+        }
+    }
+    if !removed.is_empty() {
+        eprintln!(
+            "removed what killed lab runs left behind: {}",
+            removed.join(", ")
+        );
+    }
+    removed
+}
+
+/// Held while this run creates a namespace or its temporary directory, and
+/// for good by [`remove_this_run`]: nothing is created behind its back.
+static CREATING: Mutex<()> = Mutex::new(());
+
+/// Waits while [`remove_this_run`] runs (forever: the process is ending),
+/// then lets this run create a namespace or directory until the guard
+/// drops.
+pub fn creating() -> MutexGuard<'static, ()> {
+    CREATING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes every namespace of this run, with the processes in them, and
+/// its temporary directories: for a signal that ends the run before the
+/// labs' `Drop` can (see `vpc-lab`). Only as the process ends: from here
+/// on, nothing of this run can create a namespace or directory.
+pub fn remove_this_run() {
+    std::mem::forget(creating());
+    let tag = run_tag();
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    for name in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        if tag_of(name).is_some_and(|(t, _)| t == tag) {
+            remove_namespace(name);
+        }
+    }
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if tag_of(&name).is_some_and(|(t, _)| t == tag) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Kills the processes in namespace `name`, then deletes it. A process
+/// left in it would keep the namespace (its links and nft tables) alive
+/// after `ip netns del`.
+fn remove_namespace(name: &str) {
+    let pids = Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let me = std::process::id().to_string();
+    let pids: Vec<&str> = pids.split_whitespace().filter(|p| *p != me).collect();
+    if !pids.is_empty() {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(&pids)
+            .stderr(Stdio::null())
+            .status();
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The command that runs `program` so that it dies (SIGKILL) when this
+/// process does, however it ends: util-linux's `setpriv --pdeathsig`
+/// (prctl(2) PR_SET_PDEATHSIG, kept across the exec of `program`). The
+/// signal follows the *thread* that spawned the child, so children are
+/// spawned from threads that live as long as the lab (the runtime's).
+pub fn dying_with_this_process(program: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--", program]);
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_gives_its_run_and_whether_it_lives() {
+        let me = run_tag();
+        let ns = format!("{me}x3-node-a");
+        assert_eq!(tag_of(&ns), Some((me, true)));
+        let dir = format!("{me}.AbC12");
+        assert_eq!(tag_of(&dir), Some((me, true)));
+        // This pid, but another start time: another (gone) run.
+        let pid = std::process::id();
+        let other = format!("vcni{pid}s1x0-vpc");
+        assert_eq!(
+            tag_of(&other),
+            Some((&other[..other.find('x').unwrap()], false))
+        );
+        for not_ours in ["vcni123x0-vpc", "vcni-x", "cni-1234", "vcni12s34", "vcnisx"] {
+            assert_eq!(tag_of(not_ours), None, "{not_ours}");
+        }
+    }
+}
