@@ -52,8 +52,19 @@ pub fn summary(ipam: &Ipam) -> serde_json::Value {
         "pod_ip_capacity": ipam.pool.facts().pod_capacity(),
         "interfaces_held": r.interfaces_held(),
         "kubernetes": ipam.kube_snapshot(),
-        "config": ipam.settings(),
+        "config": config(ipam.settings()),
     })
+}
+
+/// The settings, with `pool.warm_eni_target` null where it does not size
+/// the pool (see [`crate::policy::PoolConfig::warm_eni_target_applies`]):
+/// its default of 1 read as a target in force under the others.
+fn config(settings: &crate::config::Settings) -> serde_json::Value {
+    let mut v = serde_json::to_value(settings).unwrap_or_default();
+    if !settings.pool.warm_eni_target_applies() {
+        v["pool"]["warm_eni_target"] = serde_json::Value::Null;
+    }
+    v
 }
 
 /// Interfaces with every address and its state, for `/v1/interfaces`.

@@ -174,6 +174,9 @@ fn main() {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a container's log is a file, where
+        // escape codes garble `kubectl logs` and log collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // 2. Configuration, read once: every bad setting at once.
     let cli = match Cli::try_parse() {

@@ -379,7 +379,10 @@ pub fn render(ipam: &Ipam) -> Result<String, std::fmt::Error> {
         ]
     } else {
         [
-            ("WARM_ENI_TARGET", Some(p.warm_eni_target)),
+            (
+                "WARM_ENI_TARGET",
+                p.warm_eni_target_applies().then_some(p.warm_eni_target),
+            ),
             ("WARM_IP_TARGET", p.warm_ip_target),
             ("MINIMUM_IP_TARGET", p.minimum_ip_target),
             ("WARM_PREFIX_TARGET", p.warm_prefix_target),

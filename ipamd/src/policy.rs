@@ -225,6 +225,14 @@ impl PoolConfig {
     fn fine_grained(&self) -> bool {
         self.ip_targets() || self.scaler.is_some() || self.adaptive
     }
+
+    /// Whether `warm_eni_target` sizes the pool: not under the IP targets,
+    /// the scaler, the adaptive target or prefix delegation (as aws-node
+    /// ignores WARM_ENI_TARGET once WARM_IP_TARGET or WARM_PREFIX_TARGET
+    /// is set).
+    pub fn warm_eni_target_applies(&self) -> bool {
+        !self.prefix_delegation && !self.fine_grained()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

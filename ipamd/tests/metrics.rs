@@ -130,6 +130,18 @@ async fn metrics_after_adds_a_full_node_a_del_and_throttling() {
     assert_eq!(v("vpc_cni_ready"), 1.0);
     assert_eq!(v(r#"vpc_cni_warm_target{setting="WARM_IP_TARGET"}"#), 2.0);
     assert!(!m.keys().any(|k| k.contains("MINIMUM_IP_TARGET")), "unset");
+    // WARM_IP_TARGET set: the ENI target's default does not apply, in
+    // /metrics as in /v1/pool's settings.
+    assert!(
+        !m.keys().any(|k| k.contains("WARM_ENI_TARGET")),
+        "not in force"
+    );
+    let pool = daemon.pool().await;
+    assert!(
+        pool["config"]["pool"]["warm_eni_target"].is_null(),
+        "{pool}"
+    );
+    assert_eq!(pool["config"]["pool"]["warm_ip_target"], 2);
     assert!(v("vpc_cni_add_waits_total") >= 1.0, "the fourth ADD waited");
     assert_eq!(v("vpc_cni_add_duration_seconds_count"), 4.0);
     assert_eq!(

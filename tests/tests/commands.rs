@@ -57,6 +57,9 @@ async fn del_with_ipamd_down_succeeds_and_ipamd_reclaims_the_address() {
         "ipamd did not reclaim {ip}:\n{}",
         lab.node_ipamd_log(a)
     );
+    // Its log is a file (as a container's is): no terminal colour codes.
+    let log = lab.node_ipamd_log(a);
+    assert!(log.contains("INFO") && !log.contains('\x1b'), "{log}");
     drop(lab);
     assert_eq!(leftover_namespaces(&prefix), Vec::<String>::new());
 }
