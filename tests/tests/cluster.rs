@@ -163,3 +163,22 @@ fn churn_at_the_instance_limit_waits_out_the_cooldown_and_serves_every_pod() {
         );
     }
 }
+
+/// Bad settings are refused together, before anything runs: exit 64 and
+/// every one named.
+#[test]
+fn cluster_sim_refuses_every_bad_setting_at_once() {
+    let bin = vpc_cni_e2e::Bins::find().dir.join("cluster-sim");
+    let out = std::process::Command::new(&bin)
+        .args(["--nodes", "2", "--instance-type", "m9.huge"])
+        .args(["--policy", "nonesuch"])
+        .args(["--join-within", "60", "--horizon", "30"])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(out.stdout.is_empty(), "ran anyway");
+    for named in ["\"m9.huge\"", "\"nonesuch\"", "--horizon 30"] {
+        assert!(err.contains(named), "{named} not named: {err}");
+    }
+}

@@ -86,25 +86,37 @@ fn secs(d: Duration) -> String {
 
 fn main() {
     let a = Args::parse();
-    let Some(limits) = providers::limits::lookup(&a.instance_type)
+    // Every bad setting at once.
+    let mut bad = vec![];
+    let limits = providers::limits::lookup(&a.instance_type)
         .filter(|t| t.family != providers::limits::Family::Azure)
-        .map(|t| t.limits)
-    else {
-        eprintln!(
-            "cluster-sim: unknown instance type {:?} (EC2's names, e.g. m5.large: the simulated account is EC2's)",
+        .map(|t| t.limits);
+    if limits.is_none() {
+        bad.push(format!(
+            "unknown instance type {:?} (EC2's names, e.g. m5.large: the simulated account is EC2's)",
             a.instance_type
-        );
-        std::process::exit(64);
-    };
+        ));
+    }
     if let Some(p) = a
         .policy
         .as_ref()
         .filter(|p| !Policy::all().iter().any(|x| x.name.contains(p.as_str())))
     {
         let names: Vec<_> = Policy::all().iter().map(|x| x.name).collect();
-        eprintln!("cluster-sim: no policy matches {p:?} (the policies: {names:?})");
-        std::process::exit(64);
+        bad.push(format!("no policy matches {p:?} (the policies: {names:?})"));
     }
+    if a.horizon <= a.join_within {
+        bad.push(format!(
+            "--horizon {} is not after --join-within {}: nodes joining late would never be waited for",
+            a.horizon, a.join_within
+        ));
+    }
+    let Some(limits) = limits.filter(|_| bad.is_empty()) else {
+        for b in &bad {
+            eprintln!("cluster-sim: {b}");
+        }
+        std::process::exit(64);
+    };
     let mut failed = false;
     println!(
         "cluster-sim: {} x {}, joining within {} s, one account (EC2's documented buckets), seed {}",
