@@ -50,17 +50,10 @@ fn tag_of(name: &str) -> Option<(&str, bool)> {
 /// alive, this one included, are not touched.
 pub fn remove_gone_runs() -> Vec<String> {
     let mut removed = vec![];
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    for name in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-    {
-        if matches!(tag_of(name), Some((_, false))) {
-            remove_namespace(name);
-            removed.push(name.to_string());
+    for name in namespaces() {
+        if matches!(tag_of(&name), Some((_, false))) {
+            remove_namespace(&name);
+            removed.push(name);
         }
     }
     let tmp = std::env::temp_dir();
@@ -101,16 +94,9 @@ pub fn creating() -> MutexGuard<'static, ()> {
 pub fn remove_this_run() {
     std::mem::forget(creating());
     let tag = run_tag();
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    for name in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-    {
-        if tag_of(name).is_some_and(|(t, _)| t == tag) {
-            remove_namespace(name);
+    for name in namespaces() {
+        if tag_of(&name).is_some_and(|(t, _)| t == tag) {
+            remove_namespace(&name);
         }
     }
     for entry in std::fs::read_dir(std::env::temp_dir())
@@ -123,6 +109,19 @@ pub fn remove_this_run() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Every named network namespace (`ip netns list`).
+pub fn namespaces() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
 }
 
 /// Kills the processes in namespace `name`, then deletes it. A process

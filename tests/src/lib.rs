@@ -174,15 +174,9 @@ pub fn ns_out(ns: &str, cmd: &[&str]) -> String {
 /// `<prefix>-<name>`), for the cleanup assertions.
 pub fn leftover_namespaces(prefix: &str) -> Vec<String> {
     let prefix = format!("{prefix}-");
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
+    leftovers::namespaces()
+        .into_iter()
         .filter(|n| n.starts_with(&prefix))
-        .map(String::from)
         .collect()
 }
 

@@ -411,15 +411,9 @@ async fn a_failure_in_the_middle_of_add_leaves_nothing_behind() {
 
 /// The namespaces of vpc-lab's run with process `pid`.
 fn namespaces_of_run(pid: u32) -> Vec<String> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
+    leftovers::namespaces()
+        .into_iter()
         .filter(|n| n.starts_with(&format!("vcni{pid}s")))
-        .map(String::from)
         .collect()
 }
 
