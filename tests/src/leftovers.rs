@@ -23,13 +23,17 @@ pub fn run_tag() -> &'static str {
 }
 
 /// The start time of process `pid` (clock ticks after boot), `None` when
-/// there is no such process.
+/// there is no such process or it has exited (a zombie not yet reaped).
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid ...": comm may hold spaces and parentheses,
-    // so fields are counted after its last ')'; starttime is field 22.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(22 - 3)?.parse().ok()
+    // so fields are counted after its last ')'; state is field 3,
+    // starttime field 22.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(22 - 4)?.parse().ok()
 }
 
 /// The run tag a lab name starts with (`vcni<pid>s<start>`, then `x` or
@@ -180,5 +184,23 @@ mod tests {
         for not_ours in ["vcni123x0-vpc", "vcni-x", "cni-1234", "vcni12s34", "vcnisx"] {
             assert_eq!(tag_of(not_ours), None, "{not_ours}");
         }
+    }
+
+    #[test]
+    fn a_process_that_exited_unreaped_is_gone() {
+        let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = child.id();
+        assert!(start_time(pid).is_some(), "running");
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        // Dead but not reaped: a zombie until the wait below.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while start_time(pid).is_some() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(start_time(pid), None, "a zombie counts as gone");
+        child.wait().unwrap();
     }
 }
