@@ -181,4 +181,14 @@ fn cluster_sim_refuses_every_bad_setting_at_once() {
     for named in ["\"m9.huge\"", "\"nonesuch\"", "--horizon 30"] {
         assert!(err.contains(named), "{named} not named: {err}");
     }
+    // Only policies the instance type cannot run: nothing runs, and it
+    // does not pass for a success.
+    let out = std::process::Command::new(&bin)
+        .args(["--nodes", "2", "--instance-type", "t2.micro"])
+        .args(["--policy", "prefix"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("nothing ran"), "{err}");
 }

@@ -436,7 +436,7 @@ fn start_vpc_lab() -> (std::process::Child, Vec<String>) {
     let bin = Bins::find().dir.join("vpc-lab");
     let mut lab = std::process::Command::new(&bin)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
     let mut lines = std::io::BufReader::new(lab.stdout.take().unwrap()).lines();
@@ -509,6 +509,12 @@ fn a_killed_vpc_lab_leaves_no_process_and_the_next_lab_removes_its_namespaces() 
         .unwrap();
     let out = lab.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(143), "vpc-lab on SIGTERM");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "output after the signal: {err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !ipamds.iter().all(|p| gone(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(ipamds.iter().all(|p| gone(p)), "{ipamds:?}");
     assert_eq!(namespaces_of_run(pid), Vec::<String>::new());
 }

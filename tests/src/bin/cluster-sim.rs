@@ -118,6 +118,7 @@ fn main() {
         std::process::exit(64);
     };
     let mut failed = false;
+    let mut ran = 0;
     println!(
         "cluster-sim: {} x {}, joining within {} s, one account (EC2's documented buckets), seed {}",
         a.nodes, a.instance_type, a.join_within, a.seed
@@ -160,6 +161,7 @@ fn main() {
             );
             continue;
         }
+        ran += 1;
         let mut cfg = ClusterConfig::new(a.nodes as usize, policy, a.seed);
         cfg.count_peers = count_peers;
         cfg.instance_type = a.instance_type.clone();
@@ -268,6 +270,13 @@ fn main() {
         wall.elapsed().as_secs_f64(),
         peak_rss_mib()
     );
+    if ran == 0 {
+        eprintln!(
+            "cluster-sim: nothing ran: {} supports none of the policies chosen (see above)",
+            a.instance_type
+        );
+        std::process::exit(64);
+    }
     if failed {
         eprintln!(
             "cluster-sim: not every pod was served (in the cold start or in churn), or an invariant broke (see above)"

@@ -8,16 +8,24 @@ use vpc_cni_e2e::*;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // Interrupted (Ctrl-C, SIGTERM): no Drop runs, so the lab is removed
-    // by name, its ipamd processes with it, before exiting.
+    // Interrupted (Ctrl-C, SIGTERM, a closed terminal): no Drop runs, so
+    // the lab is removed by name, its ipamd processes with it, before
+    // exiting.
     tokio::spawn(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
         let code = tokio::select! {
             _ = int.recv() => 130,
             _ = term.recv() => 143,
+            _ = hup.recv() => 129,
         };
+        // The main thread goes on until the exit: its output (checks, or
+        // panics as its namespaces vanish) would read as the lab's result.
+        // Holding both streams (reentrant for this thread) silences it.
+        std::mem::forget(std::io::stdout().lock());
+        std::mem::forget(std::io::stderr().lock());
         eprintln!("vpc-lab: interrupted, removing the lab");
         leftovers::remove_this_run();
         std::process::exit(code);
