@@ -12,6 +12,10 @@
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+/// Where a run may also keep a temporary directory: tmpfs (`cni-bench`
+/// keeps ipamd's journal there, as a node does).
+pub const SHM: &str = "/dev/shm";
+
 /// The prefix of every name this run gives: `vcni<pid>s<start>`.
 pub fn run_tag() -> &'static str {
     static TAG: OnceLock<String> = OnceLock::new();
@@ -60,8 +64,7 @@ pub fn remove_gone_runs() -> Vec<String> {
             removed.push(name);
         }
     }
-    let tmp = std::env::temp_dir();
-    for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+    for entry in temp_entries() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if matches!(tag_of(&name), Some((_, false))) && entry.path().is_dir() {
             if let Err(e) = std::fs::remove_dir_all(entry.path()) {
@@ -103,16 +106,21 @@ pub fn remove_this_run() {
             remove_namespace(&name);
         }
     }
-    for entry in std::fs::read_dir(std::env::temp_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
+    for entry in temp_entries() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if tag_of(&name).is_some_and(|(t, _)| t == tag) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// What the temporary directories (the process's and [`SHM`]) hold.
+fn temp_entries() -> impl Iterator<Item = std::fs::DirEntry> {
+    [std::env::temp_dir(), SHM.into()]
+        .into_iter()
+        .flat_map(std::fs::read_dir)
+        .flatten()
+        .flatten()
 }
 
 /// Every named network namespace (`ip netns list`).

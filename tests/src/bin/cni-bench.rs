@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Value};
-use vpc_cni_e2e::{require_root, Bins, Netns};
+use vpc_cni_e2e::{leftovers, require_root, Bins, Netns};
 
 #[derive(Parser)]
 #[command(about = "Time vpc-cni ADD/DEL against ptp + host-local")]
@@ -93,15 +93,21 @@ fn main() {
         "{} needs ptp and host-local: run ./scripts/setup.sh",
         cli.peer_dir.display()
     );
-    let prefix = format!("cb{}", std::process::id());
+    // Named after the run, as the labs are: what a killed run left is
+    // removed by the next (see `leftovers`).
+    leftovers::remove_gone_runs();
+    let prefix = format!("{}xb", leftovers::run_tag());
     // ipamd's journal on tmpfs, as on a node (/run/vpc-cni is tmpfs there).
-    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{}.", leftovers::run_tag()))
+        .tempdir_in(leftovers::SHM)
+        .unwrap();
     let node = Netns::new(&format!("{prefix}-node"));
 
     // ipamd in the node namespace on an embedded simulated VPC, pool warm.
     let log = std::fs::File::create(dir.path().join("ipamd.log")).unwrap();
     let socket = dir.path().join("ipamd.sock");
-    let mut ipamd = Command::new("nsenter")
+    let mut ipamd = leftovers::dying_with_this_process("nsenter")
         .arg(format!("--net={}", node.path().display()))
         .arg(bins.ipamd())
         .args(["--provider", "sim", "--metrics", "off"])
