@@ -42,6 +42,11 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Whether it turns prefix delegation on (which Xen types cannot run).
+    pub fn prefix_delegation(&self) -> bool {
+        self.env.contains(&("ENABLE_PREFIX_DELEGATION", "true"))
+    }
+
     /// The policies compared by `cluster-sim`.
     pub fn all() -> Vec<Policy> {
         vec![

@@ -46,9 +46,8 @@ fn tag_of(name: &str) -> Option<(&str, bool)> {
     let rest = name.strip_prefix("vcni")?;
     let (pid, rest) = rest.split_once('s')?;
     let end = rest.find(['x', '.'])?;
-    let start = &rest[..end];
-    let (pid, start): (u32, u64) = (pid.parse().ok()?, start.parse().ok()?);
-    let tag = &name[..4 + pid.to_string().len() + 1 + end];
+    let tag = &name[..name.len() - rest.len() + end];
+    let (pid, start): (u32, u64) = (pid.parse().ok()?, rest[..end].parse().ok()?);
     Some((tag, start_time(pid) == Some(start)))
 }
 
@@ -123,6 +122,16 @@ fn temp_entries() -> impl Iterator<Item = std::fs::DirEntry> {
         .flatten()
 }
 
+/// A new temporary directory in `dir` named after this run, so that a
+/// later run removes it if this one is killed.
+pub fn tempdir_in(dir: &std::path::Path) -> tempfile::TempDir {
+    let _creating = creating();
+    tempfile::Builder::new()
+        .prefix(&format!("{}.", run_tag()))
+        .tempdir_in(dir)
+        .expect("temporary directory")
+}
+
 /// Every named network namespace (`ip netns list`).
 pub fn namespaces() -> Vec<String> {
     let out = Command::new("ip")
@@ -189,6 +198,8 @@ mod tests {
             tag_of(&other),
             Some((&other[..other.find('x').unwrap()], false))
         );
+        // A pid written with a leading zero still names its own run.
+        assert_eq!(tag_of("vcni0123s45x0-vpc"), Some(("vcni0123s45", false)));
         for not_ours in ["vcni123x0-vpc", "vcni-x", "cni-1234", "vcni12s34", "vcnisx"] {
             assert_eq!(tag_of(not_ours), None, "{not_ours}");
         }

@@ -433,13 +433,7 @@ impl Lab {
             leftovers::run_tag(),
             LABS.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = {
-            let _creating = leftovers::creating();
-            tempfile::Builder::new()
-                .prefix(&format!("{}.", leftovers::run_tag()))
-                .tempdir()
-                .expect("tempdir")
-        };
+        let dir = leftovers::tempdir_in(&std::env::temp_dir());
         let vpc_ns = Netns::new(&format!("{prefix}-vpc"));
         let outside = Netns::new(&format!("{prefix}-out"));
         let subnets: Vec<_> = VpcState::default()

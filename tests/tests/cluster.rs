@@ -132,10 +132,7 @@ fn a_subnet_too_small_for_the_pods_is_used_up_and_not_asked_at_every_retry() {
 /// Every replacement keeps a valid pod name, however many there are.
 #[test]
 fn churn_at_the_instance_limit_waits_out_the_cooldown_and_serves_every_pod() {
-    for policy in Policy::all()
-        .into_iter()
-        .filter(|p| !p.env.contains(&("ENABLE_PREFIX_DELEGATION", "true")))
-    {
+    for policy in Policy::all().into_iter().filter(|p| !p.prefix_delegation()) {
         let mut c = ClusterConfig::new(4, policy, 7);
         c.instance_type = "t2.micro".into();
         c.then = Some(AfterStart {

@@ -150,11 +150,7 @@ fn main() {
         {
             continue;
         }
-        let pd = policy
-            .env
-            .iter()
-            .any(|(k, v)| *k == "ENABLE_PREFIX_DELEGATION" && *v == "true");
-        if pd && !limits.prefix_delegation {
+        if policy.prefix_delegation() && !limits.prefix_delegation {
             println!(
                 "{:<44} skipped: {} does not support prefix delegation",
                 policy.name, a.instance_type

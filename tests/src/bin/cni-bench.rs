@@ -98,10 +98,7 @@ fn main() {
     leftovers::remove_gone_runs();
     let prefix = format!("{}xb", leftovers::run_tag());
     // ipamd's journal on tmpfs, as on a node (/run/vpc-cni is tmpfs there).
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("{}.", leftovers::run_tag()))
-        .tempdir_in(leftovers::SHM)
-        .unwrap();
+    let dir = leftovers::tempdir_in(std::path::Path::new(leftovers::SHM));
     let node = Netns::new(&format!("{prefix}-node"));
 
     // ipamd in the node namespace on an embedded simulated VPC, pool warm.
