@@ -75,6 +75,9 @@ struct Bucket {
     /// Until when a change nobody waits for is put off
     /// ([`Buckets::put_off`]).
     not_before: Option<Instant>,
+    /// A call that grows a pool ([`is_grow`]): its share is of the nodes
+    /// that grow ([`Buckets::set_growers`]).
+    grow: bool,
 }
 
 /// A random part of one call, in thousandths (seeded in simulations).
@@ -96,6 +99,21 @@ fn is_release(api: &str) -> bool {
             | "UnassignIpv6Addresses"
             | "DetachNetworkInterface"
             | "DeleteNetworkInterface"
+    )
+}
+
+/// Calls that grow a pool (and the chain that follows a create): only
+/// the nodes that grow make them, so their share is of those nodes
+/// ([`Buckets::set_growers`]).
+pub fn is_grow(api: &str) -> bool {
+    matches!(
+        api,
+        "AssignPrivateIpAddresses"
+            | "AssignIpv6Addresses"
+            | "CreateNetworkInterface"
+            | "AttachNetworkInterface"
+            | "ModifyNetworkInterfaceAttribute"
+            | "CreateTags"
     )
 }
 
@@ -160,6 +178,9 @@ pub struct Buckets {
     buckets: HashMap<String, Bucket>,
     /// Nodes sharing the account, at least 1.
     peers: f64,
+    /// Nodes growing their pools ([`Buckets::set_growers`]), at least 1;
+    /// `None`: not known, all [`Buckets::peers`] count.
+    growers: Option<f64>,
     /// The start fill, in calls, of a bucket whose share's burst is under
     /// one call; drawn once.
     phase: f64,
@@ -188,18 +209,26 @@ impl Buckets {
             adaptive: false,
             buckets: HashMap::new(),
             peers: 1.0,
+            growers: None,
             phase: 1.0,
             born: None,
             rephased_at: None,
         }
     }
 
+    /// The nodes a bucket's account budget is shared by: the nodes that
+    /// grow for a grow call ([`is_grow`]) when known, else every node.
+    fn divisor(&self, grow: bool) -> f64 {
+        match self.growers {
+            Some(g) if grow => g.min(self.peers),
+            _ => self.peers,
+        }
+    }
+
     /// The rate and burst of one node's share of `spec`.
-    fn share(&self, spec: BucketSpec) -> (f64, f64) {
-        (
-            spec.refill_per_sec / self.peers,
-            (spec.burst / self.peers).max(1.0),
-        )
+    fn share(&self, spec: BucketSpec, grow: bool) -> (f64, f64) {
+        let d = self.divisor(grow);
+        (spec.refill_per_sec / d, (spec.burst / d).max(1.0))
     }
 
     /// `nodes` share the account (an adaptive bucket's prior, see the
@@ -211,13 +240,34 @@ impl Buckets {
         if !self.adaptive || n == self.peers {
             return;
         }
+        self.reshare(now, |b| b.peers = n);
+    }
+
+    /// `nodes` of the account's nodes grow their pools now (`None`: not
+    /// known): a grow call's share ([`is_grow`]) is of those, at most of
+    /// every node ([`Buckets::set_peers`]). When the nodes still growing
+    /// after a cluster-wide cold start are few, they get the account's
+    /// budget that the nodes already done no longer use; a node cut
+    /// because more grow is cut at once, one given more climbs to it
+    /// over [`RECOVER_SECS`].
+    pub fn set_growers(&mut self, nodes: Option<u32>, now: Instant) {
+        let g = nodes.map(|n| f64::from(n.max(1)));
+        if !self.adaptive || g == self.growers {
+            return;
+        }
+        self.reshare(now, |b| b.growers = g);
+    }
+
+    /// Brings every bucket up to `now`, applies `change` to the sharing,
+    /// and cuts the buckets to their new share.
+    fn reshare(&mut self, now: Instant, change: impl FnOnce(&mut Self)) {
         let apis: Vec<String> = self.buckets.keys().cloned().collect();
         for api in &apis {
             self.bucket(api, now);
         }
-        self.peers = n;
+        change(self);
         for api in apis {
-            let (rate, burst) = self.share(self.buckets[&api].spec);
+            let (rate, burst) = self.share(self.buckets[&api].spec, self.buckets[&api].grow);
             let b = self.buckets.get_mut(&api).expect("listed");
             b.rate = b.rate.min(rate);
             b.burst = b.burst.min(burst);
@@ -247,10 +297,12 @@ impl Buckets {
     fn bucket(&mut self, api: &str, now: Instant) -> &mut Bucket {
         if !self.buckets.contains_key(api) {
             let spec = (self.spec)(api);
-            let (rate, burst) = self.share(spec);
+            let grow = is_grow(api);
+            let (rate, burst) = self.share(spec, grow);
+            let d = self.divisor(grow);
             let born = *self.born.get_or_insert(now);
             let filled = self.phase + now.saturating_duration_since(born).as_secs_f64() * rate;
-            let tokens = if spec.burst / self.peers >= 1.0 {
+            let tokens = if spec.burst / d >= 1.0 {
                 burst
             } else {
                 filled.min(burst)
@@ -264,15 +316,17 @@ impl Buckets {
                     rate,
                     burst,
                     idle: self.may_idle(api, spec, rate, now) && filled > burst + IDLE_SLACK,
-                    full_since: (spec.burst / self.peers < 1.0 && filled >= burst)
+                    full_since: (spec.burst / d < 1.0 && filled >= burst)
                         .then(|| before(now, (filled - burst) / rate)),
                     not_before: None,
+                    grow,
                 },
             );
         }
         let adaptive = self.adaptive;
-        let spec = self.buckets[api].spec;
-        let (rate, burst) = self.share(spec);
+        let (spec, grow) = (self.buckets[api].spec, self.buckets[api].grow);
+        let (rate, burst) = self.share(spec, grow);
+        let d = self.divisor(grow);
         let may_idle = self.may_idle(api, spec, rate, now);
         let b = self.buckets.get_mut(api).expect("just made");
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
@@ -282,7 +336,7 @@ impl Buckets {
         }
         let filled = b.tokens + elapsed * b.rate;
         b.idle = may_idle && (b.idle || filled > b.burst + IDLE_SLACK);
-        if filled < b.burst || b.spec.burst / self.peers >= 1.0 {
+        if filled < b.burst || b.spec.burst / d >= 1.0 {
             b.full_since = None;
         } else if b.full_since.is_none() {
             b.full_since = Some(before(now, (filled - b.burst) / b.rate));
@@ -299,10 +353,11 @@ impl Buckets {
             return;
         }
         let peers = self.peers;
+        let d = self.divisor(is_grow(api));
         let b = self.bucket(api, now);
         b.rate = (b.rate / 2.0).max(b.spec.refill_per_sec / peers * MIN_SHARE);
         b.burst = (b.burst / 2.0).max(1.0);
-        b.tokens = if b.spec.burst / peers >= 1.0 {
+        b.tokens = if b.spec.burst / d >= 1.0 {
             b.tokens.min(0.0)
         } else {
             // A share under one call: nodes throttled together (all full
@@ -331,7 +386,7 @@ impl Buckets {
     /// start over at the same part, so that a chain (Detach, Delete)
     /// follows without a second wait.
     fn rephase_idle(&mut self, api: &str, now: Instant) {
-        let share_burst = self.buckets[api].spec.burst / self.peers;
+        let share_burst = self.buckets[api].spec.burst / self.divisor(self.buckets[api].grow);
         let start = (random_part() + share_burst).min(1.0);
         // Every bucket brought up to now first (which flags the idle
         // ones), then the start over, which stops flagging for a while.
@@ -404,7 +459,7 @@ impl Buckets {
             // A release: its start over, now rather than inside the call.
             self.rephase_idle(api, now);
         }
-        let share_burst = self.buckets[api].spec.burst / self.peers;
+        let share_burst = self.buckets[api].spec.burst / self.divisor(self.buckets[api].grow);
         let b = self.bucket(api, now);
         let drawn = match b.not_before {
             Some(t) if now < t => return Some(t - now),
@@ -699,5 +754,42 @@ mod tests {
         let mut acct = Buckets::default();
         acct.set_peers(100, t0);
         assert_eq!(acct.rate(api, t0), 5.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grow_calls_take_their_share_of_the_nodes_that_grow_and_others_of_every_node() {
+        let t0 = Instant::now();
+        let mut b = Buckets::adaptive(ec2_bucket);
+        b.set_peers(2000, t0);
+        for api in [
+            "CreateNetworkInterface",
+            "DescribeNetworkInterfaces",
+            "DeleteNetworkInterface",
+        ] {
+            b.bucket(api, t0);
+        }
+        // 20 of the 2,000 nodes still grow: their grow calls may have a
+        // twentieth of the account's 5/s, climbing to it over
+        // RECOVER_SECS; reads and releases keep a 2,000th.
+        b.set_growers(Some(20), t0);
+        assert_eq!(b.rate("CreateNetworkInterface", t0), 5.0 / 2000.0);
+        let later = t0 + Duration::from_secs(RECOVER_SECS as u64);
+        assert_eq!(b.rate("CreateNetworkInterface", later), 0.25);
+        assert_eq!(b.rate("AttachNetworkInterface", later), 0.25);
+        assert_eq!(b.rate("DescribeNetworkInterfaces", later), 20.0 / 2000.0);
+        assert_eq!(b.rate("DeleteNetworkInterface", later), 5.0 / 2000.0);
+        // More grow: cut at once. Never more than the node count, never
+        // fewer than one.
+        b.set_growers(Some(200), later);
+        assert_eq!(b.rate("CreateNetworkInterface", later), 0.025);
+        b.set_growers(Some(50_000), later);
+        assert_eq!(b.rate("CreateNetworkInterface", later), 5.0 / 2000.0);
+        b.set_growers(Some(0), later);
+        let much_later = later + Duration::from_secs(RECOVER_SECS as u64);
+        assert_eq!(b.rate("CreateNetworkInterface", much_later), 5.0);
+        // Forgotten (a node that starts growing again): every node's
+        // share, at once.
+        b.set_growers(None, much_later);
+        assert_eq!(b.rate("CreateNetworkInterface", much_later), 5.0 / 2000.0);
     }
 }

@@ -228,6 +228,17 @@ impl CallLayer {
         }
     }
 
+    /// `nodes` of the account's nodes grow their pools now (`None`: not
+    /// known), see [`Buckets::set_growers`]. Nothing without adaptive
+    /// buckets.
+    pub fn set_growers(&self, nodes: Option<u32>) {
+        if let Some(b) = &self.buckets {
+            b.lock()
+                .expect("bucket lock")
+                .set_growers(nodes, Instant::now());
+        }
+    }
+
     /// How long to put off a call to `api` that nobody waits for, see
     /// [`Buckets::put_off`]; `None` (make it now) without client-side
     /// buckets.

@@ -96,6 +96,14 @@ pub trait CloudProvider: Send + Sync + 'static {
     /// provider without client-side buckets ignores it.
     fn set_account_peers(&self, _nodes: u32) {}
 
+    /// `nodes` of the cluster's nodes grow their pools now (`None`: not
+    /// known): the client-side buckets of the calls that grow a pool take
+    /// their share of those instead of every node (see
+    /// [`bucket::Buckets::set_growers`]). A provider without client-side
+    /// buckets, or whose grow calls share a bucket with other writes
+    /// (ARM's one write bucket), ignores it.
+    fn set_account_growers(&self, _nodes: Option<u32>) {}
+
     /// How long to put off `change`, which no ADD waits for, or `None` to
     /// make it now: until its client-side bucket has a token (rather than
     /// waiting for one inside the call, holding up a change an ADD does

@@ -607,6 +607,10 @@ impl CloudProvider for AwsProvider {
         self.layer.set_peers(nodes);
     }
 
+    fn set_account_growers(&self, nodes: Option<u32>) {
+        self.layer.set_growers(nodes);
+    }
+
     fn put_off(&self, change: crate::Change) -> Option<std::time::Duration> {
         self.layer.put_off(change.ec2_api())
     }
