@@ -63,6 +63,12 @@ if n == 0:
     sys.exit("check-chart: no ENIConfig was checked")
 print(f"check-chart: {n} ENIConfig objects valid against the CRD's schema")
 PY
+# A release installed before the growers values (helm upgrade
+# --reuse-values keeps the old values): renders, with the growers off.
+"$helm" template vpc-cni "$chart" --set growers=null > "$out/old.yaml"
+if grep -q "kind: Role$" "$out/old.yaml" || ! grep -A1 "IPAMD_GROWERS_NAMESPACE" "$out/old.yaml" | grep -q 'value: ""'; then
+  echo "check-chart: without growers values the growers are not off" >&2; exit 1
+fi
 # values.schema.json refuses a misspelt setting and a bad type.
 if "$helm" template vpc-cni "$chart" --set settings.WARM_IP_TAGRET=5 >/dev/null 2>"$out/err"; then
   echo "check-chart: a misspelt setting was accepted" >&2; exit 1
@@ -75,7 +81,8 @@ for bad in podGoneGraceSeconds=3 settings.WARM_IP_TARGET=abc \
   updateStrategy.maxUnavailable=0 stateDir=/ eniConfigs.Bad_Name.subnet=subnet-1 \
   introspectionPort=61678 provider=gcp settings.MAX_PODS=0 \
   settings.IPAM_SCALER_BATCH_SIZE=0 settings.WARM_IP_TARGET=10000000000 \
-  settings.IP_COOLDOWN_PERIOD=-3 logLevel=verbose "startupTaint=bad key!"; do
+  settings.IP_COOLDOWN_PERIOD=-3 logLevel=verbose "startupTaint=bad key!" \
+  growers.namespace=Bad_NS; do
   if "$helm" template vpc-cni "$chart" --set "$bad" >/dev/null 2>&1; then
     echo "check-chart: $bad was accepted" >&2; exit 1
   fi

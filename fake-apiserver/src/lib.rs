@@ -16,7 +16,9 @@
 //!   history (as etcd compaction makes it); the stream ends after
 //!   `timeoutSeconds`; without a version, synthetic `ADDED` events for what
 //!   exists first;
-//! * **create** (POST, 409 `AlreadyExists`), **replace** (PUT), **delete**;
+//! * **create** (POST, 409 `AlreadyExists`), **replace** (PUT), **delete**
+//!   (and the objects it owns by `metadata.ownerReferences`, as the
+//!   garbage collector deletes them);
 //! * **patch**: `application/merge-patch+json` (RFC 7386) and
 //!   `application/strategic-merge-patch+json` (lists merged by their merge
 //!   key where Kubernetes declares one: `status.conditions` and
@@ -30,8 +32,8 @@
 //!   taken down (503, open watches cut) and brought back.
 //!
 //! Errors are `Status` objects with the real reasons and codes. Resources:
-//! nodes, pods, ENIConfigs (`crd.k8s.amazonaws.com/v1alpha1`) and Events
-//! (`events.k8s.io/v1` and core `v1`).
+//! nodes, pods, ENIConfigs (`crd.k8s.amazonaws.com/v1alpha1`), Events
+//! (`events.k8s.io/v1` and core `v1`) and Leases (`coordination.k8s.io/v1`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
@@ -57,15 +59,18 @@ pub enum Res {
     Events,
     /// Core `v1` Events.
     CoreEvents,
+    /// `coordination.k8s.io/v1` Leases.
+    Leases,
 }
 
 impl Res {
-    const ALL: [Res; 5] = [
+    const ALL: [Res; 6] = [
         Res::Nodes,
         Res::Pods,
         Res::EniConfigs,
         Res::Events,
         Res::CoreEvents,
+        Res::Leases,
     ];
 
     /// The resource's plural name, as RBAC and URLs name it.
@@ -75,6 +80,7 @@ impl Res {
             Res::Pods => "pods",
             Res::EniConfigs => "eniconfigs",
             Res::Events | Res::CoreEvents => "events",
+            Res::Leases => "leases",
         }
     }
 
@@ -83,6 +89,7 @@ impl Res {
             Res::Nodes | Res::Pods | Res::CoreEvents => "v1",
             Res::EniConfigs => "crd.k8s.amazonaws.com/v1alpha1",
             Res::Events => "events.k8s.io/v1",
+            Res::Leases => "coordination.k8s.io/v1",
         }
     }
 
@@ -92,11 +99,15 @@ impl Res {
             Res::Pods => "Pod",
             Res::EniConfigs => "ENIConfig",
             Res::Events | Res::CoreEvents => "Event",
+            Res::Leases => "Lease",
         }
     }
 
     fn namespaced(self) -> bool {
-        matches!(self, Res::Pods | Res::Events | Res::CoreEvents)
+        matches!(
+            self,
+            Res::Pods | Res::Events | Res::CoreEvents | Res::Leases
+        )
     }
 
     fn has_status(self) -> bool {
@@ -119,6 +130,7 @@ impl Res {
             Res::Nodes | Res::Pods | Res::CoreEvents => "/api/v1",
             Res::EniConfigs => "/apis/crd.k8s.amazonaws.com/v1alpha1",
             Res::Events => "/apis/events.k8s.io/v1",
+            Res::Leases => "/apis/coordination.k8s.io/v1",
         }
     }
 }
@@ -555,6 +567,22 @@ fn delete_locked(
     gone["metadata"]["resourceVersion"] = json!(st.rv.to_string());
     let c = st.record(res, Some(Arc::new(gone)), None, sh.history);
     sh.changes.send(c).ok();
+    // The garbage collector: objects owned by the one deleted go too
+    // (the real one does it in the background, soon after).
+    let uid = old["metadata"]["uid"].clone();
+    let owned: Vec<(Res, String, String)> = st
+        .objects
+        .iter()
+        .filter(|(_, v)| {
+            v["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|refs| refs.iter().any(|r| !uid.is_null() && r["uid"] == uid))
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for (r, n, o) in owned {
+        delete_locked(sh, st, r, &n, &o);
+    }
     Some(old)
 }
 
@@ -573,6 +601,7 @@ fn route(path: &str) -> Option<Target> {
         ["api", "v1", rest @ ..] => (Some(("core", 2)), rest),
         ["apis", "crd.k8s.amazonaws.com", "v1alpha1", rest @ ..] => (Some(("crd", 3)), rest),
         ["apis", "events.k8s.io", "v1", rest @ ..] => (Some(("events", 3)), rest),
+        ["apis", "coordination.k8s.io", "v1", rest @ ..] => (Some(("coordination", 3)), rest),
         _ => (None, &[][..]),
     };
     let (group, _) = res_base?;
@@ -592,6 +621,7 @@ fn route(path: &str) -> Option<Target> {
         ("core", "events") => Res::CoreEvents,
         ("crd", "eniconfigs") => Res::EniConfigs,
         ("events", "events") => Res::Events,
+        ("coordination", "leases") => Res::Leases,
         _ => return None,
     };
     if res.namespaced() != namespace.is_some() && !(name.is_none() && res.namespaced()) {
@@ -1132,7 +1162,7 @@ impl Res {
     }
 
     /// Every resource the fake serves.
-    pub fn all() -> [Res; 5] {
+    pub fn all() -> [Res; 6] {
         Self::ALL
     }
 }

@@ -125,6 +125,12 @@ struct Cli {
     /// address it holds without a DEL is released.
     #[arg(long, env = "IPAMD_POD_GONE_GRACE_SECONDS", default_value_t = 60)]
     pod_gone_grace_seconds: u64,
+    /// The namespace (holding nothing else) where ipamd keeps a Lease
+    /// named after its node while its pool grows, and counts them: the
+    /// calls that grow a pool share the cloud account's budget among the
+    /// nodes that grow, not every node [default: none, every node].
+    #[arg(long, env = "IPAMD_GROWERS_NAMESPACE")]
+    growers_namespace: Option<String>,
     /// azure: Azure Resource Manager's endpoint.
     #[arg(
         long,
@@ -399,6 +405,29 @@ impl Config {
                 cli.pod_gone_grace_seconds
             ));
         }
+        let growers_namespace = match cli.growers_namespace.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(ns) => match ipamd_api::names::check_k8s_name("IPAMD_GROWERS_NAMESPACE", ns) {
+                Ok(())
+                    if ns.len() <= 63
+                        && !ns.contains('.')
+                        && !ns.starts_with('-')
+                        && !ns.ends_with('-') =>
+                {
+                    Some(ns.to_string())
+                }
+                Ok(()) => {
+                    bad.push(format!("--growers-namespace / IPAMD_GROWERS_NAMESPACE {ns:?}: a namespace is a DNS label (at most 63 characters, no '.', beginning and ending with a letter or digit)"));
+                    None
+                }
+                Err(e) => {
+                    bad.push(format!(
+                        "--growers-namespace / IPAMD_GROWERS_NAMESPACE: {e}"
+                    ));
+                    None
+                }
+            },
+        };
         let node_name = cli
             .node_name
             .as_deref()
@@ -425,6 +454,7 @@ impl Config {
                 exhaustion_taint,
                 pod_gone_grace: Duration::from_secs(cli.pod_gone_grace_seconds),
                 manage_enis_non_schedulable: is_true(&Env, "AWS_MANAGE_ENIS_NON_SCHEDULABLE"),
+                growers_namespace,
                 ..ipamd::k8s::KubeSettings::new(n)
             }),
         };

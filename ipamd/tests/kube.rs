@@ -889,3 +889,95 @@ async fn the_cluster_node_count_becomes_the_provider_share_of_the_account() {
         "a seventh of the account's 20 Describe calls a second, not {rate}"
     );
 }
+
+/// Waits (up to `secs`) until `f` holds.
+async fn until(secs: u64, what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holds_a_lease_in_the_growers_namespace_while_its_pool_grows() {
+    const NS: &str = "vpc-cni-growers";
+    let fake = FakeApiServer::start(Options::default()).await;
+    fake.put(Res::Nodes, node_object(&[], false));
+    // Two other nodes grow.
+    fake.put_all(
+        Res::Leases,
+        ["node-b", "node-c"].map(
+            |n| json!({"metadata": {"name": n, "namespace": NS}, "spec": {"holderIdentity": n}}),
+        ),
+    );
+    let v = vpc(50);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("WARM_IP_TARGET", "2"), ("MINIMUM_IP_TARGET", "2")];
+    let node = Node::start(&v, "m5.large", &env, &dir.path().join("j")).await;
+    let kube = Kube::start(
+        &fake,
+        &node.ipam,
+        KubeSettings {
+            growers_namespace: Some(NS.into()),
+            grows_within: Duration::from_secs(2),
+            growers_every: Duration::from_millis(50),
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    let mine = || fake.get(Res::Leases, NS, NODE);
+    // The pool fills at start: the node holds its Lease, then, once the
+    // pool has not grown for `grows_within`, deletes it.
+    until(10, "the node's Lease while its pool grows", || {
+        mine().is_some_and(|l| l["spec"]["holderIdentity"] == NODE)
+    })
+    .await;
+    warm(&node.ipam, 2).await;
+    until(
+        10,
+        "the Lease deleted once the pool stopped growing",
+        || mine().is_none(),
+    )
+    .await;
+    let others: Vec<Value> = fake.list(Res::Leases);
+    assert_eq!(
+        others.len(),
+        2,
+        "other nodes' Leases untouched: {others:#?}"
+    );
+    // Pods take the warm addresses: the pool grows again.
+    for p in ["a", "b", "c"] {
+        node.ipam.add_in(key(p), None, Some(pod(p))).await.unwrap();
+    }
+    until(10, "the Lease again as the pool grows", || mine().is_some()).await;
+    // Owned by the node's Node object, so that the garbage collector
+    // deletes it with the Node (a node gone while it grew).
+    let owner = &mine().unwrap()["metadata"]["ownerReferences"][0];
+    let node_obj = fake.get(Res::Nodes, "", NODE).unwrap();
+    assert_eq!(owner["kind"], "Node");
+    assert_eq!(owner["uid"], node_obj["metadata"]["uid"]);
+    // Stopped while it grows (the pool counts as growing for 2 s after a
+    // grow): the Lease goes with it.
+    kube.stop().await;
+    assert!(mine().is_none(), "the Lease outlived ipamd's stop");
+    // Counted as nodes are: one listed and the rest by the API server.
+    let client = ipamd::k8s::client(Some(&fake.kubeconfig(dir.path())))
+        .await
+        .unwrap();
+    let n = ipamd::k8s::growers::count(&client, NS).await.unwrap();
+    assert_eq!(n, 2, "the two other nodes grow");
+    node.stop().await;
+    // The fake's garbage collector, as the real one: a Lease owned by a
+    // Node goes with it.
+    fake.put(
+        Res::Leases,
+        json!({"metadata": {"name": NODE, "namespace": NS, "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": node_obj["metadata"]["uid"]}
+        ]}}),
+    );
+    assert!(fake.delete(Res::Nodes, "", NODE));
+    assert!(mine().is_none(), "the Lease outlived its Node");
+    assert_eq!(fake.list(Res::Leases).len(), 2);
+}

@@ -60,3 +60,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- fail "settings: ENABLE_PREFIX_DELEGATION=true with WARM_PREFIX_TARGET=0 and no WARM_IP_TARGET/MINIMUM_IP_TARGET: the pool would never keep a prefix ready" -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The growers namespace in force: growers.namespace, empty when off, on
+Azure (whose grow calls share one write bucket with releases and ignore
+the count), or when a release installed before it has no growers value
+(helm upgrade --reuse-values).
+*/}}
+{{- define "vpc-cni.growersNamespace" -}}
+{{- if ne .Values.provider "azure" }}{{ (.Values.growers).namespace | default "" }}{{ end }}
+{{- end }}

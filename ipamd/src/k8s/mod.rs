@@ -13,6 +13,7 @@
 //! | `nodes` (all, `limit=1`) | list | the cluster's node count, how many share the cloud account's request budget ([`peers`]) |
 //! | `nodes` | patch | remove the startup taint, set or clear the exhaustion taint, the capacity annotation |
 //! | `nodes/status` | patch | the [`CONDITION`] node condition |
+//! | `coordination.k8s.io` `leases` in the growers namespace | create, delete, list (`limit=1`) | while its pool grows, the node's Lease; their count, how many share the budget of the calls that grow ([`growers`]) |
 //! | `pods` (this node's, field selector `spec.nodeName`) | list, watch | release the address of a pod gone without its DEL |
 //! | `pods` | get | confirm that a pod is gone before its address is released |
 //! | `events.k8s.io` `events` | create, patch | Events on the node (patch: a repeated Event's count) |
@@ -23,6 +24,7 @@
 //! (`managedFields`, specs and most of the status dropped).
 
 pub mod eniconfig;
+pub mod growers;
 mod node;
 pub mod peers;
 mod pods;
@@ -75,6 +77,14 @@ pub struct KubeSettings {
     /// How long a state (exhausted or not) must hold before the node says
     /// so, so a node at its limit under churn does not flap.
     pub settle: Duration,
+    /// The namespace of the growers Leases ([`growers`]); `None`: grow
+    /// calls share the account among every node.
+    pub growers_namespace: Option<String>,
+    /// How long after its last grow this node still counts as growing
+    /// ([`growers::GROWS_WITHIN`]).
+    pub grows_within: Duration,
+    /// How often whether it grows is looked at ([`growers::PUBLISH_EVERY`]).
+    pub growers_every: Duration,
 }
 
 impl KubeSettings {
@@ -86,6 +96,9 @@ impl KubeSettings {
             pod_gone_grace: Duration::from_secs(60),
             manage_enis_non_schedulable: false,
             settle: Duration::from_secs(3),
+            growers_namespace: None,
+            grows_within: growers::GROWS_WITHIN,
+            growers_every: growers::PUBLISH_EVERY,
         }
     }
 }
@@ -113,6 +126,9 @@ pub struct KubeStatus {
     /// The cluster's node count last read: the nodes this one believes
     /// share the cloud account's request budget ([`peers`]).
     pub account_peers: Option<u32>,
+    /// The cluster's nodes whose pools grow, last counted ([`growers`]);
+    /// `None` without a growers namespace or before the first count.
+    pub account_growers: Option<u32>,
     pub last_error: Option<String>,
 }
 
@@ -165,10 +181,20 @@ pub async fn run(
     };
     let node = node::NodeTask::new(cx.clone());
     let pods = pods::PodTask::new(cx.clone());
+    let ns = cx.s.growers_namespace.clone();
+    let publish = {
+        let (cx, ns, stop) = (cx.clone(), ns.clone(), stop.clone());
+        async move {
+            if let Some(ns) = ns {
+                growers::run(cx, ns, stop).await
+            }
+        }
+    };
     tokio::join!(
         node.run(cni_installed, stop.clone()),
         pods.run(stop.clone()),
-        peers::run(cx, stop)
+        publish,
+        peers::run(cx.clone(), ns, stop)
     );
 }
 

@@ -9,7 +9,9 @@
 //! `metadata.remainingItemCount`, the items left ("Retrieving large results
 //! sets in chunks", Kubernetes API concepts), so the count costs one item
 //! however large the cluster. At 2,000 nodes that is about 33 small LISTs a
-//! second across the cluster, more while a wave of nodes starts.
+//! second across the cluster, more while a wave of nodes starts, and as
+//! many again for the growers count while every node grows
+//! ([`super::growers`]).
 
 use std::time::Duration;
 
@@ -46,7 +48,16 @@ const PRIME_WITHIN: Duration = Duration::from_secs(5);
 /// `remainingItemCount`, at most [`MAX_PEERS`]. An error when the API
 /// server says there are more nodes without saying how many.
 pub async fn count(client: &Client) -> Result<u32, String> {
-    let api: Api<Node> = Api::all(client.clone());
+    count_of(Api::<Node>::all(client.clone())).await
+}
+
+/// The objects `api` lists: one listed plus `remainingItemCount`, at most
+/// [`MAX_PEERS`]; at least 1 (the node counting is one of them). An error
+/// when the API server says there are more without saying how many.
+pub async fn count_of<K>(api: Api<K>) -> Result<u32, String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let list = api
         .list(&ListParams::default().limit(1))
         .await
@@ -89,8 +100,10 @@ pub async fn prime(client: &Client) -> Option<u32> {
     }
 }
 
-/// Reads the count again ([`reread_after`]) until `stop`.
-pub(super) async fn run(cx: Ctx, mut stop: watch::Receiver<bool>) {
+/// Reads the count again ([`reread_after`]) until `stop`, and with
+/// `growers` (the growers namespace) the count of nodes that grow
+/// ([`super::growers`]).
+pub(super) async fn run(cx: Ctx, growers: Option<String>, mut stop: watch::Receiver<bool>) {
     for n in 0.. {
         tokio::select! {
             biased;
@@ -105,6 +118,20 @@ pub(super) async fn run(cx: Ctx, mut stop: watch::Receiver<bool>) {
                 }
             }
             Err(e) => debug!(error = %e, "cannot count the cluster's nodes"),
+        }
+        // Only a node that grows uses the count (after a long spell):
+        // the others do not read it.
+        let grows = cx.ipam.reconciler.grows(cx.s.grows_within);
+        if let Some(ns) = growers.as_ref().filter(|_| grows) {
+            match super::growers::count(&cx.client, ns).await {
+                // Applied by the publisher ([`super::growers::Spell`]).
+                Ok(n) => {
+                    if let Ok(mut st) = cx.status.lock() {
+                        st.account_growers = Some(n);
+                    }
+                }
+                Err(e) => debug!(error = %e, "cannot count the nodes that grow"),
+            }
         }
     }
 }

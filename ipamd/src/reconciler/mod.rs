@@ -145,6 +145,11 @@ struct State {
     subnet_low_until: Option<Instant>,
     /// Seconds a grow took lately ([`Status::refill_secs`]).
     refill_secs: f64,
+    /// When a plan last held a grow (made or put off), and whether one is
+    /// being made (its call may wait long for its token): see
+    /// [`Reconciler::grows`].
+    grew_at: Option<Instant>,
+    growing: bool,
     /// Subnets that said they cannot give more, until when they are not
     /// asked again for addresses on their interfaces.
     full_subnets: BTreeMap<String, Instant>,
@@ -224,6 +229,8 @@ impl Reconciler {
                 // ipamd was down, their DEL never reaching it.
                 last_reclaim: now.checked_sub(RECLAIM_EVERY).unwrap_or(now),
                 subnet_low_until: None,
+                grew_at: None,
+                growing: false,
                 refill_secs: FIRST_REFILL_SECS,
                 full_subnets: BTreeMap::new(),
                 listed_subnets: Vec::new(),
@@ -318,6 +325,15 @@ impl Reconciler {
             return None;
         }
         self.target.lock().expect("lock").clone().err()
+    }
+
+    /// Whether a grow (assign, or create an interface) is being made, or
+    /// a plan held one (made or put off) within the last `within`: this
+    /// node counts among the account's nodes that grow (see
+    /// [`crate::k8s::growers`]).
+    pub fn grows(&self, within: Duration) -> bool {
+        let st = self.lock();
+        st.growing || st.grew_at.is_some_and(|t| t.elapsed() < within)
     }
 
     pub fn interfaces_held(&self) -> bool {
@@ -549,6 +565,9 @@ impl Reconciler {
                     | policy::Action::AssignPrefixes { .. }
                     | policy::Action::CreateInterface { .. }
             );
+            if grows {
+                self.lock().grew_at = Some(Instant::now());
+            }
             // A change no ADD waits for is put off until its bucket has a
             // token (it would wait inside the call and hold up a grow an
             // ADD does wait for), and spread over the nodes of the account
@@ -564,7 +583,16 @@ impl Reconciler {
                 }
             }
             let began = Instant::now();
-            if let Err(e) = self.execute(action).await {
+            self.lock().growing = grows;
+            let outcome = self.execute(action).await;
+            {
+                let mut st = self.lock();
+                st.growing = false;
+                if grows {
+                    st.grew_at = Some(Instant::now());
+                }
+            }
+            if let Err(e) = outcome {
                 self.count_error(e.site(kind));
                 // The subnet said it cannot give more: the scaler's batch
                 // drops to one, and a full subnet is not asked again.
