@@ -19,6 +19,7 @@ use ipamd::config::Settings;
 use ipamd::datastore::PodKey;
 use ipamd::ipam::{Ipam, IpamError, StartError};
 use ipamd::journal::MemStore;
+use ipamd::k8s::growers::{Spell, GROWS_WITHIN, PUBLISH_EVERY};
 use ipamd::k8s::peers::reread_after;
 use ipamd::node::NodeTracker;
 use ipamd::pool::JournalAt;
@@ -106,6 +107,11 @@ pub struct ClusterConfig {
     /// server (at start and then as [`reread_after`] says); false: each node
     /// believes it is alone until throttled.
     pub count_peers: bool,
+    /// With `count_peers`, nodes also learn how many nodes grow their
+    /// pools, as ipamd does from the growers Leases
+    /// (`ipamd::k8s::growers`): each node's grow calls take their share of
+    /// those.
+    pub count_growers: bool,
 }
 
 impl ClusterConfig {
@@ -121,6 +127,7 @@ impl ClusterConfig {
             attach_latency: Duration::from_secs(2),
             subnet_prefix_len: 12,
             count_peers: true,
+            count_growers: true,
             then: Some(AfterStart::default()),
         }
     }
@@ -312,6 +319,10 @@ async fn simulate(cfg: ClusterConfig) -> Report {
     // Nodes registered with the API server so far: what ipamd's node count
     // reads (`ipamd::k8s::peers`).
     let registered: Rc<std::cell::Cell<u32>> = Rc::default();
+    // Nodes whose pool grew lately, as they publish it: what ipamd's
+    // growers count reads (`ipamd::k8s::growers`).
+    let growers: Rc<std::cell::Cell<u32>> = Rc::default();
+    let count_growers = cfg.count_peers && cfg.count_growers;
     let mut total_pods = 0u64;
     let mut joins: Vec<Duration> = (0..cfg.nodes)
         .map(|_| {
@@ -338,6 +349,9 @@ async fn simulate(cfg: ClusterConfig) -> Report {
         total_pods += u64::from(pods_per_node);
         let (vpc, settings, stop_rx) = (vpc.clone(), settings.clone(), stop_rx.clone());
         let (shared, nodes, registered) = (shared.clone(), nodes.clone(), registered.clone());
+        let growers = growers.clone();
+        // The growers count this node last read.
+        let read_growers: Rc<std::cell::Cell<Option<u32>>> = Rc::default();
         let instance_type = cfg.instance_type.clone();
         let count_peers = cfg.count_peers;
         tasks.push(tokio::task::spawn_local(async move {
@@ -388,13 +402,41 @@ async fn simulate(cfg: ClusterConfig) -> Report {
             tokio::task::spawn_local(ipam.clone().run(stop_rx.clone()));
             if count_peers {
                 // As ipamd's Kubernetes side reads the node count.
-                let (ipam, registered) = (ipam.clone(), registered.clone());
+                let (ipam, registered, growers) =
+                    (ipam.clone(), registered.clone(), growers.clone());
+                let read = read_growers.clone();
                 tokio::task::spawn_local(async move {
                     for n in 0.. {
                         tokio::time::sleep(reread_after(n)).await;
-                        ipam.reconciler
-                            .provider()
-                            .set_account_peers(registered.get());
+                        let p = ipam.reconciler.provider();
+                        p.set_account_peers(registered.get());
+                        // Read only while the node grows, as ipamd does.
+                        if count_growers && ipam.reconciler.grows(GROWS_WITHIN) {
+                            read.set(Some(growers.get()));
+                        }
+                    }
+                });
+            }
+            if count_growers {
+                // As ipamd's Kubernetes side publishes that it grows.
+                let (ipam, growers) = (ipam.clone(), growers.clone());
+                let read = read_growers.clone();
+                tokio::task::spawn_local(async move {
+                    let mut spell = Spell::default();
+                    loop {
+                        let now = ipam.reconciler.grows(GROWS_WITHIN);
+                        if now != spell.grows() {
+                            growers.set(if now {
+                                growers.get() + 1
+                            } else {
+                                growers.get() - 1
+                            });
+                        }
+                        // As ipamd does: the count applies after a long
+                        // spell of growth.
+                        let share = spell.look(now, Instant::now(), read.get());
+                        ipam.reconciler.provider().set_account_growers(share);
+                        tokio::time::sleep(PUBLISH_EVERY).await;
                     }
                 });
             }

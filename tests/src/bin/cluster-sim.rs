@@ -45,6 +45,10 @@ struct Args {
     /// count (each believes it is alone until throttled), the peer.
     #[arg(long)]
     with_alone: bool,
+    /// Also run each policy with every node's grow calls taking their
+    /// share of every node, not of the nodes that grow (no growers count).
+    #[arg(long)]
+    with_node_count_only: bool,
     /// Simulated seconds for the pools to shrink after half the pods go.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(..=WEEK))]
     scale_down_for: u64,
@@ -136,14 +140,18 @@ fn main() {
         "retries"
     );
     let wall = Instant::now();
-    let runs: Vec<(Policy, bool)> = Policy::all()
+    // (policy, nodes learn the node count, and the growers count)
+    let runs: Vec<(Policy, bool, bool)> = Policy::all()
         .into_iter()
         .flat_map(|p| {
-            let alone = a.with_alone.then(|| (p.clone(), false));
-            std::iter::once((p, true)).chain(alone)
+            let nodes_only = a.with_node_count_only.then(|| (p.clone(), true, false));
+            let alone = a.with_alone.then(|| (p.clone(), false, false));
+            std::iter::once((p, true, true))
+                .chain(nodes_only)
+                .chain(alone)
         })
         .collect();
-    for (policy, count_peers) in runs {
+    for (policy, count_peers, count_growers) in runs {
         if a.policy
             .as_ref()
             .is_some_and(|p| !policy.name.contains(p.as_str()))
@@ -160,6 +168,7 @@ fn main() {
         ran += 1;
         let mut cfg = ClusterConfig::new(a.nodes as usize, policy, a.seed);
         cfg.count_peers = count_peers;
+        cfg.count_growers = count_growers;
         cfg.instance_type = a.instance_type.clone();
         cfg.join_within = Duration::from_secs(a.join_within);
         cfg.horizon = Duration::from_secs(a.horizon);
@@ -176,10 +185,10 @@ fn main() {
             .map_or_else(|| format!(">{}", a.horizon), secs);
         let thr =
             100.0 * r.figures.total_throttled() as f64 / r.figures.total_calls().max(1) as f64;
-        let name = if count_peers {
-            r.policy.clone()
-        } else {
-            format!("{} ALONE", r.policy)
+        let name = match (count_peers, count_growers) {
+            (true, true) => r.policy.clone(),
+            (true, false) => format!("{} NODES", r.policy),
+            (false, _) => format!("{} ALONE", r.policy),
         };
         println!(
             "{:<44} {:>9} {:>8} {:>6} {:>22} {:>8} {:>7.1} {:>12} {:>8}",
