@@ -82,7 +82,8 @@ for bad in podGoneGraceSeconds=3 settings.WARM_IP_TARGET=abc \
   introspectionPort=61678 provider=gcp settings.MAX_PODS=0 \
   settings.IPAM_SCALER_BATCH_SIZE=0 settings.WARM_IP_TARGET=10000000000 \
   settings.IP_COOLDOWN_PERIOD=-3 logLevel=verbose "startupTaint=bad key!" \
-  growers.namespace=Bad_NS; do
+  growers.namespace=Bad_NS growers.namespace=kube-node-lease growers.namespace=kube-system \
+  growers.namespace=default; do
   if "$helm" template vpc-cni "$chart" --set "$bad" >/dev/null 2>&1; then
     echo "check-chart: $bad was accepted" >&2; exit 1
   fi

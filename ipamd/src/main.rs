@@ -407,26 +407,21 @@ impl Config {
         }
         let growers_namespace = match cli.growers_namespace.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(ns) => match ipamd_api::names::check_k8s_name("IPAMD_GROWERS_NAMESPACE", ns) {
-                Ok(())
-                    if ns.len() <= 63
-                        && !ns.contains('.')
-                        && !ns.starts_with('-')
-                        && !ns.ends_with('-') =>
-                {
-                    Some(ns.to_string())
-                }
-                Ok(()) => {
-                    bad.push(format!("--growers-namespace / IPAMD_GROWERS_NAMESPACE {ns:?}: a namespace is a DNS label (at most 63 characters, no '.', beginning and ending with a letter or digit)"));
-                    None
-                }
-                Err(e) => {
-                    bad.push(format!(
-                        "--growers-namespace / IPAMD_GROWERS_NAMESPACE: {e}"
-                    ));
-                    None
-                }
-            },
+            // A namespace's name is a DNS label (RFC 1123).
+            Some(ns)
+                if ns.len() <= 63
+                    && ns
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !ns.starts_with('-')
+                    && !ns.ends_with('-') =>
+            {
+                Some(ns.to_string())
+            }
+            Some(ns) => {
+                bad.push(format!("--growers-namespace / IPAMD_GROWERS_NAMESPACE {ns:?}: a namespace is a DNS label: at most 63 lowercase letters, digits and '-', beginning and ending with a letter or digit"));
+                None
+            }
         };
         let node_name = cli
             .node_name

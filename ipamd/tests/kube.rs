@@ -981,3 +981,43 @@ async fn a_node_holds_a_lease_in_the_growers_namespace_while_its_pool_grows() {
     assert!(mine().is_none(), "the Lease outlived its Node");
     assert_eq!(fake.list(Res::Leases).len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refused_its_lease_tries_again_less_and_less_often() {
+    const NS: &str = "vpc-cni-growers";
+    let fake = FakeApiServer::start(Options::default()).await;
+    fake.put(Res::Nodes, node_object(&[], false));
+    // RBAC without the growers Role.
+    fake.forbid(Verb::Create, Res::Leases);
+    let v = vpc(50);
+    let dir = tempfile::tempdir().unwrap();
+    // The pool fills at start and counts as growing for 30 s after.
+    let env = [("WARM_IP_TARGET", "2"), ("MINIMUM_IP_TARGET", "2")];
+    let node = Node::start(&v, "m5.large", &env, &dir.path().join("j")).await;
+    let kube = Kube::start(
+        &fake,
+        &node.ipam,
+        KubeSettings {
+            growers_namespace: Some(NS.into()),
+            grows_within: Duration::from_secs(30),
+            growers_every: Duration::from_millis(50),
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let creates = fake
+        .requests()
+        .iter()
+        .filter(|(verb, res, _)| *verb == Verb::Create && *res == Res::Leases)
+        .count();
+    // Every 50 ms would be about 60; doubling from 50 ms, about 6.
+    assert!(
+        (2..=10).contains(&creates),
+        "{creates} Lease creates in 3 s"
+    );
+    assert!(fake.get(Res::Leases, NS, NODE).is_none());
+    kube.stop().await;
+    node.stop().await;
+}

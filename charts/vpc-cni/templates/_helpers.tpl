@@ -62,11 +62,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{/*
-The growers namespace in force: growers.namespace, empty when off, on
-Azure (whose grow calls share one write bucket with releases and ignore
+The growers namespace in force: growers.namespace (default, kube-* and
+the release's namespace refused), empty when off, on Azure (whose grow calls share one write bucket with releases and ignore
 the count), or when a release installed before it has no growers value
 (helm upgrade --reuse-values).
 */}}
 {{- define "vpc-cni.growersNamespace" -}}
-{{- if ne .Values.provider "azure" }}{{ (.Values.growers).namespace | default "" }}{{ end }}
+{{- $ns := (.Values.growers).namespace | default "" }}
+{{- if and $ns (or (eq $ns "default") (hasPrefix "kube-" $ns) (eq $ns .Release.Namespace)) }}
+{{- fail (printf "growers.namespace %q: every Lease in it is counted, so it must hold nothing else (not default, a kube-* namespace or the release's own)" $ns) }}
+{{- end }}
+{{- if ne .Values.provider "azure" }}{{ $ns }}{{ end }}
 {{- end }}

@@ -47,6 +47,8 @@ pub const PUBLISH_EVERY: Duration = Duration::from_secs(5);
 /// [`GROWS_WITHIN`] before its grow calls take their share of the nodes
 /// that grow ([`Spell`]).
 pub const LONG_SPELL: Duration = Duration::from_secs(300);
+/// The longest wait between two attempts to publish that failed.
+const RETRY_AT_MOST: Duration = Duration::from_secs(300);
 /// How long the Lease's delete at ipamd's stop may take.
 const DELETE_WITHIN: Duration = Duration::from_secs(2);
 
@@ -169,28 +171,33 @@ pub(super) async fn run(cx: Ctx, namespace: String, mut stop: watch::Receiver<bo
     // by a run that was killed is deleted).
     let mut published: Option<bool> = None;
     let mut spell = Spell::default();
-    let mut failing = false;
+    // After a failure, the next attempt waits: PUBLISH_EVERY doubling to
+    // RETRY_AT_MOST (a missing namespace or Role fails every time, and
+    // 2,000 nodes retrying every 5 s would be 400 requests a second).
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
+        let now = tokio::time::Instant::now();
         let grows = cx.ipam.reconciler.grows(cx.s.grows_within);
         let count = cx.status.lock().ok().and_then(|s| s.account_growers);
-        let share = spell.look(grows, tokio::time::Instant::now(), count);
-        if published != Some(grows) {
+        let share = spell.look(grows, now, count);
+        if published != Some(grows) && retry.is_none_or(|(at, _)| now >= at) {
             match publish(&cx.client, &namespace, &node, grows).await {
                 Ok(()) => {
                     debug!(grows, "published whether this node's pool grows");
                     published = Some(grows);
-                    failing = false;
+                    retry = None;
                 }
-                // Tried again at the next look; said once per run of
-                // failures (a missing namespace or Role fails every time).
-                Err(e) if !failing => {
-                    failing = true;
-                    warn!(error = %e, namespace = %namespace, "cannot publish whether this node's pool grows; its grow calls keep every node's share");
-                    if let Ok(mut st) = cx.status.lock() {
-                        st.last_error = Some(format!("growers Lease: {e}"));
+                Err(e) => {
+                    let wait =
+                        retry.map_or(cx.s.growers_every, |(_, w)| (w * 2).min(RETRY_AT_MOST));
+                    if retry.is_none() {
+                        // Said once per run of failures.
+                        warn!(error = %e, namespace = %namespace, "cannot publish whether this node's pool grows; its grow calls keep every node's share");
+                    } else {
+                        debug!(error = %e, retry_in_s = wait.as_secs(), "cannot publish whether this node's pool grows");
                     }
+                    retry = Some((now + providers::jitter::about(wait), wait));
                 }
-                Err(e) => debug!(error = %e, "cannot publish whether this node's pool grows"),
             }
         }
         // Only a node counted itself (its Lease in place) takes the
