@@ -890,6 +890,35 @@ async fn the_cluster_node_count_becomes_the_provider_share_of_the_account() {
     );
 }
 
+/// The growers namespace of the Lease tests.
+const GROWERS_NS: &str = "vpc-cni-growers";
+
+/// A node keeping two addresses warm whose Kubernetes side publishes
+/// whether it grows in [`GROWERS_NS`], looking every 50 ms, a grow
+/// counting for `grows_within`.
+async fn growers_node(
+    fake: &FakeApiServer,
+    dir: &std::path::Path,
+    grows_within: Duration,
+) -> (Node, Kube) {
+    let v = vpc(50);
+    let env = [("WARM_IP_TARGET", "2"), ("MINIMUM_IP_TARGET", "2")];
+    let node = Node::start(&v, "m5.large", &env, &dir.join("j")).await;
+    let kube = Kube::start(
+        fake,
+        &node.ipam,
+        KubeSettings {
+            growers_namespace: Some(GROWERS_NS.into()),
+            grows_within,
+            growers_every: Duration::from_millis(50),
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    (node, kube)
+}
+
 /// Waits (up to `secs`) until `f` holds.
 async fn until(secs: u64, what: &str, f: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -901,7 +930,7 @@ async fn until(secs: u64, what: &str, f: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_holds_a_lease_in_the_growers_namespace_while_its_pool_grows() {
-    const NS: &str = "vpc-cni-growers";
+    const NS: &str = GROWERS_NS;
     let fake = FakeApiServer::start(Options::default()).await;
     fake.put(Res::Nodes, node_object(&[], false));
     // Two other nodes grow.
@@ -911,22 +940,8 @@ async fn a_node_holds_a_lease_in_the_growers_namespace_while_its_pool_grows() {
             |n| json!({"metadata": {"name": n, "namespace": NS}, "spec": {"holderIdentity": n}}),
         ),
     );
-    let v = vpc(50);
     let dir = tempfile::tempdir().unwrap();
-    let env = [("WARM_IP_TARGET", "2"), ("MINIMUM_IP_TARGET", "2")];
-    let node = Node::start(&v, "m5.large", &env, &dir.path().join("j")).await;
-    let kube = Kube::start(
-        &fake,
-        &node.ipam,
-        KubeSettings {
-            growers_namespace: Some(NS.into()),
-            grows_within: Duration::from_secs(2),
-            growers_every: Duration::from_millis(50),
-            ..settings()
-        },
-        true,
-    )
-    .await;
+    let (node, kube) = growers_node(&fake, dir.path(), Duration::from_secs(2)).await;
     let mine = || fake.get(Res::Leases, NS, NODE);
     // The pool fills at start: the node holds its Lease, then, once the
     // pool has not grown for `grows_within`, deletes it.
@@ -984,28 +999,14 @@ async fn a_node_holds_a_lease_in_the_growers_namespace_while_its_pool_grows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refused_its_lease_tries_again_less_and_less_often() {
-    const NS: &str = "vpc-cni-growers";
+    const NS: &str = GROWERS_NS;
     let fake = FakeApiServer::start(Options::default()).await;
     fake.put(Res::Nodes, node_object(&[], false));
     // RBAC without the growers Role.
     fake.forbid(Verb::Create, Res::Leases);
-    let v = vpc(50);
     let dir = tempfile::tempdir().unwrap();
     // The pool fills at start and counts as growing for 30 s after.
-    let env = [("WARM_IP_TARGET", "2"), ("MINIMUM_IP_TARGET", "2")];
-    let node = Node::start(&v, "m5.large", &env, &dir.path().join("j")).await;
-    let kube = Kube::start(
-        &fake,
-        &node.ipam,
-        KubeSettings {
-            growers_namespace: Some(NS.into()),
-            grows_within: Duration::from_secs(30),
-            growers_every: Duration::from_millis(50),
-            ..settings()
-        },
-        true,
-    )
-    .await;
+    let (node, kube) = growers_node(&fake, dir.path(), Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let creates = fake
         .requests()
