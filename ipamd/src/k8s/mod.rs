@@ -181,11 +181,10 @@ pub async fn run(
     };
     let node = node::NodeTask::new(cx.clone());
     let pods = pods::PodTask::new(cx.clone());
-    let ns = cx.s.growers_namespace.clone();
     let publish = {
-        let (cx, ns, stop) = (cx.clone(), ns.clone(), stop.clone());
+        let (cx, stop) = (cx.clone(), stop.clone());
         async move {
-            if let Some(ns) = ns {
+            if let Some(ns) = cx.s.growers_namespace.clone() {
                 growers::run(cx, ns, stop).await
             }
         }
@@ -194,7 +193,7 @@ pub async fn run(
         node.run(cni_installed, stop.clone()),
         pods.run(stop.clone()),
         publish,
-        peers::run(cx.clone(), ns, stop)
+        peers::run(cx, stop)
     );
 }
 

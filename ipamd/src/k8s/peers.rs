@@ -100,10 +100,10 @@ pub async fn prime(client: &Client) -> Option<u32> {
     }
 }
 
-/// Reads the count again ([`reread_after`]) until `stop`, and with
-/// `growers` (the growers namespace) the count of nodes that grow
-/// ([`super::growers`]).
-pub(super) async fn run(cx: Ctx, growers: Option<String>, mut stop: watch::Receiver<bool>) {
+/// Reads the count again ([`reread_after`]) until `stop`, and with a
+/// growers namespace the count of nodes that grow ([`super::growers`]).
+pub(super) async fn run(cx: Ctx, mut stop: watch::Receiver<bool>) {
+    let growers = cx.s.growers_namespace.clone();
     for n in 0.. {
         tokio::select! {
             biased;
