@@ -23,7 +23,9 @@ async fn main() {
         };
         // The main thread goes on until the exit: its output (checks, or
         // panics as its namespaces vanish) would read as the lab's result.
-        // Holding both streams (reentrant for this thread) silences it.
+        // Holding both streams (reentrant for this thread) silences it;
+        // a panic's message bypasses the lock, so panics are silenced too.
+        std::panic::set_hook(Box::new(|_| {}));
         std::mem::forget(std::io::stdout().lock());
         std::mem::forget(std::io::stderr().lock());
         eprintln!("vpc-lab: interrupted, removing the lab");
