@@ -84,6 +84,40 @@ pub fn from_account_budget(api: &str) -> bool {
     !(api.starts_with("IMDS") || api == "LaunchInstance")
 }
 
+tokio::task_local! {
+    /// Set while a change no ADD waits for runs ([`nobody_waits`]).
+    static NOBODY_WAITS: ();
+}
+
+/// Runs `change`, a pool change no ADD waits for (the reconciler's grow
+/// for a warm target, or a release). In it, a call that EC2 throttles and
+/// that is one whole change by itself ([`whole_change`]: Assign, Unassign)
+/// returns [`ProviderError::Throttled`] at once instead of being retried
+/// inside the call. After a throttle the node's bucket is halved and
+/// emptied, so the retry would wait for one refill period of the node's
+/// share (800 s at 2,000 nodes), and the reconciler, busy in the call,
+/// could not serve an ADD that starts to wait meanwhile. Its caller puts
+/// the change off instead ([`CallLayer::put_off`]), free to grow for the
+/// ADD. In the 2,000-node simulation's churn, a release retried inside its
+/// call held the reconciler for 265 s and an ADD on that node waited 24.8 s.
+pub async fn nobody_waits<F: std::future::Future>(change: F) -> F::Output {
+    NOBODY_WAITS.scope((), change).await
+}
+
+/// Whether `api` is a change that a throttle leaves undone as a whole: a
+/// single synchronous call, not a step of a chain (Create, Attach, Modify)
+/// whose undone rest would leave a half-made interface, nor a write whose
+/// long-running operation goes on after the call (ARM). EC2 API names.
+pub fn whole_change(api: &str) -> bool {
+    matches!(
+        api,
+        "AssignPrivateIpAddresses"
+            | "AssignIpv6Addresses"
+            | "UnassignPrivateIpAddresses"
+            | "UnassignIpv6Addresses"
+    )
+}
+
 /// Whether repeating `api` after an ambiguous failure (5xx, timeout,
 /// transport) is harmless: reads, and changes whose repetition ends in the
 /// same state (a delete or detach, which providers treat as done when the
@@ -294,6 +328,7 @@ impl CallLayer {
                 Err(ProviderError::Throttled { .. }) => {
                     throttled += 1;
                     throttled < self.policy.max_throttled
+                        && !(whole_change(api) && NOBODY_WAITS.try_with(|_| ()).is_ok())
                 }
                 Err(e) => {
                     repeatable && e.is_transient() && attempt - throttled < self.policy.max_attempts
@@ -414,6 +449,38 @@ mod tests {
         assert_eq!(r, Ok(7));
         let s = &layer.stats()["DescribeNetworkInterfaces"];
         assert_eq!((s.calls, s.retries, s.throttles, s.errors), (4, 3, 2, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_change_nobody_waits_for_is_not_retried_in_the_call() {
+        let layer = quick(6);
+        for (api, scoped, attempts) in [
+            // A whole change by itself: handed back at once for its caller
+            // to put off.
+            ("UnassignPrivateIpAddresses", true, 1),
+            ("AssignPrivateIpAddresses", true, 1),
+            // A step of a chain: its caller has done the steps before.
+            ("AttachNetworkInterface", true, 6),
+            ("CreateNetworkInterface", true, 6),
+            // Outside the scope, as every throttle: retried.
+            ("UnassignPrivateIpAddresses", false, 6),
+        ] {
+            let n = AtomicU32::new(0);
+            let f = || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(ProviderError::throttled(api))
+            };
+            let r = if scoped {
+                nobody_waits(layer.call(api, f)).await
+            } else {
+                layer.call(api, f).await
+            };
+            assert!(matches!(r, Err(ProviderError::Throttled { .. })), "{r:?}");
+            assert_eq!(n.load(Ordering::SeqCst), attempts, "{api} {scoped}");
+        }
+        // A change that succeeds in the scope is unaffected.
+        let r = nobody_waits(layer.call("UnassignPrivateIpAddresses", || async { Ok(3) })).await;
+        assert_eq!(r, Ok(3));
     }
 
     #[tokio::test(start_paused = true)]
