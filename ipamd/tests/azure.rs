@@ -352,6 +352,43 @@ async fn a_put_whose_answer_is_lost_after_it_applied_is_not_applied_twice() {
     az.vpc.snapshot().check_invariants().unwrap();
 }
 
+/// A release ARM accepted whose operation cannot be followed (every status
+/// poll throttled) is in doubt, not undone: the provider answers a
+/// timeout, which the reconciler treats as "the addresses may be gone",
+/// not a throttle, which it treats as "not made" and hands them out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_arm_accepted_but_could_not_be_followed_is_in_doubt() {
+    let az = azure("Standard_D2s_v3", None).await;
+    let quick = providers::layer::RetryPolicy {
+        max_attempts: 3,
+        max_throttled: 3,
+        base: Duration::from_millis(10),
+        cap: Duration::from_millis(50),
+    };
+    let p = Arc::new(
+        AzureProvider::connect(settings(&az), CallLayer::arm().with_policy(quick))
+            .await
+            .unwrap(),
+    );
+    let nic = primary_nic(&p).await;
+    let got = p.assign(&nic, AssignRequest::Ips(3)).await.unwrap();
+    inject(
+        &az,
+        "POLL",
+        ArmFaultKind::Throttle {
+            retry_after_secs: 0,
+        },
+        1_000,
+    );
+    let r = p.release(&nic, &got).await;
+    assert!(
+        matches!(r, Err(ProviderError::Timeout { .. })),
+        "a change ARM made must not read as throttled (not made): {r:?}"
+    );
+    assert_eq!(secondaries(&az), 0, "ARM did make it");
+    assert!(az.fake.counts().throttled >= 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ip_configurations_ipamd_did_not_add_are_never_used_or_removed() {
     let az = azure("Standard_D2s_v3", None).await;

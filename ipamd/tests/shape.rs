@@ -560,3 +560,83 @@ async fn cns_exhaustion_mode_is_entered_on_a_full_subnet_and_left_after_it() {
     stop.send(true).ok();
     task.await.ok();
 }
+
+/// A periodic resync whose Describe the cloud keeps throttling (the call
+/// layer retries it until the resync's 5 s budget) gives way to an ADD that
+/// comes to wait: the step grows for the ADD at once, and the resync is
+/// made at the next step, not cut again. Under tokio's paused clock, so
+/// the waits are the code's, not the machine's.
+#[tokio::test(start_paused = true)]
+async fn a_periodic_resync_gives_way_to_an_add_that_comes_to_wait() {
+    use std::time::Duration;
+    use tokio::time::Instant;
+    use vpc_sim::provider::Backend;
+    use vpc_sim::{Fault, FaultKind, Request, SimProvider, Vpc, VpcConfig};
+
+    let vpc = Arc::new(Vpc::with_config(VpcConfig {
+        attach_latency: Duration::from_millis(10),
+        ..VpcConfig::default()
+    }));
+    let p = SimProvider::join(Backend::Local(vpc.clone()), "node-a", "m5.large")
+        .await
+        .unwrap();
+    let ipam = Ipam::start_with(
+        Arc::new(p),
+        settings(&[("WARM_IP_TARGET", "1"), ("IPAMD_ADD_WAIT_SECONDS", "20")]),
+        JournalAt::Memory(MemStore::default()),
+        NodeTracker::nothing(),
+    )
+    .await
+    .unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(ipam.clone().run(rx));
+    let pod = |name: &str| PodKey {
+        network: "vpc-cni".into(),
+        container_id: name.into(),
+        ifname: "eth0".into(),
+    };
+    let describes_throttled = |ipam: &Ipam| {
+        ipam.summary()["provider_api"]["DescribeNetworkInterfaces"]["throttles"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    while ipam.summary()["counts"]["available"].as_u64().unwrap() < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    vpc.handle(Request::InjectFault(Fault {
+        api: Some("DescribeNetworkInterfaces".into()),
+        kind: FaultKind::Throttle,
+        count: 100_000,
+    }))
+    .await
+    .unwrap();
+    // The next periodic resync (within 72 s) starts: its first Describe
+    // is throttled, and the call layer waits to retry it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while describes_throttled(&ipam) == 0 {
+        assert!(Instant::now() < deadline, "no resync: {}", ipam.summary());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Now "a" takes the warm address and "b" waits for a grow.
+    ipam.add(pod("a")).await.expect("from the pool");
+    let started = Instant::now();
+    ipam.add(pod("b")).await.expect("served");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the ADD waited behind the resync's Describe (its budget is 5 s): {took:?}"
+    );
+    // The resync is not put off for good: the next step makes it.
+    let after = describes_throttled(&ipam);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while describes_throttled(&ipam) == after {
+        assert!(
+            Instant::now() < deadline,
+            "the resync was not made again: {}",
+            ipam.summary()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.send(true).ok();
+    task.await.ok();
+}

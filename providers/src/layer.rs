@@ -11,7 +11,8 @@
 //! throttling and 5xx exercise the same code that runs against EC2.
 //!
 //! What is retried: a throttled call was not carried out, so it is always
-//! retried. A 5xx, a timeout or a broken connection is ambiguous (the cloud
+//! retried, except an Assign or Unassign inside [`nobody_waits`], which is
+//! handed back to be put off. A 5xx, a timeout or a broken connection is ambiguous (the cloud
 //! may have done it), so it is retried only for calls that are safe to
 //! repeat ([`safe_to_repeat`]: reads, deletes, detaches, setting an
 //! attribute), or that the caller made idempotent
@@ -85,23 +86,32 @@ pub fn from_account_budget(api: &str) -> bool {
 }
 
 tokio::task_local! {
-    /// Set while a change no ADD waits for runs ([`nobody_waits`]).
-    static NOBODY_WAITS: ();
+    /// Set while a change no ADD waits for runs ([`nobody_waits`]): whether
+    /// a throttled call in it was handed back unretried.
+    static NOBODY_WAITS: std::cell::Cell<bool>;
 }
 
-/// Runs `change`, a pool change no ADD waits for (the reconciler's grow
-/// for a warm target, or a release). In it, a call that EC2 throttles and
-/// that is one whole change by itself ([`whole_change`]: Assign, Unassign)
-/// returns [`ProviderError::Throttled`] at once instead of being retried
-/// inside the call. After a throttle the node's bucket is halved and
-/// emptied, so the retry would wait for one refill period of the node's
-/// share (800 s at 2,000 nodes), and the reconciler, busy in the call,
-/// could not serve an ADD that starts to wait meanwhile. Its caller puts
-/// the change off instead ([`CallLayer::put_off`]), free to grow for the
-/// ADD. In the 2,000-node simulation's churn, a release retried inside its
-/// call held the reconciler for 265 s and an ADD on that node waited 24.8 s.
-pub async fn nobody_waits<F: std::future::Future>(change: F) -> F::Output {
-    NOBODY_WAITS.scope((), change).await
+/// Runs `change`, a pool change no ADD waits for (the reconciler runs its
+/// releases so). In it, a call that EC2 throttles and that is one whole
+/// change by itself ([`whole_change`]: Assign, Unassign) returns
+/// [`ProviderError::Throttled`] at once instead of being retried inside
+/// the call; the second value then says so (`true`: the change was not
+/// made, and its caller may put it off; a `Throttled` from elsewhere, such
+/// as ARM's write retried to the end, is not that). After a throttle the
+/// node's bucket is halved and emptied, so the retry would wait for one
+/// refill period of the node's share (800 s at 2,000 nodes), and the
+/// reconciler, busy in the call, could not serve an ADD that starts to
+/// wait meanwhile. Its caller puts the change off instead
+/// ([`CallLayer::put_off`]), free to grow for the ADD. In the 2,000-node
+/// simulation's churn, a release retried inside its call held the
+/// reconciler for 265 s and an ADD on that node waited 24.8 s.
+pub async fn nobody_waits<F: std::future::Future>(change: F) -> (F::Output, bool) {
+    NOBODY_WAITS
+        .scope(std::cell::Cell::new(false), async {
+            let out = change.await;
+            (out, NOBODY_WAITS.with(std::cell::Cell::get))
+        })
+        .await
 }
 
 /// Whether `api` is a change that a throttle leaves undone as a whole: a
@@ -207,6 +217,12 @@ impl CallLayer {
             bucket_of: None,
             stats: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// This layer with `policy` instead of its own (a test's quicker
+    /// retries).
+    pub fn with_policy(self, policy: RetryPolicy) -> Self {
+        Self { policy, ..self }
     }
 
     /// The layer for Azure Resource Manager: the default policy under
@@ -327,8 +343,9 @@ impl CallLayer {
             let again = match &r {
                 Err(ProviderError::Throttled { .. }) => {
                     throttled += 1;
-                    throttled < self.policy.max_throttled
-                        && !(whole_change(api) && NOBODY_WAITS.try_with(|_| ()).is_ok())
+                    // Handed back unretried inside `nobody_waits`.
+                    let back = whole_change(api) && NOBODY_WAITS.try_with(|b| b.set(true)).is_ok();
+                    !back && throttled < self.policy.max_throttled
                 }
                 Err(e) => {
                     repeatable && e.is_transient() && attempt - throttled < self.policy.max_attempts
@@ -470,17 +487,20 @@ mod tests {
                 n.fetch_add(1, Ordering::SeqCst);
                 Err::<(), _>(ProviderError::throttled(api))
             };
-            let r = if scoped {
+            let (r, back) = if scoped {
                 nobody_waits(layer.call(api, f)).await
             } else {
-                layer.call(api, f).await
+                (layer.call(api, f).await, false)
             };
             assert!(matches!(r, Err(ProviderError::Throttled { .. })), "{r:?}");
             assert_eq!(n.load(Ordering::SeqCst), attempts, "{api} {scoped}");
+            // Said handed back only where it was: a chain's step
+            // throttled to the end is not.
+            assert_eq!(back, attempts == 1, "{api} {scoped}");
         }
         // A change that succeeds in the scope is unaffected.
         let r = nobody_waits(layer.call("UnassignPrivateIpAddresses", || async { Ok(3) })).await;
-        assert_eq!(r, Ok(3));
+        assert_eq!(r, (Ok(3), false));
     }
 
     #[tokio::test(start_paused = true)]

@@ -86,7 +86,8 @@ impl Default for ArmConfig {
 /// A fault for the next `count` matching requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArmFault {
-    /// `GET` or `PUT`; `None` matches any ARM request.
+    /// `GET` or `PUT`, or `POLL` (a GET of a long-running operation's
+    /// status only); `None` matches any ARM request.
     pub method: Option<String>,
     pub kind: ArmFaultKind,
     pub count: u32,
@@ -402,13 +403,19 @@ impl ArmFake {
     }
 
     /// A matching injected fault, taken.
-    fn fault(&self, method: &Method) -> Option<ArmFaultKind> {
+    fn fault(&self, method: &Method, uri: &Uri) -> Option<ArmFaultKind> {
+        let poll =
+            method == Method::GET && uri.path().to_ascii_lowercase().contains("/operations/");
         let mut inner = self.inner.lock().expect("lock");
         let i = inner.faults.iter().position(|f| {
             f.count > 0
-                && f.method
-                    .as_deref()
-                    .is_none_or(|m| m.eq_ignore_ascii_case(method.as_str()))
+                && f.method.as_deref().is_none_or(|m| {
+                    if m.eq_ignore_ascii_case("POLL") {
+                        poll
+                    } else {
+                        m.eq_ignore_ascii_case(method.as_str())
+                    }
+                })
         })?;
         inner.faults[i].count -= 1;
         let kind = inner.faults[i].kind;
@@ -446,7 +453,7 @@ impl ArmFake {
                 "The api-version query parameter (?api-version=) is required for all requests.",
             )));
         }
-        let fault = self.fault(method);
+        let fault = self.fault(method, uri);
         let throttle = |retry_after_secs: u64| {
             let mut r = arm_error(
                 StatusCode::TOO_MANY_REQUESTS,

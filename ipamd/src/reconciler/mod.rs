@@ -441,7 +441,14 @@ impl Reconciler {
             // growing (it did at 2,000 nodes, whose resyncs alone exceed
             // the account's Describe budget): say so and look again at the
             // next resync.
-            let may_yield = !std::mem::take(&mut self.lock().resync_yielded);
+            // Only a periodic resync gives way to an ADD: one asked for
+            // because the pool's counts may be stale (an Assign that timed
+            // out, an interface fuller than thought) comes before the
+            // next grow, which would be planned on them.
+            let may_yield = {
+                let mut st = self.lock();
+                !std::mem::take(&mut st.resync_yielded) && !st.resync_now
+            };
             let outcome = self.resync_within(may_yield).await;
             if let Ok(None) = outcome {
                 let mut st = self.lock();
@@ -604,10 +611,10 @@ impl Reconciler {
             // for the same bucket's token.
             let deferrable = action.change() == providers::Change::Release;
             let shown = deferrable.then(|| action.clone());
-            let outcome = if deferrable {
+            let (outcome, handed_back) = if deferrable {
                 providers::layer::nobody_waits(self.execute(action)).await
             } else {
-                self.execute(action).await
+                (self.execute(action).await, false)
             };
             {
                 let mut st = self.lock();
@@ -616,10 +623,13 @@ impl Reconciler {
                     st.grew_at = Some(Instant::now());
                 }
             }
-            if let (Some(action), Err(StepError::Cloud(ProviderError::Throttled { .. }))) =
-                (&shown, &outcome)
+            if let (Some(action), true, Err(StepError::Cloud(ProviderError::Throttled { .. }))) =
+                (&shown, handed_back, &outcome)
             {
-                debug!(?action, "put off: throttled, and no ADD waits for it");
+                debug!(?action, "put off: the release was throttled");
+                // Its addresses are the pool's again: an ADD waiting
+                // meanwhile may take one now, not at its next look.
+                self.pool.publish();
                 continue;
             }
             if let Err(e) = outcome {
@@ -785,10 +795,16 @@ impl Reconciler {
     /// within [`RESYNC_BUDGET`] (the node's share of the account's
     /// Describe budget not there yet, or throttling), or, when
     /// `may_yield`, when an ADD waits for an address before it came back
-    /// (`State::resync_yielded` set): the step then grows for the ADD at
-    /// once instead of after the Describe's token (up to the budget; in
-    /// the 2,000-node simulation's churn, ADDs waited 5 s behind it).
+    /// or before it was sent (`State::resync_yielded` set): the step then
+    /// grows for the ADD at once instead of after the Describe's token
+    /// (up to the budget; in the 2,000-node simulation's churn, ADDs
+    /// waited 5 s behind it).
     async fn resync_within(&self, may_yield: bool) -> Result<Option<()>, ProviderError> {
+        if may_yield && self.pool.waiting() > 0 {
+            // Before the Describe takes a token and is sent for nothing.
+            self.lock().resync_yielded = true;
+            return Ok(None);
+        }
         // A read: dropping it half-way changes nothing.
         let describe = tokio::time::timeout(RESYNC_BUDGET, self.provider.describe_interfaces());
         let described = if may_yield {

@@ -881,8 +881,24 @@ impl AzureProvider {
                 debug!(nic = %nic.name, races, "NIC changed since it was read (412); reading it again");
                 continue;
             }
-            self.wait_operation(&put, &nic.name).await.map_err(named)?;
-            return Ok(self.get_nic(&nic.id).await?.0);
+            // ARM took the change: a read after it that stays throttled
+            // says nothing of whether it was made, so it must not read as
+            // "not made" (a release would hand out addresses ARM took
+            // back). A timeout is what callers treat as in doubt.
+            let in_doubt = |e: ProviderError| match e {
+                ProviderError::Throttled { api, .. } => ProviderError::Timeout {
+                    api: format!(
+                        "{api}: NIC {} was changed, but following the change stayed throttled",
+                        nic.name
+                    ),
+                },
+                e => e,
+            };
+            self.wait_operation(&put, &nic.name)
+                .await
+                .map_err(named)
+                .map_err(in_doubt)?;
+            return Ok(self.get_nic(&nic.id).await.map_err(in_doubt)?.0);
         }
     }
 
