@@ -468,6 +468,36 @@ async fn two_hundred_nodes_starting_at_once_all_start() {
     );
 }
 
+/// A node `name` of `instance_type` on the simulated `vpc`, started with
+/// `env` (in-memory journal, no node side) and its reconciler running:
+/// the pool, the stop switch, the reconciler's task.
+async fn sim_node(
+    vpc: &Arc<vpc_sim::Vpc>,
+    name: &str,
+    instance_type: &str,
+    env: &[(&str, &str)],
+) -> (
+    Arc<Ipam>,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    use vpc_sim::provider::Backend;
+    let p = vpc_sim::SimProvider::join(Backend::Local(vpc.clone()), name, instance_type)
+        .await
+        .unwrap();
+    let ipam = Ipam::start_with(
+        Arc::new(p),
+        settings(env),
+        JournalAt::Memory(MemStore::default()),
+        NodeTracker::nothing(),
+    )
+    .await
+    .unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(ipam.clone().run(rx));
+    (ipam, stop, task)
+}
+
 /// Azure CNS's exhaustion mode, entered and left, on a VM of an Azure size
 /// (no NIC can be attached) whose subnet fills: once the subnet cannot give
 /// even one address, the batch drops to one and the pool releases down to
@@ -476,8 +506,7 @@ async fn two_hundred_nodes_starting_at_once_all_start() {
 #[tokio::test(start_paused = true)]
 async fn cns_exhaustion_mode_is_entered_on_a_full_subnet_and_left_after_it() {
     use std::time::Duration;
-    use vpc_sim::provider::Backend;
-    use vpc_sim::{Reply, Request, SimProvider, Vpc, VpcConfig};
+    use vpc_sim::{Reply, Request, Vpc, VpcConfig};
 
     let vpc = Arc::new(Vpc::with_config(VpcConfig {
         throttling: false,
@@ -514,19 +543,13 @@ async fn cns_exhaustion_mode_is_entered_on_a_full_subnet_and_left_after_it() {
     })
     .await
     .unwrap();
-    let p = SimProvider::join(Backend::Local(vpc.clone()), "vm-a", "Standard_D2s_v3")
-        .await
-        .unwrap();
-    let ipam = Ipam::start_with(
-        Arc::new(p),
-        settings(&[("IPAM_SCALER_BATCH_SIZE", "16")]),
-        JournalAt::Memory(MemStore::default()),
-        NodeTracker::nothing(),
+    let (ipam, stop, task) = sim_node(
+        &vpc,
+        "vm-a",
+        "Standard_D2s_v3",
+        &[("IPAM_SCALER_BATCH_SIZE", "16")],
     )
-    .await
-    .unwrap();
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(ipam.clone().run(rx));
+    .await;
     let total = |ipam: &Ipam| ipam.summary()["counts"]["total"].as_u64().unwrap();
     for i in 0..12 {
         ipam.add(PodKey {
@@ -570,31 +593,19 @@ async fn cns_exhaustion_mode_is_entered_on_a_full_subnet_and_left_after_it() {
 async fn a_periodic_resync_gives_way_to_an_add_that_comes_to_wait() {
     use std::time::Duration;
     use tokio::time::Instant;
-    use vpc_sim::provider::Backend;
-    use vpc_sim::{Fault, FaultKind, Request, SimProvider, Vpc, VpcConfig};
+    use vpc_sim::{Fault, FaultKind, Request, Vpc, VpcConfig};
 
     let vpc = Arc::new(Vpc::with_config(VpcConfig {
         attach_latency: Duration::from_millis(10),
         ..VpcConfig::default()
     }));
-    let p = SimProvider::join(Backend::Local(vpc.clone()), "node-a", "m5.large")
-        .await
-        .unwrap();
-    let ipam = Ipam::start_with(
-        Arc::new(p),
-        settings(&[("WARM_IP_TARGET", "1"), ("IPAMD_ADD_WAIT_SECONDS", "20")]),
-        JournalAt::Memory(MemStore::default()),
-        NodeTracker::nothing(),
+    let (ipam, stop, task) = sim_node(
+        &vpc,
+        "node-a",
+        "m5.large",
+        &[("WARM_IP_TARGET", "1"), ("IPAMD_ADD_WAIT_SECONDS", "20")],
     )
-    .await
-    .unwrap();
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(ipam.clone().run(rx));
-    let pod = |name: &str| PodKey {
-        network: "vpc-cni".into(),
-        container_id: name.into(),
-        ifname: "eth0".into(),
-    };
+    .await;
     let describes_throttled = |ipam: &Ipam| {
         ipam.summary()["provider_api"]["DescribeNetworkInterfaces"]["throttles"]
             .as_u64()
@@ -618,9 +629,9 @@ async fn a_periodic_resync_gives_way_to_an_add_that_comes_to_wait() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Now "a" takes the warm address and "b" waits for a grow.
-    ipam.add(pod("a")).await.expect("from the pool");
+    ipam.add(key("a")).await.expect("from the pool");
     let started = Instant::now();
-    ipam.add(pod("b")).await.expect("served");
+    ipam.add(key("b")).await.expect("served");
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(1),
