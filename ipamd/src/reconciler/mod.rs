@@ -610,7 +610,6 @@ impl Reconciler {
             // A grow is not: after a throttle, an ADD's grow would wait
             // for the same bucket's token.
             let deferrable = action.change() == providers::Change::Release;
-            let shown = deferrable.then(|| action.clone());
             let (outcome, handed_back) = if deferrable {
                 providers::layer::nobody_waits(self.execute(action)).await
             } else {
@@ -623,10 +622,13 @@ impl Reconciler {
                     st.grew_at = Some(Instant::now());
                 }
             }
-            if let (Some(action), true, Err(StepError::Cloud(ProviderError::Throttled { .. }))) =
-                (&shown, handed_back, &outcome)
+            if handed_back
+                && matches!(
+                    outcome,
+                    Err(StepError::Cloud(ProviderError::Throttled { .. }))
+                )
             {
-                debug!(?action, "put off: the release was throttled");
+                debug!(kind, "put off: the release was throttled");
                 // Its addresses are the pool's again: an ADD waiting
                 // meanwhile may take one now, not at its next look.
                 self.pool.publish();
