@@ -82,14 +82,21 @@ impl SimClient {
     /// Sends one request. A broken connection is dropped and reported; the
     /// next call dials again (the caller decides whether to retry, since a
     /// mutating call may or may not have been applied).
+    ///
+    /// Cancel-safe: the connection is taken out for the call and put back
+    /// only once its reply is read, so a call dropped half-way (a caller's
+    /// timeout, a resync giving way to an ADD) takes its connection with
+    /// it. Kept, the connection would hand that call's late reply to the
+    /// next call, and every call after it the reply of the one before.
     pub async fn call(&self, req: &Request) -> Result<Reply> {
         let api = req.api().unwrap_or("admin");
         let mut guard = self.conn.lock().await;
+        let taken = guard.take();
         let attempt = async {
-            if guard.is_none() {
-                *guard = Some(self.dial().await?);
-            }
-            let conn = guard.as_mut().expect("dialled");
+            let mut conn = match taken {
+                Some(c) => c,
+                None => self.dial().await?,
+            };
             let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
             line.push(b'\n');
             conn.write_all(&line).await?;
@@ -101,22 +108,20 @@ impl SimClient {
                     "simulator closed the connection",
                 ));
             }
-            serde_json::from_str::<Result<Reply, ProviderError>>(&answer)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            let reply = serde_json::from_str::<Result<Reply, ProviderError>>(&answer)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            Ok((conn, reply))
         };
         match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => {
-                *guard = None;
-                Err(ProviderError::Transport(format!(
-                    "simulator at {}: {e}",
-                    self.addr
-                )))
+            Ok(Ok((conn, answer))) => {
+                *guard = Some(conn);
+                answer
             }
-            Err(_) => {
-                *guard = None;
-                Err(ProviderError::Timeout { api: api.into() })
-            }
+            Ok(Err(e)) => Err(ProviderError::Transport(format!(
+                "simulator at {}: {e}",
+                self.addr
+            ))),
+            Err(_) => Err(ProviderError::Timeout { api: api.into() }),
         }
     }
 }

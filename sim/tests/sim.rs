@@ -537,3 +537,52 @@ async fn the_instance_comes_from_metadata_not_from_a_throttled_describe() {
     }
     assert!(throttled >= 150, "{throttled} throttled");
 }
+
+/// A call to a served simulator dropped before its reply (a caller's
+/// timeout, a resync giving way to an ADD) does not leave that reply for
+/// the next call: each later call gets its own answer.
+#[tokio::test]
+async fn a_call_dropped_half_way_leaves_no_reply_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: vpc_sim::client::SimAddr = format!("unix:{}", dir.path().join("sim.sock").display())
+        .parse()
+        .unwrap();
+    let vpc = Arc::new(Vpc::with_config(VpcConfig {
+        timeout_after: Duration::from_millis(300),
+        ..VpcConfig::default()
+    }));
+    let listener = vpc_sim::server::Listener::bind(&addr).await.unwrap();
+    let server = tokio::spawn(vpc_sim::server::serve(vpc.clone(), listener));
+    let client = vpc_sim::SimClient::new(addr);
+    let zone = || Request::DescribeSubnets { zone: None };
+    assert!(matches!(
+        client.call(&zone()).await,
+        Ok(vpc_sim::Reply::Subnets(_))
+    ));
+    vpc.handle(Request::InjectFault(Fault {
+        api: Some("DescribeNetworkInterfaces".into()),
+        kind: FaultKind::Timeout { applied: false },
+        count: 1,
+    }))
+    .await
+    .unwrap();
+    // The Describe hangs 300 ms on the server; its caller gives up first.
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        client.call(&Request::DescribeInterfaces {
+            instance_id: "i-any".into(),
+        }),
+    )
+    .await;
+    assert!(dropped.is_err(), "the call should still be waiting");
+    // Its late answer comes meanwhile.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..3 {
+        let r = client.call(&zone()).await;
+        assert!(
+            matches!(r, Ok(vpc_sim::Reply::Subnets(_))),
+            "another call's reply: {r:?}"
+        );
+    }
+    server.abort();
+}
