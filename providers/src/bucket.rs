@@ -147,7 +147,12 @@ pub const MIN_SHARE: f64 = 1.0 / 2000.0;
 /// phases. In the 2,000-node simulation, a node's whole equal share
 /// throttled 2.6-3.7% of the cold start's calls and half of it 1.1-1.7%,
 /// with the cold start no longer (1.19-1.25× the floor); at 5,000 nodes
-/// under prefix delegation 7% and 3% of the Assign calls.
+/// under prefix delegation 7% and 3% of the Assign calls. (Those runs
+/// climbed to a larger share over [`RECOVER_SECS`].) With it applied at
+/// once, a headroom of 1 while the count falls (when it lags above the
+/// nodes that grow) took prefix delegation's cold start from 1.07-1.09×
+/// to 1.03-1.04× but throttled 6-7% of the calls instead of 2.1%, and
+/// 1.5 gave 1.08-1.09× with 3.2-3.3%.
 pub const GROWERS_HEADROOM: f64 = 2.0;
 
 /// Buckets keyed by API name: an account's (the cloud's side), or one
@@ -257,17 +262,19 @@ impl Buckets {
     /// known): a grow call's share ([`is_grow`]) is of those, at most of
     /// every node ([`Buckets::set_peers`]). When the nodes still growing
     /// after a cluster-wide cold start are few, they get the account's
-    /// budget that the nodes already done no longer use. A node cut
-    /// because more grow is cut at once. One given more gets it at once
-    /// too, at the fraction of its share its throttling left it (a node
-    /// halved once gets half the new share, and climbs from there over
-    /// [`RECOVER_SECS`]): a count that falls lags above the nodes that
-    /// still grow, so the larger share is, if anything, still too small.
-    /// In the 2,000-node simulation, climbing to it instead over
-    /// [`RECOVER_SECS`] left the last nodes of a cold start half the
-    /// account's budget: 1.13-1.19× the floor under prefix delegation,
-    /// against 1.07-1.09× (with [`GROWERS_HEADROOM`] unchanged, throttled
-    /// calls 1.7% and 2.1%).
+    /// budget that the nodes already done no longer use. The new share
+    /// applies at once, both ways, at the fraction of its share the
+    /// node's throttling left it (a node halved once gets half the new
+    /// share, and climbs from there over [`RECOVER_SECS`]; a count that
+    /// rises and falls back leaves it where it was): a count that falls
+    /// lags above the nodes that still grow, so the larger share is, if
+    /// anything, still too small.
+    /// In the 2,000-node simulation (seed 1), climbing to it instead over
+    /// [`RECOVER_SECS`] (longer than the tail) left the last nodes of a
+    /// cold start part of the account's budget: prefix delegation's cold
+    /// start took 1.19× its floor, 1.13× raised at once, and 1.07× with
+    /// the count's lag cut too (`ipamd::k8s::growers::GROWS_WITHIN`),
+    /// with 1.7% and 2.1% of calls throttled.
     pub fn set_growers(&mut self, nodes: Option<u32>, now: Instant) {
         let g = nodes.map(|n| f64::from(n.max(1)));
         if !self.adaptive || g == self.growers {
@@ -277,25 +284,29 @@ impl Buckets {
     }
 
     /// Brings every bucket up to `now`, applies `change` to the sharing,
-    /// and cuts the buckets to their new share; with `raise`, a bucket
-    /// whose share grew is raised with it (its rate and burst scaled by
-    /// the new share over the old one).
-    fn reshare(&mut self, now: Instant, raise: bool, change: impl FnOnce(&mut Self)) {
+    /// and cuts the buckets to their new share; with `scale`, each bucket
+    /// keeps the fraction of its share it had (its rate, and its burst
+    /// above one call, are that fraction of the new share's).
+    fn reshare(&mut self, now: Instant, scale: bool, change: impl FnOnce(&mut Self)) {
         let apis: Vec<String> = self.buckets.keys().cloned().collect();
         for api in &apis {
             self.bucket(api, now);
         }
-        let was: Vec<(f64, f64)> = apis
+        let was: Vec<f64> = apis
             .iter()
-            .map(|api| self.share(self.buckets[api].spec, self.buckets[api].grow))
+            .map(|api| self.share(self.buckets[api].spec, self.buckets[api].grow).0)
             .collect();
         change(self);
-        for (api, (was_rate, was_burst)) in apis.into_iter().zip(was) {
+        for (api, was_rate) in apis.into_iter().zip(was) {
             let (rate, burst) = self.share(self.buckets[&api].spec, self.buckets[&api].grow);
             let b = self.buckets.get_mut(&api).expect("listed");
-            if raise && rate > was_rate {
-                b.rate *= rate / was_rate;
-                b.burst = (b.burst * burst / was_burst).max(1.0);
+            if scale && rate != was_rate && was_rate > 0.0 {
+                // Throttling halves rate and burst alike: the rate's
+                // fraction is the node's (a burst held at one call
+                // hides it).
+                let fraction = (b.rate / was_rate).min(1.0);
+                b.rate = rate * fraction;
+                b.burst = (burst * fraction).max(1.0);
             }
             b.rate = b.rate.min(rate);
             b.burst = b.burst.min(burst);
@@ -818,6 +829,12 @@ mod tests {
         assert_eq!(b.rate("CreateNetworkInterface", later), 5.0 / 4000.0);
         b.set_growers(Some(0), later);
         assert_eq!(b.rate("CreateNetworkInterface", later), 1.25, "half of 2.5/s");
+        // A count that rises and falls back leaves the node halved, cut
+        // and raised by the same fraction of its share.
+        b.set_growers(Some(200), later);
+        assert_eq!(b.rate("CreateNetworkInterface", later), 0.00625);
+        b.set_growers(Some(0), later);
+        assert_eq!(b.rate("CreateNetworkInterface", later), 1.25);
         let much_later = later + Duration::from_secs(RECOVER_SECS as u64);
         assert_eq!(b.rate("CreateNetworkInterface", much_later), 2.5);
         // Forgotten (a node that starts growing again): every node's

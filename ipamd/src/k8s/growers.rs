@@ -41,8 +41,12 @@ use super::Ctx;
 /// grow: a node between two grows of one spell (its pods still arriving)
 /// keeps its Lease instead of writing it twice. A node waiting for its
 /// token to grow counts as growing all along (its plan holds the grow),
-/// so this only bridges pauses in demand. It is also how long the count
-/// lags behind a node that is done: in the 2,000-node simulation, 60 s
+/// so this bridges pauses in demand; a node backing off after failed
+/// steps for longer (the reconciler's back-off reaches 30 s, 60 s for a
+/// full subnet) drops out of the count meanwhile, which makes no grow
+/// calls, and its spell starts over. It is also part of how long the
+/// count lags behind a node that is done (with [`PUBLISH_EVERY`] and the
+/// count's re-read, up to 60 s): in the 2,000-node simulation, 60 s here
 /// left the last nodes of a cold start a count several times too high
 /// (1.13× the floor under prefix delegation, against 1.07× at 20 s).
 pub const GROWS_WITHIN: Duration = Duration::from_secs(20);
