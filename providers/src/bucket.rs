@@ -828,7 +828,11 @@ mod tests {
         b.throttled("CreateNetworkInterface", later);
         assert_eq!(b.rate("CreateNetworkInterface", later), 5.0 / 4000.0);
         b.set_growers(Some(0), later);
-        assert_eq!(b.rate("CreateNetworkInterface", later), 1.25, "half of 2.5/s");
+        assert_eq!(
+            b.rate("CreateNetworkInterface", later),
+            1.25,
+            "half of 2.5/s"
+        );
         // A count that rises and falls back leaves the node halved, cut
         // and raised by the same fraction of its share.
         b.set_growers(Some(200), later);
