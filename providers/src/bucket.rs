@@ -273,8 +273,8 @@ impl Buckets {
     /// [`RECOVER_SECS`] (longer than the tail) left the last nodes of a
     /// cold start part of the account's budget: prefix delegation's cold
     /// start took 1.19× its floor, 1.13× raised at once, and 1.07× with
-    /// the count's lag cut too (`ipamd::k8s::growers::GROWS_WITHIN`),
-    /// with 1.7% and 2.1% of calls throttled.
+    /// the count's lag cut too (`ipamd::k8s::growers::GROWS_WITHIN`);
+    /// 1.7% of its calls were throttled before, 2.1% after.
     pub fn set_growers(&mut self, nodes: Option<u32>, now: Instant) {
         let g = nodes.map(|n| f64::from(n.max(1)));
         if !self.adaptive || g == self.growers {
