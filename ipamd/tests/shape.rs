@@ -2,6 +2,8 @@
 //! netlink (journal in memory), the reconciler driven by a scripted
 //! provider, a node side that is late, and the readiness latch over them.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -593,7 +595,7 @@ async fn cns_exhaustion_mode_is_entered_on_a_full_subnet_and_left_after_it() {
 async fn a_periodic_resync_gives_way_to_an_add_that_comes_to_wait() {
     use std::time::Duration;
     use tokio::time::Instant;
-    use vpc_sim::{Fault, FaultKind, Request, Vpc, VpcConfig};
+    use vpc_sim::{FaultKind, Vpc, VpcConfig};
 
     let vpc = Arc::new(Vpc::with_config(VpcConfig {
         attach_latency: Duration::from_millis(10),
@@ -614,13 +616,13 @@ async fn a_periodic_resync_gives_way_to_an_add_that_comes_to_wait() {
     while ipam.summary()["counts"]["available"].as_u64().unwrap() < 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    vpc.handle(Request::InjectFault(Fault {
-        api: Some("DescribeNetworkInterfaces".into()),
-        kind: FaultKind::Throttle,
-        count: 100_000,
-    }))
-    .await
-    .unwrap();
+    support::inproc::inject(
+        &vpc,
+        "DescribeNetworkInterfaces",
+        FaultKind::Throttle,
+        100_000,
+    )
+    .await;
     // The next periodic resync (within 72 s) starts: its first Describe
     // is throttled, and the call layer waits to retry it.
     let deadline = Instant::now() + Duration::from_secs(120);
