@@ -56,6 +56,7 @@ fn tag_of(name: &str) -> Option<(&str, bool)> {
 /// their temporary directories. Returns the names removed. Runs still
 /// alive, this one included, are not touched.
 pub fn remove_gone_runs() -> Vec<String> {
+    stop_orphans_of_gone_runs();
     let mut removed = vec![];
     for name in namespaces() {
         if matches!(tag_of(&name), Some((_, false))) {
@@ -80,6 +81,44 @@ pub fn remove_gone_runs() -> Vec<String> {
         );
     }
     removed
+}
+
+/// Kills, and waits for, the processes a gone run left working on its
+/// names: a run killed while it waited for `ip netns add <its name>` (a
+/// child that outlives it) would otherwise get that namespace created
+/// after the sweep. Such a process is one with an argument that is a gone
+/// run's name.
+fn stop_orphans_of_gone_runs() {
+    let orphans: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                cmdline.split(|b| *b == 0).any(|arg| {
+                    std::str::from_utf8(arg).is_ok_and(|a| matches!(tag_of(a), Some((_, false))))
+                })
+            })
+        })
+        .map(|pid| pid.to_string())
+        .collect();
+    if orphans.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .args(&orphans)
+        .stderr(Stdio::null())
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while orphans
+        .iter()
+        .any(|p| p.parse().ok().and_then(start_time).is_some())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Held while this run creates a namespace or its temporary directory, and
@@ -183,6 +222,23 @@ pub fn dying_with_this_process(program: &str) -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_left_working_on_a_gone_runs_name_is_stopped_before_the_sweep() {
+        use std::os::unix::process::ExitStatusExt;
+        // As an `ip netns add <name>` a killed run was waiting for: an
+        // argument that is a gone run's name (this pid, another start
+        // time). `; true` keeps the shell from exec-ing sleep, which
+        // would drop the argument.
+        let gone = format!("vcni{}s1x0-node-a", std::process::id());
+        let mut orphan = Command::new("sh")
+            .args(["-c", "sleep 30; true", &gone])
+            .spawn()
+            .unwrap();
+        stop_orphans_of_gone_runs();
+        let status = orphan.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+    }
 
     #[test]
     fn a_name_gives_its_run_and_whether_it_lives() {
