@@ -235,6 +235,19 @@ mod tests {
             .args(["-c", "sleep 30; true", &gone])
             .spawn()
             .unwrap();
+        // Until the child has exec'd the shell, its command line is this
+        // test's: a sweep then would rightly not see it.
+        let cmdline = format!("/proc/{}/cmdline", orphan.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read(&cmdline)
+            .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == gone.as_bytes()))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell never showed its argument"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         stop_orphans_of_gone_runs();
         let status = orphan.wait().unwrap();
         assert_eq!(status.signal(), Some(9), "{status:?}");
