@@ -801,7 +801,7 @@ mod tests {
         let mut ten = Buckets::adaptive(ec2_bucket);
         ten.set_peers(10, t0);
         let mut account = Buckets::default();
-        let mut reserved = |buckets: &mut Buckets, api: &str| {
+        let reserved = |buckets: &mut Buckets, api: &str| {
             buckets.bucket(api, t0);
             buckets.bucket(api, idle).reserve
         };
