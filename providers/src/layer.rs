@@ -89,6 +89,16 @@ tokio::task_local! {
     /// Set while a change no ADD waits for runs ([`nobody_waits`]): whether
     /// a throttled call in it was handed back unretried.
     static NOBODY_WAITS: std::cell::Cell<bool>;
+    /// Set while a grow ADDs wait for runs ([`for_an_add`]).
+    static FOR_AN_ADD: ();
+}
+
+/// Runs `grow`, a pool change that ADDs wait for: its calls may take an
+/// empty grow bucket's reserve ([`crate::bucket::GROW_RESERVE`]), which
+/// no other call takes. The reconciler runs the first grow of a step
+/// that ADDs wait for under it.
+pub async fn for_an_add<F: std::future::Future>(grow: F) -> F::Output {
+    FOR_AN_ADD.scope((), grow).await
 }
 
 /// Runs `change`, a pool change no ADD waits for (the reconciler runs its
@@ -378,11 +388,17 @@ impl CallLayer {
             return;
         }
         let mut waited = false;
+        let for_add = FOR_AN_ADD.try_with(|_| ()).is_ok();
         loop {
-            let wait = buckets
-                .lock()
-                .expect("bucket lock")
-                .take_or_wait(self.bucket_key(api), Instant::now());
+            let wait = {
+                let mut b = buckets.lock().expect("bucket lock");
+                let (key, now) = (self.bucket_key(api), Instant::now());
+                if for_add {
+                    b.take_or_wait_for_add(key, now)
+                } else {
+                    b.take_or_wait(key, now)
+                }
+            };
             match wait {
                 None => break,
                 Some(d) => {

@@ -562,6 +562,9 @@ impl Reconciler {
         let mut done = 0;
         let held = self.interfaces_held();
         let no_target = self.target_missing();
+        // The first grow of a step ADDs wait for may take a grow bucket's
+        // reserve; a second grow of the same step waits for tokens.
+        let mut reserve_left = urgent;
         for action in plan.actions {
             if held
                 && matches!(
@@ -612,6 +615,11 @@ impl Reconciler {
             let deferrable = action.change() == providers::Change::Release;
             let (outcome, handed_back) = if deferrable {
                 providers::layer::nobody_waits(self.execute(action)).await
+            } else if grows && std::mem::take(&mut reserve_left) {
+                (
+                    providers::layer::for_an_add(self.execute(action)).await,
+                    false,
+                )
             } else {
                 (self.execute(action).await, false)
             };
