@@ -161,12 +161,14 @@ pub const GROWERS_HEADROOM: f64 = 2.0;
 /// Calls an adaptive grow bucket ([`is_grow`]) whose share is under one
 /// call keeps, beyond being full, for a grow an ADD waits for: what
 /// refills while the bucket is full goes there, up to this. Only the
-/// calls of a grow an ADD waits for take it, when the bucket is empty
-/// ([`Buckets::try_take_for_add`]; the reconciler marks the first grow
-/// of a step that ADDs wait for, `providers::layer::for_an_add`): not a
-/// grow made ahead of demand ([`Buckets::put_off`]), nor the steps of
-/// its chain (Attach after Create) or its retries, nor a second grow of
-/// the same step. Under churn a node's grows are
+/// calls of a grow ADDs wait for take it, when the bucket is empty
+/// ([`Buckets::take_or_wait_for_add`]; the reconciler runs the first grow
+/// of a step that ADDs wait for under `providers::layer::for_an_add`, and
+/// every call of that grow, its chain's Attach and its retries included,
+/// may take its bucket's reserve): not a grow made ahead of demand
+/// ([`Buckets::put_off`]) nor that grow's later chain calls or retries,
+/// nor a second grow of the same step (which waits for its bucket's
+/// token inside the call). Under churn a node's grows are
 /// rare and mostly made ahead of demand (its warm target rising with
 /// the arrivals it saw): without the reserve, a grow made ahead took the
 /// one call the node's share had saved, and an ADD that found nothing
@@ -811,8 +813,8 @@ mod tests {
         assert!(b.try_take(grow, idle));
         let w = b.put_off(grow, idle).expect("put off");
         assert!(w >= Duration::from_secs(399), "{w:?}");
-        // A minute later: a call not for an ADD (a step of the chain, a
-        // retry) finds nothing; an ADD's grow takes the reserve at once,
+        // A minute later: a call not for an ADD (such as the Attach or a
+        // retry of a grow made ahead) finds nothing; an ADD's grow takes the reserve at once,
         // and the next waits for the bucket.
         let add = idle + Duration::from_secs(60);
         assert!(!b.try_take(grow, add), "not for an ADD");

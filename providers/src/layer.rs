@@ -622,6 +622,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn only_a_grow_for_an_add_takes_a_grow_buckets_reserve() {
+        // 2,000 nodes: one Assign per 400 s. After an idle hour the
+        // bucket holds its call and, beyond it, one in reserve.
+        let layer = CallLayer::ec2();
+        layer.set_peers(2000);
+        let assign = "AssignPrivateIpAddresses";
+        let ok = || async { Ok(()) };
+        layer.call(assign, ok).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let took = |t: Instant| t.elapsed();
+        // The bucket's call, at once.
+        let t = Instant::now();
+        layer.call(assign, ok).await.unwrap();
+        assert!(took(t) < Duration::from_secs(1), "{:?}", took(t));
+        // A call not for an ADD waits for the bucket's next call.
+        let t = Instant::now();
+        layer.call(assign, ok).await.unwrap();
+        assert!(took(t) >= Duration::from_secs(399), "{:?}", took(t));
+        // A grow for an ADD takes the reserve at once; the next waits.
+        let t = Instant::now();
+        for_an_add(layer.call(assign, ok)).await.unwrap();
+        assert!(took(t) < Duration::from_secs(1), "{:?}", took(t));
+        let t = Instant::now();
+        for_an_add(layer.call(assign, ok)).await.unwrap();
+        assert!(took(t) >= Duration::from_secs(399), "{:?}", took(t));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_client_bucket_makes_a_burst_wait_instead_of_failing() {
         let layer = CallLayer::ec2();
         let t0 = Instant::now();
