@@ -536,12 +536,6 @@ impl Buckets {
         self.take(api, now, false)
     }
 
-    /// [`Buckets::try_take`] for a grow an ADD waits for: an empty grow
-    /// bucket's reserve ([`GROW_RESERVE`]) is taken too.
-    pub fn try_take_for_add(&mut self, api: &str, now: Instant) -> bool {
-        self.take(api, now, true)
-    }
-
     fn take(&mut self, api: &str, now: Instant, for_add: bool) -> bool {
         if self.bucket(api, now).idle {
             self.rephase_idle(api, now);
@@ -801,7 +795,7 @@ mod tests {
         assert_eq!(b.put_off(grow, full), None);
         assert!(b.try_take(grow, full));
         assert!(
-            !b.try_take_for_add(grow, full),
+            b.take_or_wait_for_add(grow, full).is_some(),
             "nothing refilled beyond full"
         );
         // Full, then idle for an hour: one call reserved, not more.
@@ -814,12 +808,11 @@ mod tests {
         let w = b.put_off(grow, idle).expect("put off");
         assert!(w >= Duration::from_secs(399), "{w:?}");
         // A minute later: a call not for an ADD (such as the Attach or a
-        // retry of a grow made ahead) finds nothing; an ADD's grow takes the reserve at once,
-        // and the next waits for the bucket.
+        // retry of a grow made ahead) finds nothing; an ADD's grow takes
+        // the reserve at once, and the next waits for the bucket.
         let add = idle + Duration::from_secs(60);
         assert!(!b.try_take(grow, add), "not for an ADD");
         assert_eq!(b.take_or_wait_for_add(grow, add), None, "the reserve");
-        assert!(!b.try_take_for_add(grow, add));
         assert_eq!(
             b.take_or_wait_for_add(grow, add),
             Some(Duration::from_secs(10)),
@@ -828,7 +821,9 @@ mod tests {
         // The bucket refills first; the reserve only after it is full.
         let refilled = idle + Duration::from_secs(400);
         assert!(b.try_take(grow, refilled));
-        assert!(!b.try_take_for_add(grow, refilled + Duration::from_secs(1)));
+        assert!(b
+            .take_or_wait_for_add(grow, refilled + Duration::from_secs(1))
+            .is_some());
         // A throttled call empties the reserve with the bucket.
         let mut throttled = Buckets::adaptive(ec2_bucket);
         throttled.set_peers(2000, t0);

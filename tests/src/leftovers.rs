@@ -106,11 +106,7 @@ fn stop_orphans_of_gone_runs() {
     if orphans.is_empty() {
         return;
     }
-    let _ = Command::new("kill")
-        .arg("-KILL")
-        .args(&orphans)
-        .stderr(Stdio::null())
-        .status();
+    kill(&orphans);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     while orphans
         .iter()
@@ -119,6 +115,15 @@ fn stop_orphans_of_gone_runs() {
     {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// Sends SIGKILL to `pids` (any already gone are no error).
+fn kill(pids: &[impl AsRef<std::ffi::OsStr>]) {
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .args(pids)
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Held while this run creates a namespace or its temporary directory, and
@@ -196,11 +201,7 @@ fn remove_namespace(name: &str) {
     let me = std::process::id().to_string();
     let pids: Vec<&str> = pids.split_whitespace().filter(|p| *p != me).collect();
     if !pids.is_empty() {
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .args(&pids)
-            .stderr(Stdio::null())
-            .status();
+        kill(&pids);
     }
     let _ = Command::new("ip")
         .args(["netns", "del", name])
