@@ -470,6 +470,82 @@ async fn two_hundred_nodes_starting_at_once_all_start() {
     );
 }
 
+/// At 2,000 nodes a grow call's share is one call per 400 s: after an
+/// idle hour each grow bucket holds its call and one more in reserve for a
+/// grow ADDs wait for. When something else spent the Create bucket's own
+/// call, a step for waiting ADDs that assigns the primary interface's free
+/// slots (the Assign bucket's own call) and then creates an interface for
+/// the rest takes the Create bucket's reserve for that second grow,
+/// instead of waiting for its token (400 s) inside the call while the
+/// ADDs time out. Under tokio's paused clock, with the production pool,
+/// reconciler and call layer.
+#[tokio::test(start_paused = true)]
+async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
+    use std::time::Duration;
+    use vpc_sim::provider::Backend;
+    use vpc_sim::{SimProvider, Vpc, VpcConfig};
+
+    let vpc = Arc::new(Vpc::with_config(VpcConfig {
+        attach_latency: Duration::from_millis(200),
+        ..VpcConfig::default()
+    }));
+    let layer = providers::layer::CallLayer::ec2();
+    layer.set_peers(2000);
+    let p = Arc::new(
+        SimProvider::join_with(Backend::Local(vpc.clone()), "node-a", "m5.large", layer)
+            .await
+            .unwrap(),
+    );
+    let ipam = Ipam::start_with(
+        p.clone(),
+        settings(&[("WARM_IP_TARGET", "1"), ("MINIMUM_IP_TARGET", "1")]),
+        JournalAt::Memory(MemStore::default()),
+        NodeTracker::nothing(),
+    )
+    .await
+    .unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(ipam.clone().run(rx));
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(
+        ipam.summary()["counts"]["available"],
+        1,
+        "{}",
+        ipam.summary()
+    );
+    // Another caller of the node's layer spends Create's own call.
+    let t = tokio::time::Instant::now();
+    p.create_interface(&CreateInterface {
+        subnet_id: ipam.instance().subnet_id.clone(),
+        security_groups: vec![],
+        tags: BTreeMap::new(),
+        initial: AssignRequest::Ips(1),
+    })
+    .await
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "Create's own call");
+    // 15 pods: one takes the free address; for the 14 others the step
+    // assigns the primary interface's 8 free slots and creates an
+    // interface for the rest.
+    let t = tokio::time::Instant::now();
+    let adds = (0..15).map(|i| {
+        let ipam = ipam.clone();
+        async move { ipam.add(key(&format!("pod-{i}"))).await }
+    });
+    for (i, r) in futures_util::future::join_all(adds)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert!(r.is_ok(), "pod-{i}: {:?}", r.err());
+    }
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let created = p.api_figures()["CreateNetworkInterface"].calls;
+    assert_eq!(created, 2, "the test's and the step's");
+    stop.send(true).ok();
+    task.await.ok();
+}
+
 /// A node `name` of `instance_type` on the simulated `vpc`, started with
 /// `env` (in-memory journal, no node side) and its reconciler running:
 /// the pool, the stop switch, the reconciler's task.

@@ -161,14 +161,13 @@ pub const GROWERS_HEADROOM: f64 = 2.0;
 /// Calls an adaptive grow bucket ([`is_grow`]) whose share is under one
 /// call keeps, beyond being full, for a grow an ADD waits for: what
 /// refills while the bucket is full goes there, up to this. Only the
-/// calls of a grow ADDs wait for take it, when the bucket is empty
-/// ([`Buckets::take_or_wait_for_add`]; the reconciler runs the first grow
-/// of a step that ADDs wait for under `providers::layer::for_an_add`, and
-/// every call of that grow, its chain's Attach and its retries included,
-/// may take its bucket's reserve): not a grow made ahead of demand
-/// ([`Buckets::put_off`]) nor that grow's later chain calls or retries,
-/// nor a second grow of the same step (which waits for its bucket's
-/// token inside the call). Under churn a node's grows are
+/// calls of grows ADDs wait for take it, when the bucket is empty
+/// ([`Buckets::take_reserve`]; the reconciler runs every grow of a step
+/// that ADDs wait for under `providers::layer::for_an_add`, which lets
+/// each bucket's reserve be taken once in the step, by whichever of its
+/// calls, a chain's Attach or a retry included, first finds the bucket
+/// empty): not a grow made ahead of demand ([`Buckets::put_off`]) nor
+/// that grow's later chain calls or retries. Under churn a node's grows are
 /// rare and mostly made ahead of demand (its warm target rising with
 /// the arrivals it saw): without the reserve, a grow made ahead took the
 /// one call the node's share had saved, and an ADD that found nothing
@@ -215,8 +214,8 @@ pub const GROW_RESERVE: f64 = 1.0;
 /// the adaptive mode 1.07-1.08× at 0.5. At 5,000 nodes under prefix
 /// delegation the cold start went from 1.06× to 1.02×, and its throttled
 /// calls from 10.8% to 15.2% (12.8% at 1). Reads keep the old start over:
-/// with it for them too, the start-up Describes throttled 3,672 times
-/// instead of about 2,500 at 5,000 nodes.
+/// with it for them too, the start-up Describes throttled 5,543 times
+/// (3,672 at 1) instead of about 2,500 at 5,000 nodes.
 pub const THROTTLED_RETRY_WITHIN: f64 = 0.5;
 
 /// Buckets keyed by API name: an account's (the cloud's side), or one
@@ -540,22 +539,7 @@ impl Buckets {
     /// force, at most [`MAX_WAIT`]): a client waits instead of being
     /// throttled by the cloud.
     pub fn take_or_wait(&mut self, api: &str, now: Instant) -> Option<std::time::Duration> {
-        self.take_or_wait_as(api, now, false)
-    }
-
-    /// [`Buckets::take_or_wait`] for a grow an ADD waits for: an empty
-    /// grow bucket's reserve ([`GROW_RESERVE`]) is taken too.
-    pub fn take_or_wait_for_add(&mut self, api: &str, now: Instant) -> Option<std::time::Duration> {
-        self.take_or_wait_as(api, now, true)
-    }
-
-    fn take_or_wait_as(
-        &mut self,
-        api: &str,
-        now: Instant,
-        for_add: bool,
-    ) -> Option<std::time::Duration> {
-        if self.take(api, now, for_add) {
+        if self.take(api, now) {
             return None;
         }
         let b = &self.buckets[api];
@@ -566,12 +550,26 @@ impl Buckets {
         Some(std::time::Duration::from_secs_f64(missing / b.rate).clamp(MIN_WAIT, MAX_WAIT))
     }
 
-    /// Takes a token for `api`; false means the call is throttled.
-    pub fn try_take(&mut self, api: &str, now: Instant) -> bool {
-        self.take(api, now, false)
+    /// For a grow an ADD waits for, when `api`'s bucket has no token
+    /// ([`Buckets::take_or_wait`] said to wait): takes a call from its
+    /// reserve ([`GROW_RESERVE`]); false when it has none or the bucket
+    /// has a token (which the caller takes instead).
+    pub fn take_reserve(&mut self, api: &str, now: Instant) -> bool {
+        let b = self.bucket(api, now);
+        if b.tokens < 1.0 - 1e-9 && b.reserve >= 1.0 - 1e-9 {
+            b.reserve = (b.reserve - 1.0).max(0.0);
+            true
+        } else {
+            false
+        }
     }
 
-    fn take(&mut self, api: &str, now: Instant, for_add: bool) -> bool {
+    /// Takes a token for `api`; false means the call is throttled.
+    pub fn try_take(&mut self, api: &str, now: Instant) -> bool {
+        self.take(api, now)
+    }
+
+    fn take(&mut self, api: &str, now: Instant) -> bool {
         if self.bucket(api, now).idle {
             self.rephase_idle(api, now);
         }
@@ -581,9 +579,6 @@ impl Buckets {
             b.tokens = (b.tokens - 1.0).max(0.0);
             b.full_since = None;
             b.not_before = None;
-            true
-        } else if for_add && b.reserve >= 1.0 - 1e-9 {
-            b.reserve = (b.reserve - 1.0).max(0.0);
             true
         } else {
             false
@@ -829,10 +824,8 @@ mod tests {
         let full = t0 + Duration::from_secs(400);
         assert_eq!(b.put_off(grow, full), None);
         assert!(b.try_take(grow, full));
-        assert!(
-            b.take_or_wait_for_add(grow, full).is_some(),
-            "nothing refilled beyond full"
-        );
+        assert!(b.take_or_wait(grow, full).is_some());
+        assert!(!b.take_reserve(grow, full), "nothing refilled beyond full");
         // Full, then idle for an hour: one call reserved, not more.
         let idle = full + Duration::from_secs(400 + 3600);
         assert_eq!(b.bucket(grow, idle).reserve, GROW_RESERVE);
@@ -847,18 +840,17 @@ mod tests {
         // the reserve at once, and the next waits for the bucket.
         let add = idle + Duration::from_secs(60);
         assert!(!b.try_take(grow, add), "not for an ADD");
-        assert_eq!(b.take_or_wait_for_add(grow, add), None, "the reserve");
+        assert!(b.take_reserve(grow, add), "the reserve");
+        assert!(!b.take_reserve(grow, add), "one call");
         assert_eq!(
-            b.take_or_wait_for_add(grow, add),
+            b.take_or_wait(grow, add),
             Some(Duration::from_secs(10)),
             "340 s to the bucket's token, asked again after MAX_WAIT"
         );
         // The bucket refills first; the reserve only after it is full.
         let refilled = idle + Duration::from_secs(400);
         assert!(b.try_take(grow, refilled));
-        assert!(b
-            .take_or_wait_for_add(grow, refilled + Duration::from_secs(1))
-            .is_some());
+        assert!(!b.take_reserve(grow, refilled + Duration::from_secs(1)));
         // A throttled call empties the reserve with the bucket.
         let mut throttled = Buckets::adaptive(ec2_bucket);
         throttled.set_peers(2000, t0);

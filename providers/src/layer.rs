@@ -23,7 +23,7 @@
 //! Clock: tokio's, so a simulation under a paused clock is deterministic.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -90,15 +90,36 @@ tokio::task_local! {
     /// a throttled call in it was handed back unretried.
     static NOBODY_WAITS: std::cell::Cell<bool>;
     /// Set while a grow ADDs wait for runs ([`for_an_add`]).
-    static FOR_AN_ADD: ();
+    static FOR_AN_ADD: ReservesTaken;
 }
 
-/// Runs `grow`, a pool change that ADDs wait for: its calls may take an
-/// empty grow bucket's reserve ([`crate::bucket::GROW_RESERVE`]), which
-/// no other call takes. The reconciler runs the first grow of a step
-/// that ADDs wait for under it.
-pub async fn for_an_add<F: std::future::Future>(grow: F) -> F::Output {
-    FOR_AN_ADD.scope((), grow).await
+/// The buckets whose reserve ([`crate::bucket::GROW_RESERVE`]) the grows
+/// of one reconciler step that ADDs wait for took ([`for_an_add`]): each
+/// at most once per step. Clones share the set.
+#[derive(Clone, Debug, Default)]
+pub struct ReservesTaken(Arc<Mutex<std::collections::HashSet<String>>>);
+
+impl ReservesTaken {
+    /// Takes `key`'s reserve from `buckets` unless this step already did:
+    /// whether it took one.
+    fn take(&self, buckets: &mut Buckets, key: &str, now: Instant) -> bool {
+        let mut taken = self.0.lock().expect("reserves lock");
+        if taken.contains(key) || !buckets.take_reserve(key, now) {
+            return false;
+        }
+        taken.insert(key.to_string());
+        true
+    }
+}
+
+/// Runs `grow`, a pool change that ADDs wait for: a call of it that finds
+/// its grow bucket empty may take the bucket's reserve
+/// ([`crate::bucket::GROW_RESERVE`]), which no other call takes, unless
+/// a grow under the same `taken` (the same step) took it already. The
+/// reconciler runs every grow of a step that ADDs wait for under it, with
+/// one `taken` per step.
+pub async fn for_an_add<F: std::future::Future>(taken: &ReservesTaken, grow: F) -> F::Output {
+    FOR_AN_ADD.scope(taken.clone(), grow).await
 }
 
 /// Runs `change`, a pool change no ADD waits for (the reconciler runs its
@@ -388,15 +409,14 @@ impl CallLayer {
             return;
         }
         let mut waited = false;
-        let for_add = FOR_AN_ADD.try_with(|_| ()).is_ok();
+        let for_add = FOR_AN_ADD.try_with(Clone::clone).ok();
         loop {
             let wait = {
                 let mut b = buckets.lock().expect("bucket lock");
                 let (key, now) = (self.bucket_key(api), Instant::now());
-                if for_add {
-                    b.take_or_wait_for_add(key, now)
-                } else {
-                    b.take_or_wait(key, now)
+                match b.take_or_wait(key, now) {
+                    Some(_) if for_add.as_ref().is_some_and(|t| t.take(&mut b, key, now)) => None,
+                    wait => wait,
                 }
             };
             match wait {
@@ -622,31 +642,49 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn only_a_grow_for_an_add_takes_a_grow_buckets_reserve() {
-        // 2,000 nodes: one Assign per 400 s. After an idle hour the
-        // bucket holds its call and, beyond it, one in reserve.
+    async fn only_a_grow_for_an_add_takes_a_grow_buckets_reserve_once_a_step() {
+        // 2,000 nodes: one Assign and one Create per 400 s. After an idle
+        // hour each bucket holds its call and, beyond it, one in reserve.
         let layer = CallLayer::ec2();
         layer.set_peers(2000);
-        let assign = "AssignPrivateIpAddresses";
+        let (assign, create) = ("AssignPrivateIpAddresses", "CreateNetworkInterface");
         let ok = || async { Ok(()) };
         layer.call(assign, ok).await.unwrap();
         tokio::time::sleep(Duration::from_secs(3600)).await;
         let took = |t: Instant| t.elapsed();
-        // The bucket's call, at once.
+        let at_once = Duration::from_secs(1);
+        // The buckets' calls, at once.
         let t = Instant::now();
         layer.call(assign, ok).await.unwrap();
-        assert!(took(t) < Duration::from_secs(1), "{:?}", took(t));
-        // A call not for an ADD waits for the bucket's next call.
+        layer.call(create, ok).await.unwrap();
+        assert!(took(t) < at_once, "{:?}", took(t));
+        // A call not for an ADD would wait for the bucket's next call.
+        let outside = tokio::time::timeout(at_once, layer.call(assign, ok)).await;
+        assert!(outside.is_err(), "not for an ADD");
+        // The grows of one step ADDs wait for: the first takes its
+        // bucket's reserve at once, and so does a second grow on another
+        // bucket; a second call on the same bucket waits.
+        let step = ReservesTaken::default();
         let t = Instant::now();
-        layer.call(assign, ok).await.unwrap();
+        for_an_add(&step, layer.call(assign, ok)).await.unwrap();
+        for_an_add(&step, layer.call(create, ok)).await.unwrap();
+        assert!(took(t) < at_once, "{:?}", took(t));
+        let t = Instant::now();
+        for_an_add(&step, layer.call(assign, ok)).await.unwrap();
         assert!(took(t) >= Duration::from_secs(399), "{:?}", took(t));
-        // A grow for an ADD takes the reserve at once; the next waits.
+        // Idle again until Create's bucket is full and its reserve too:
+        // within the same step its reserve is not taken again, in the
+        // next step it is.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
         let t = Instant::now();
-        for_an_add(layer.call(assign, ok)).await.unwrap();
-        assert!(took(t) < Duration::from_secs(1), "{:?}", took(t));
+        for_an_add(&step, layer.call(create, ok)).await.unwrap();
+        assert!(took(t) < at_once, "the bucket's own call");
+        let again = tokio::time::timeout(at_once, for_an_add(&step, layer.call(create, ok))).await;
+        assert!(again.is_err(), "the step took Create's reserve already");
+        let next = ReservesTaken::default();
         let t = Instant::now();
-        for_an_add(layer.call(assign, ok)).await.unwrap();
-        assert!(took(t) >= Duration::from_secs(399), "{:?}", took(t));
+        for_an_add(&next, layer.call(create, ok)).await.unwrap();
+        assert!(took(t) < at_once, "{:?}", took(t));
     }
 
     #[tokio::test(start_paused = true)]

@@ -562,9 +562,9 @@ impl Reconciler {
         let mut done = 0;
         let held = self.interfaces_held();
         let no_target = self.target_missing();
-        // The first grow of a step ADDs wait for may take a grow bucket's
-        // reserve; a second grow of the same step waits for tokens.
-        let mut reserve_left = urgent;
+        // The grows of a step ADDs wait for may take their grow buckets'
+        // reserves, each bucket's once in the step.
+        let reserves = urgent.then(providers::layer::ReservesTaken::default);
         for action in plan.actions {
             if held
                 && matches!(
@@ -615,9 +615,9 @@ impl Reconciler {
             let deferrable = action.change() == providers::Change::Release;
             let (outcome, handed_back) = if deferrable {
                 providers::layer::nobody_waits(self.execute(action)).await
-            } else if grows && std::mem::take(&mut reserve_left) {
+            } else if let Some(taken) = reserves.as_ref().filter(|_| grows) {
                 (
-                    providers::layer::for_an_add(self.execute(action)).await,
+                    providers::layer::for_an_add(taken, self.execute(action)).await,
                     false,
                 )
             } else {
