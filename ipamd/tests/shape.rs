@@ -496,16 +496,11 @@ async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
             .await
             .unwrap(),
     );
-    let ipam = Ipam::start_with(
+    let (ipam, stop, task) = node_on(
         p.clone(),
-        settings(&[("WARM_IP_TARGET", "1"), ("MINIMUM_IP_TARGET", "1")]),
-        JournalAt::Memory(MemStore::default()),
-        NodeTracker::nothing(),
+        &[("WARM_IP_TARGET", "1"), ("MINIMUM_IP_TARGET", "1")],
     )
-    .await
-    .unwrap();
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(ipam.clone().run(rx));
+    .await;
     tokio::time::sleep(Duration::from_secs(3600)).await;
     assert_eq!(
         ipam.summary()["counts"]["available"],
@@ -563,8 +558,22 @@ async fn sim_node(
     let p = vpc_sim::SimProvider::join(Backend::Local(vpc.clone()), name, instance_type)
         .await
         .unwrap();
+    node_on(Arc::new(p), env).await
+}
+
+/// The pool on `provider`, started with `env` (in-memory journal, no node
+/// side), and its reconciler running: the pool, the stop switch, the
+/// reconciler's task.
+async fn node_on(
+    provider: Arc<dyn CloudProvider>,
+    env: &[(&str, &str)],
+) -> (
+    Arc<Ipam>,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
     let ipam = Ipam::start_with(
-        Arc::new(p),
+        provider,
         settings(env),
         JournalAt::Memory(MemStore::default()),
         NodeTracker::nothing(),

@@ -241,7 +241,8 @@ pub const THROTTLED_RETRY_WITHIN: f64 = 0.5;
 /// instead of sending them at once; a throttled bucket starts over at a
 /// new random part of its own, or a grow at a random point of half a
 /// period of the share it had ([`THROTTLED_RETRY_WITHIN`]). A release
-/// (Unassign, Detach, Delete) is never urgent: when its bucket has sat full, the node's saved token is
+/// (Unassign, Detach, Delete) is never urgent: when its bucket has sat
+/// full, the node's saved token is
 /// not spent on it at once (every node idle alike would send its release
 /// in the same second after a cluster-wide scale down); it goes at once
 /// with the chance of the share's burst, else after a random part of one
