@@ -323,6 +323,22 @@ pub enum Action {
 }
 
 impl Action {
+    /// Addresses a grow adds to the pool (a prefix's 16); 0 for a
+    /// release or a delete.
+    pub fn grows_by(&self) -> u32 {
+        match self {
+            Self::AssignIps { count, .. } => *count,
+            Self::AssignPrefixes { count, .. } => count.saturating_mul(PREFIX_SIZE),
+            Self::CreateInterface {
+                initial: AssignRequest::Ips(n),
+            } => *n,
+            Self::CreateInterface {
+                initial: AssignRequest::Prefixes(n),
+            } => n.saturating_mul(PREFIX_SIZE),
+            _ => 0,
+        }
+    }
+
     /// The kind of cloud change it is (what the provider may put off).
     pub fn change(&self) -> providers::Change {
         match self {
@@ -384,6 +400,11 @@ impl std::fmt::Display for Blocked {
 pub struct Plan {
     pub actions: Vec<Action>,
     pub blocked: Option<Blocked>,
+    /// Addresses the ADDs waiting need beyond the pool's (free ones
+    /// serve them first): the first grows of `actions`, up to this many
+    /// addresses, are for them; the rest of the grows are for the warm
+    /// target, ahead of demand.
+    pub for_adds: u32,
 }
 
 fn div_ceil(a: u32, b: u32) -> u32 {
@@ -403,6 +424,7 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
     let used: u32 = view.interfaces.iter().map(IfaceView::used).sum();
     let assigned: u32 = view.interfaces.iter().map(|i| i.assigned).sum();
     let demand = used + view.waiting;
+    let for_adds = demand.saturating_sub(total);
 
     // The adaptive target now, and how many addresses the pool releases
     // down to: it keeps up to twice its warm target free or cooling, so
@@ -551,17 +573,29 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
                 });
             }
         }
-        return Plan { actions, blocked };
+        return Plan {
+            actions,
+            blocked,
+            for_adds,
+        };
     }
 
     if view.waiting > 0 {
-        return Plan { actions, blocked };
+        return Plan {
+            actions,
+            blocked,
+            for_adds,
+        };
     }
 
     // Shrink. First a whole idle interface, at most one per step.
     let keep = release_to.map_or(want, |r| r.max(want));
     if total <= keep {
-        return Plan { actions, blocked };
+        return Plan {
+            actions,
+            blocked,
+            for_adds,
+        };
     }
     let excess = total - keep;
     let deletable = view
@@ -578,11 +612,19 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
         actions.push(Action::DeleteInterface {
             interface_id: i.id.clone(),
         });
-        return Plan { actions, blocked };
+        return Plan {
+            actions,
+            blocked,
+            for_adds,
+        };
     }
     // Under the ENI target aws-node keeps interfaces whole.
     if !pd && !cfg.fine_grained() {
-        return Plan { actions, blocked };
+        return Plan {
+            actions,
+            blocked,
+            for_adds,
+        };
     }
     // Then single addresses or wholly unused prefixes, emptiest interface first.
     let mut order: Vec<&IfaceView> = view.interfaces.iter().collect();
@@ -618,5 +660,9 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
             });
         }
     }
-    Plan { actions, blocked }
+    Plan {
+        actions,
+        blocked,
+        for_adds,
+    }
 }

@@ -541,6 +541,66 @@ async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
     task.await.ok();
 }
 
+/// The same idle hour and spent Create call, under WARM_IP_TARGET=5: of
+/// six pods five take the free addresses and one waits; the step's
+/// Assign of the primary interface's four free slots serves it, and its
+/// Create is for the warm target alone, ahead of demand: that Create
+/// does not take the Create bucket's reserve (it waits for the bucket's
+/// token). Found in review.
+#[tokio::test(start_paused = true)]
+async fn a_grow_for_the_warm_target_in_a_step_adds_wait_for_takes_no_reserve() {
+    use std::time::Duration;
+    use vpc_sim::provider::Backend;
+    use vpc_sim::{SimProvider, Vpc, VpcConfig};
+
+    let vpc = Arc::new(Vpc::with_config(VpcConfig {
+        attach_latency: Duration::from_millis(200),
+        ..VpcConfig::default()
+    }));
+    let layer = providers::layer::CallLayer::ec2();
+    layer.set_peers(2000);
+    let p = Arc::new(
+        SimProvider::join_with(Backend::Local(vpc.clone()), "node-a", "m5.large", layer)
+            .await
+            .unwrap(),
+    );
+    let (ipam, stop, task) = node_on(
+        p.clone(),
+        &[("WARM_IP_TARGET", "5"), ("MINIMUM_IP_TARGET", "5")],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(ipam.summary()["counts"]["available"], 5);
+    p.create_interface(&CreateInterface {
+        subnet_id: ipam.instance().subnet_id.clone(),
+        security_groups: vec![],
+        tags: BTreeMap::new(),
+        initial: AssignRequest::Ips(1),
+    })
+    .await
+    .unwrap();
+    let adds = (0..6).map(|i| {
+        let ipam = ipam.clone();
+        async move { ipam.add(key(&format!("pod-{i}"))).await }
+    });
+    for (i, r) in futures_util::future::join_all(adds)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert!(r.is_ok(), "pod-{i}: {:?}", r.err());
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let figures = p.api_figures();
+    assert_eq!(figures["AssignPrivateIpAddresses"].calls, 2, "start, step");
+    assert_eq!(
+        figures["CreateNetworkInterface"].calls, 1,
+        "the test's only: the warm target's Create waits for its token"
+    );
+    stop.send(true).ok();
+    task.await.ok();
+}
+
 /// A node `name` of `instance_type` on the simulated `vpc`, started with
 /// `env` (in-memory journal, no node side) and its reconciler running:
 /// the pool, the stop switch, the reconciler's task.

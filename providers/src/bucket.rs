@@ -163,11 +163,12 @@ pub const GROWERS_HEADROOM: f64 = 2.0;
 /// refills while the bucket is full goes there, up to this. Only the
 /// calls of grows ADDs wait for take it, when the bucket is empty
 /// ([`Buckets::take_reserve`]; the reconciler runs every grow of a step
-/// that ADDs wait for under `providers::layer::for_an_add`, which lets
-/// each bucket's reserve be taken once in the step, by whichever of its
-/// calls, a chain's Attach or a retry included, first finds the bucket
-/// empty): not a grow made ahead of demand ([`Buckets::put_off`]) nor
-/// that grow's later chain calls or retries. Under churn a node's grows are
+/// that ADDs wait for under `providers::layer::for_an_add`, up to the
+/// addresses those ADDs need, which lets each bucket's reserve be taken
+/// once in the step, by whichever of its calls, a chain's Attach or a
+/// retry included, first finds the bucket empty): not a grow made ahead
+/// of demand ([`Buckets::put_off`]), nor a grow of the same step that the
+/// plan adds for the warm target, nor their chain calls or retries. Under churn a node's grows are
 /// rare and mostly made ahead of demand (its warm target rising with
 /// the arrivals it saw): without the reserve, a grow made ahead took the
 /// one call the node's share had saved, and an ADD that found nothing
@@ -490,7 +491,9 @@ impl Buckets {
             // the halved rate, the missing part of one call takes that
             // long).
             if b.grow {
-                1.0 - random_part() * THROTTLED_RETRY_WITHIN * b.rate / had
+                // (A rate below its floor, left by a node count that
+                // fell, is raised by the halving: at most one period.)
+                1.0 - random_part() * THROTTLED_RETRY_WITHIN * (b.rate / had).min(1.0)
             } else {
                 random_part()
             }

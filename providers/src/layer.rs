@@ -116,8 +116,9 @@ impl ReservesTaken {
 /// its grow bucket empty may take the bucket's reserve
 /// ([`crate::bucket::GROW_RESERVE`]), which no other call takes, unless
 /// a grow under the same `taken` (the same step) took it already. The
-/// reconciler runs every grow of a step that ADDs wait for under it, with
-/// one `taken` per step.
+/// reconciler runs the grows of a step that serve waiting ADDs under it
+/// (not those the plan adds for the warm target), with one `taken` per
+/// step.
 pub async fn for_an_add<F: std::future::Future>(taken: &ReservesTaken, grow: F) -> F::Output {
     FOR_AN_ADD.scope(taken.clone(), grow).await
 }
