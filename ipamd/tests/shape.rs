@@ -470,17 +470,19 @@ async fn two_hundred_nodes_starting_at_once_all_start() {
     );
 }
 
-/// At 2,000 nodes a grow call's share is one call per 400 s: after an
-/// idle hour each grow bucket holds its call and one more in reserve for a
-/// grow ADDs wait for. When something else spent the Create bucket's own
-/// call, a step for waiting ADDs that assigns the primary interface's free
-/// slots (the Assign bucket's own call) and then creates an interface for
-/// the rest takes the Create bucket's reserve for that second grow,
-/// instead of waiting for its token (400 s) inside the call while the
-/// ADDs time out. Under tokio's paused clock, with the production pool,
-/// reconciler and call layer.
-#[tokio::test(start_paused = true)]
-async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
+/// A node of a 2,000-node account (a grow call's share: one call per
+/// 400 s) started with `env`, after an idle hour (each grow bucket holds
+/// its call and one more in reserve for a grow ADDs wait for), whose
+/// Create bucket's own call another caller of its layer then spent: the
+/// provider, the pool, the stop switch, the reconciler's task.
+async fn idle_node_with_create_spent(
+    env: &[(&str, &str)],
+) -> (
+    Arc<vpc_sim::SimProvider>,
+    Arc<Ipam>,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
     use std::time::Duration;
     use vpc_sim::provider::Backend;
     use vpc_sim::{SimProvider, Vpc, VpcConfig};
@@ -496,19 +498,8 @@ async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
             .await
             .unwrap(),
     );
-    let (ipam, stop, task) = node_on(
-        p.clone(),
-        &[("WARM_IP_TARGET", "1"), ("MINIMUM_IP_TARGET", "1")],
-    )
-    .await;
+    let (ipam, stop, task) = node_on(p.clone(), env).await;
     tokio::time::sleep(Duration::from_secs(3600)).await;
-    assert_eq!(
-        ipam.summary()["counts"]["available"],
-        1,
-        "{}",
-        ipam.summary()
-    );
-    // Another caller of the node's layer spends Create's own call.
     let t = tokio::time::Instant::now();
     p.create_interface(&CreateInterface {
         subnet_id: ipam.instance().subnet_id.clone(),
@@ -519,11 +510,12 @@ async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
     .await
     .unwrap();
     assert!(t.elapsed() < Duration::from_secs(1), "Create's own call");
-    // 15 pods: one takes the free address; for the 14 others the step
-    // assigns the primary interface's 8 free slots and creates an
-    // interface for the rest.
-    let t = tokio::time::Instant::now();
-    let adds = (0..15).map(|i| {
+    (p, ipam, stop, task)
+}
+
+/// `n` pods' ADDs at once on `ipam`, each asserted served.
+async fn add_all(ipam: &Arc<Ipam>, n: usize) {
+    let adds = (0..n).map(|i| {
         let ipam = ipam.clone();
         async move { ipam.add(key(&format!("pod-{i}"))).await }
     });
@@ -534,63 +526,45 @@ async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
     {
         assert!(r.is_ok(), "pod-{i}: {:?}", r.err());
     }
-    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+/// On such a node, a step for waiting ADDs that assigns the primary
+/// interface's free slots (the Assign bucket's own call) and then creates
+/// an interface for the rest takes the Create bucket's reserve for that
+/// second grow, instead of waiting for its token (400 s) inside the call
+/// while the ADDs time out. Under tokio's paused clock, with the
+/// production pool, reconciler and call layer.
+#[tokio::test(start_paused = true)]
+async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
+    let env = [("WARM_IP_TARGET", "1"), ("MINIMUM_IP_TARGET", "1")];
+    let (p, ipam, stop, task) = idle_node_with_create_spent(&env).await;
+    // 15 pods: one takes the free address; for the 14 others the step
+    // assigns the primary interface's 8 free slots and creates an
+    // interface for the rest.
+    let t = tokio::time::Instant::now();
+    add_all(&ipam, 15).await;
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
     let created = p.api_figures()["CreateNetworkInterface"].calls;
     assert_eq!(created, 2, "the test's and the step's");
     stop.send(true).ok();
     task.await.ok();
 }
 
-/// The same idle hour and spent Create call, under WARM_IP_TARGET=5: of
-/// six pods five take the free addresses and one waits; the step's
-/// Assign of the primary interface's four free slots serves it, and its
-/// Create is for the warm target alone, ahead of demand: that Create
-/// does not take the Create bucket's reserve (it waits for the bucket's
-/// token). Found in review.
+/// On such a node under WARM_IP_TARGET=5: of six pods five take the free
+/// addresses and one waits; the step's Assign of the primary interface's
+/// four free slots serves it, and its Create is for the warm target
+/// alone, ahead of demand: that Create does not take the Create bucket's
+/// reserve (it waits for the bucket's token). Found in review.
 #[tokio::test(start_paused = true)]
 async fn a_grow_for_the_warm_target_in_a_step_adds_wait_for_takes_no_reserve() {
-    use std::time::Duration;
-    use vpc_sim::provider::Backend;
-    use vpc_sim::{SimProvider, Vpc, VpcConfig};
-
-    let vpc = Arc::new(Vpc::with_config(VpcConfig {
-        attach_latency: Duration::from_millis(200),
-        ..VpcConfig::default()
-    }));
-    let layer = providers::layer::CallLayer::ec2();
-    layer.set_peers(2000);
-    let p = Arc::new(
-        SimProvider::join_with(Backend::Local(vpc.clone()), "node-a", "m5.large", layer)
-            .await
-            .unwrap(),
-    );
-    let (ipam, stop, task) = node_on(
-        p.clone(),
-        &[("WARM_IP_TARGET", "5"), ("MINIMUM_IP_TARGET", "5")],
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(3600)).await;
-    assert_eq!(ipam.summary()["counts"]["available"], 5);
-    p.create_interface(&CreateInterface {
-        subnet_id: ipam.instance().subnet_id.clone(),
-        security_groups: vec![],
-        tags: BTreeMap::new(),
-        initial: AssignRequest::Ips(1),
-    })
-    .await
-    .unwrap();
-    let adds = (0..6).map(|i| {
-        let ipam = ipam.clone();
-        async move { ipam.add(key(&format!("pod-{i}"))).await }
-    });
-    for (i, r) in futures_util::future::join_all(adds)
-        .await
-        .into_iter()
-        .enumerate()
-    {
-        assert!(r.is_ok(), "pod-{i}: {:?}", r.err());
-    }
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let env = [("WARM_IP_TARGET", "5"), ("MINIMUM_IP_TARGET", "5")];
+    let (p, ipam, stop, task) = idle_node_with_create_spent(&env).await;
+    add_all(&ipam, 6).await;
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
     let figures = p.api_figures();
     assert_eq!(figures["AssignPrivateIpAddresses"].calls, 2, "start, step");
     assert_eq!(
