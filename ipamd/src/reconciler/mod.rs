@@ -565,7 +565,7 @@ impl Reconciler {
         // The grows of a step that ADDs wait for may take their grow
         // buckets' reserves, each bucket's once in the step; only those
         // for the ADDs, not those the plan adds for the warm target.
-        let reserves = urgent.then(providers::layer::ReservesTaken::default);
+        let reserves = providers::layer::ReservesTaken::default();
         let mut for_adds = plan.for_adds;
         for action in plan.actions {
             if held
@@ -614,16 +614,16 @@ impl Reconciler {
             // ADD may come to wait (see `providers::layer::nobody_waits`).
             // A grow is not: after a throttle, an ADD's grow would wait
             // for the same bucket's token.
-            let for_an_add = grows && for_adds > 0;
+            let for_an_add = urgent && grows && for_adds > 0;
             if for_an_add {
                 for_adds = for_adds.saturating_sub(action.grows_by());
             }
             let deferrable = action.change() == providers::Change::Release;
             let (outcome, handed_back) = if deferrable {
                 providers::layer::nobody_waits(self.execute(action)).await
-            } else if let Some(taken) = reserves.as_ref().filter(|_| for_an_add) {
+            } else if for_an_add {
                 (
-                    providers::layer::for_an_add(taken, self.execute(action)).await,
+                    providers::layer::for_an_add(&reserves, self.execute(action)).await,
                     false,
                 )
             } else {
