@@ -323,22 +323,6 @@ pub enum Action {
 }
 
 impl Action {
-    /// Addresses a grow adds to the pool (a prefix's 16); 0 for a
-    /// release or a delete.
-    pub fn grows_by(&self) -> u32 {
-        match self {
-            Self::AssignIps { count, .. } => *count,
-            Self::AssignPrefixes { count, .. } => count.saturating_mul(PREFIX_SIZE),
-            Self::CreateInterface {
-                initial: AssignRequest::Ips(n),
-            } => *n,
-            Self::CreateInterface {
-                initial: AssignRequest::Prefixes(n),
-            } => n.saturating_mul(PREFIX_SIZE),
-            _ => 0,
-        }
-    }
-
     /// The kind of cloud change it is (what the provider may put off).
     pub fn change(&self) -> providers::Change {
         match self {
@@ -403,7 +387,10 @@ pub struct Plan {
     /// Addresses the ADDs waiting need beyond the pool's (free ones
     /// serve them first): the first grows of `actions`, up to this many
     /// addresses, are for them; the rest of the grows are for the warm
-    /// target, ahead of demand.
+    /// target, ahead of demand. The reconciler counts it down by what each
+    /// grow did add, which a nearly full subnet may make fewer than
+    /// planned (a /28 sent as single addresses), so that the grows after
+    /// it serve the ADDs still waiting.
     pub for_adds: u32,
 }
 

@@ -470,12 +470,13 @@ async fn two_hundred_nodes_starting_at_once_all_start() {
     );
 }
 
-/// A node of a 2,000-node account (a grow call's share: one call per
-/// 400 s) started with `env`, after an idle hour (each grow bucket holds
+/// A node of `instance_type` in a 2,000-node account (a grow call's share:
+/// one call per 400 s) started with `env`, after an idle hour (each grow bucket holds
 /// its call and one more in reserve for a grow ADDs wait for), whose
 /// Create bucket's own call another caller of its layer then spent: the
 /// provider, the pool, the stop switch, the reconciler's task.
 async fn idle_node_with_create_spent(
+    instance_type: &str,
     env: &[(&str, &str)],
 ) -> (
     Arc<vpc_sim::SimProvider>,
@@ -494,7 +495,7 @@ async fn idle_node_with_create_spent(
     let layer = providers::layer::CallLayer::ec2();
     layer.set_peers(2000);
     let p = Arc::new(
-        SimProvider::join_with(Backend::Local(vpc.clone()), "node-a", "m5.large", layer)
+        SimProvider::join_with(Backend::Local(vpc.clone()), "node-a", instance_type, layer)
             .await
             .unwrap(),
     );
@@ -537,7 +538,7 @@ async fn add_all(ipam: &Arc<Ipam>, n: usize) {
 #[tokio::test(start_paused = true)]
 async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
     let env = [("WARM_IP_TARGET", "1"), ("MINIMUM_IP_TARGET", "1")];
-    let (p, ipam, stop, task) = idle_node_with_create_spent(&env).await;
+    let (p, ipam, stop, task) = idle_node_with_create_spent("m5.large", &env).await;
     // 15 pods: one takes the free address; for the 14 others the step
     // assigns the primary interface's 8 free slots and creates an
     // interface for the rest.
@@ -562,7 +563,7 @@ async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
 #[tokio::test(start_paused = true)]
 async fn a_grow_for_the_warm_target_in_a_step_adds_wait_for_takes_no_reserve() {
     let env = [("WARM_IP_TARGET", "5"), ("MINIMUM_IP_TARGET", "5")];
-    let (p, ipam, stop, task) = idle_node_with_create_spent(&env).await;
+    let (p, ipam, stop, task) = idle_node_with_create_spent("m5.large", &env).await;
     add_all(&ipam, 6).await;
     tokio::time::sleep(std::time::Duration::from_secs(10)).await;
     let figures = p.api_figures();
@@ -571,6 +572,62 @@ async fn a_grow_for_the_warm_target_in_a_step_adds_wait_for_takes_no_reserve() {
         figures["CreateNetworkInterface"].calls, 1,
         "the test's only: the warm target's Create waits for its token"
     );
+    stop.send(true).ok();
+    task.await.ok();
+}
+
+/// On such a node with prefix delegation (a t3.small: three /28 slots an
+/// interface), a step for two waiting ADDs plans a prefix on the primary
+/// interface's last slot (for the ADDs) and an interface for the warm
+/// target. The subnet has no /28 left for the Assign, which then gives
+/// one single address: the Create serves the other ADD and takes the
+/// Create bucket's reserve. Counted by what the planned prefix would
+/// have added (16), the Create was the warm target's and waited for its
+/// token (400 s) while the ADD timed out. Found in review.
+#[tokio::test(start_paused = true)]
+async fn a_prefix_sent_as_one_address_leaves_the_adds_next_grow_its_reserve() {
+    use vpc_sim::{Fault, FaultKind, Request};
+    let env = [
+        ("ENABLE_PREFIX_DELEGATION", "true"),
+        ("WARM_IP_TARGET", "20"),
+        ("MINIMUM_IP_TARGET", "20"),
+    ];
+    let (p, ipam, stop, task) = idle_node_with_create_spent("t3.small", &env).await;
+    // 32 free on the primary interface's first two /28s; 34 pods leave
+    // two waiting, and the plan is the last slot's /28 and an interface.
+    let counts = &ipam.summary()["counts"];
+    assert_eq!(
+        (counts["prefixes"].as_u64(), counts["total"].as_u64()),
+        (Some(2), Some(32))
+    );
+    p.backend()
+        .call(Request::InjectFault(Fault {
+            api: Some("AssignPrivateIpAddresses".into()),
+            kind: FaultKind::SubnetFreeAtMost { addresses: 1 },
+            count: 1,
+        }))
+        .await
+        .unwrap();
+    let t = tokio::time::Instant::now();
+    add_all(&ipam, 34).await;
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    let figures = p.api_figures();
+    let assign = &figures["AssignPrivateIpAddresses"];
+    assert_eq!(
+        (assign.calls, assign.errors),
+        (3, 1),
+        "start, the refused /28, the single address"
+    );
+    assert_eq!(
+        figures["CreateNetworkInterface"].calls, 2,
+        "the test's and the step's"
+    );
+    // 32 + the single address + the new interface's /28.
+    assert_eq!(ipam.summary()["counts"]["total"].as_u64(), Some(49));
     stop.send(true).ok();
     task.await.ok();
 }

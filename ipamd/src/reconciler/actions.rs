@@ -13,8 +13,12 @@ use crate::pool::now_ms;
 use providers::tags::OWNER_VALUE;
 
 impl Reconciler {
-    pub(super) async fn execute(&self, action: Action) -> Result<(), StepError> {
-        match action {
+    /// Carries out `action`; the addresses it added to the pool (what the
+    /// cloud gave, which a nearly full subnet may make fewer than asked,
+    /// or single addresses in place of prefixes), 0 for a release or a
+    /// delete.
+    pub(super) async fn execute(&self, action: Action) -> Result<u32, StepError> {
+        let added = match action {
             Action::AssignIps {
                 interface_id,
                 count,
@@ -59,7 +63,8 @@ impl Reconciler {
                         prefixes: vec![],
                     },
                 )
-                .await?
+                .await?;
+                0
             }
             Action::ReleasePrefixes {
                 interface_id,
@@ -72,16 +77,20 @@ impl Reconciler {
                         prefixes,
                     },
                 )
-                .await?
+                .await?;
+                0
             }
             Action::DeleteInterface { interface_id } => {
-                return self.delete_interface(&interface_id).await
+                self.delete_interface(&interface_id).await?;
+                0
             }
-        }
-        Ok(())
+        };
+        Ok(added)
     }
 
-    async fn grow(&self, interface_id: &str, req: AssignRequest) -> Result<(), ProviderError> {
+    /// Assigns `req` to `interface_id`, fewer when the subnet is nearly
+    /// full; the addresses added (a prefix counts its 16).
+    async fn grow(&self, interface_id: &str, req: AssignRequest) -> Result<u32, ProviderError> {
         let mut req = req;
         let got = loop {
             match self.provider.assign(interface_id, req).await {
@@ -119,7 +128,7 @@ impl Reconciler {
             "pool grew"
         );
         self.pool.add_addresses(interface_id, &got);
-        Ok(())
+        Ok(addresses_in(&got.ips, &got.prefixes))
     }
 
     async fn shrink(&self, interface_id: &str, want: Assigned) -> Result<(), ProviderError> {
@@ -194,7 +203,9 @@ impl Reconciler {
         }
     }
 
-    async fn create_interface(&self, initial: AssignRequest) -> Result<(), ProviderError> {
+    /// Creates and attaches an interface in the first subnet that has
+    /// room; the secondary addresses it came with (a prefix counts its 16).
+    async fn create_interface(&self, initial: AssignRequest) -> Result<u32, ProviderError> {
         let mut tags = self.settings.additional_tags.clone();
         tags.insert(TAG_OWNER.to_string(), OWNER_VALUE.to_string());
         tags.insert(TAG_INSTANCE.to_string(), self.instance.id.clone());
@@ -284,10 +295,11 @@ impl Reconciler {
                 Ok(iface) => {
                     info!(interface = %iface.id, device_index = iface.device_index, subnet = %subnet_id, "interface attached");
                     let id = iface.id.clone();
+                    let added = addresses_in(&iface.secondary_ips, &iface.prefixes);
                     let held = self.node.hold(&id);
                     self.pool.add_interface(iface, !held);
                     self.node_step().await;
-                    return Ok(());
+                    return Ok(added);
                 }
                 Err(e @ ProviderError::SubnetExhausted { .. })
                 | Err(e @ ProviderError::InsufficientCidrBlocks { .. }) => {
@@ -346,4 +358,13 @@ pub(super) fn fewer(req: AssignRequest) -> Option<AssignRequest> {
         AssignRequest::Ips(n) if n > 1 => Some(AssignRequest::Ips(n / 2)),
         _ => None,
     }
+}
+
+/// Addresses in `ips` and `prefixes` together, a prefix counting its
+/// [`crate::policy::PREFIX_SIZE`] (a /28), as the policy counts them.
+fn addresses_in(ips: &[std::net::Ipv4Addr], prefixes: &[ipnet::Ipv4Net]) -> u32 {
+    let prefixes = u32::try_from(prefixes.len()).unwrap_or(u32::MAX);
+    u32::try_from(ips.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(prefixes.saturating_mul(crate::policy::PREFIX_SIZE))
 }

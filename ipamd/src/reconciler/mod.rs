@@ -615,9 +615,6 @@ impl Reconciler {
             // A grow is not: after a throttle, an ADD's grow would wait
             // for the same bucket's token.
             let for_an_add = urgent && grows && for_adds > 0;
-            if for_an_add {
-                for_adds = for_adds.saturating_sub(action.grows_by());
-            }
             let deferrable = action.change() == providers::Change::Release;
             let (outcome, handed_back) = if deferrable {
                 providers::layer::nobody_waits(self.execute(action)).await
@@ -648,6 +645,10 @@ impl Reconciler {
                 self.pool.publish();
                 continue;
             }
+            // What the grow added, not what the plan asked: a prefix sent
+            // as single addresses (a full subnet) leaves the ADDs' other
+            // grows in scope.
+            let outcome = outcome.map(|added| for_adds = for_adds.saturating_sub(added));
             if let Err(e) = outcome {
                 self.count_error(e.site(kind));
                 // The subnet said it cannot give more: the scaler's batch
