@@ -21,23 +21,34 @@ impl Pool {
     }
 
     /// Adds an attached interface; `ready` false holds its addresses back
-    /// until [`Pool::set_ready`].
-    pub fn add_interface(&self, iface: Interface, ready: bool) {
+    /// until [`Pool::set_ready`]. The addresses it made free (see
+    /// [`Pool::add_addresses`]).
+    pub fn add_interface(&self, iface: Interface, ready: bool) -> u32 {
         let mut st = self.lock();
+        let now = Instant::now();
+        let before = st.ds.counts(now).available;
         let id = iface.id.clone();
-        st.ds.add_interface(iface, Instant::now());
+        st.ds.add_interface(iface, now);
         if !ready {
             st.ds.set_ready(&id, false);
         }
         confirm_seen(&mut st);
+        st.ds.counts(now).available.saturating_sub(before)
     }
 
-    /// Adds what the cloud assigned to `interface_id`.
-    pub fn add_addresses(&self, interface_id: &str, got: &Assigned) {
+    /// Adds what the cloud assigned to `interface_id`; the addresses that
+    /// became free, which may be fewer than it gave: not one the pool
+    /// knew already, nor one a pod holds unconfirmed (the cloud may give
+    /// it back), nor any on an interface the pool no longer has. Free
+    /// addresses on an interface waiting for its node side count, as the
+    /// policy counts them.
+    pub fn add_addresses(&self, interface_id: &str, got: &Assigned) -> u32 {
         let mut st = self.lock();
+        let now = Instant::now();
+        let before = st.ds.counts(now).available;
         st.ds.add_addresses(interface_id, got);
-        // The cloud may give back an address a pod still holds unconfirmed.
         confirm_seen(&mut st);
+        st.ds.counts(now).available.saturating_sub(before)
     }
 
     pub fn set_ready(&self, interface_id: &str, ready: bool) {

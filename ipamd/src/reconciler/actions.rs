@@ -13,10 +13,10 @@ use crate::pool::now_ms;
 use providers::tags::OWNER_VALUE;
 
 impl Reconciler {
-    /// Carries out `action`; the addresses it added to the pool (what the
-    /// cloud gave, which a nearly full subnet may make fewer than asked,
-    /// or single addresses in place of prefixes), 0 for a release or a
-    /// delete.
+    /// Carries out `action`; the addresses it made free in the pool (of
+    /// what the cloud gave, which a nearly full subnet may make fewer
+    /// than asked, or single addresses in place of prefixes; see
+    /// [`crate::pool::Pool::add_addresses`]), 0 for a release or a delete.
     pub(super) async fn execute(&self, action: Action) -> Result<u32, StepError> {
         let added = match action {
             Action::AssignIps {
@@ -89,7 +89,7 @@ impl Reconciler {
     }
 
     /// Assigns `req` to `interface_id`, fewer when the subnet is nearly
-    /// full; the addresses added (a prefix counts its 16).
+    /// full; the addresses it made free in the pool.
     async fn grow(&self, interface_id: &str, req: AssignRequest) -> Result<u32, ProviderError> {
         let mut req = req;
         let got = loop {
@@ -127,8 +127,7 @@ impl Reconciler {
             prefixes = got.prefixes.len(),
             "pool grew"
         );
-        self.pool.add_addresses(interface_id, &got);
-        Ok(addresses_in(&got.ips, &got.prefixes))
+        Ok(self.pool.add_addresses(interface_id, &got))
     }
 
     async fn shrink(&self, interface_id: &str, want: Assigned) -> Result<(), ProviderError> {
@@ -204,7 +203,7 @@ impl Reconciler {
     }
 
     /// Creates and attaches an interface in the first subnet that has
-    /// room; the secondary addresses it came with (a prefix counts its 16).
+    /// room; the addresses it made free in the pool.
     async fn create_interface(&self, initial: AssignRequest) -> Result<u32, ProviderError> {
         let mut tags = self.settings.additional_tags.clone();
         tags.insert(TAG_OWNER.to_string(), OWNER_VALUE.to_string());
@@ -295,9 +294,8 @@ impl Reconciler {
                 Ok(iface) => {
                     info!(interface = %iface.id, device_index = iface.device_index, subnet = %subnet_id, "interface attached");
                     let id = iface.id.clone();
-                    let added = addresses_in(&iface.secondary_ips, &iface.prefixes);
                     let held = self.node.hold(&id);
-                    self.pool.add_interface(iface, !held);
+                    let added = self.pool.add_interface(iface, !held);
                     self.node_step().await;
                     return Ok(added);
                 }
@@ -358,13 +356,4 @@ pub(super) fn fewer(req: AssignRequest) -> Option<AssignRequest> {
         AssignRequest::Ips(n) if n > 1 => Some(AssignRequest::Ips(n / 2)),
         _ => None,
     }
-}
-
-/// Addresses in `ips` and `prefixes` together, a prefix counting its
-/// [`crate::policy::PREFIX_SIZE`] (a /28), as the policy counts them.
-fn addresses_in(ips: &[std::net::Ipv4Addr], prefixes: &[ipnet::Ipv4Net]) -> u32 {
-    let prefixes = u32::try_from(prefixes.len()).unwrap_or(u32::MAX);
-    u32::try_from(ips.len())
-        .unwrap_or(u32::MAX)
-        .saturating_add(prefixes.saturating_mul(crate::policy::PREFIX_SIZE))
 }

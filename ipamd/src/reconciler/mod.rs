@@ -645,10 +645,12 @@ impl Reconciler {
                 self.pool.publish();
                 continue;
             }
-            // What the grow added, not what the plan asked: a prefix sent
-            // as single addresses (a full subnet) leaves the ADDs' other
-            // grows in scope.
-            let outcome = outcome.map(|added| for_adds = for_adds.saturating_sub(added));
+            // What the grow made free, not what the plan asked: a prefix
+            // sent as single addresses (a full subnet) leaves the ADDs'
+            // other grows in scope.
+            if let Ok(added) = outcome {
+                for_adds = for_adds.saturating_sub(added);
+            }
             if let Err(e) = outcome {
                 self.count_error(e.site(kind));
                 // The subnet said it cannot give more: the scaler's batch
