@@ -572,6 +572,29 @@ async fn add_all(ipam: &Arc<Ipam>, n: usize) {
     }
 }
 
+/// [`add_all`], every ADD served within its 10 s wait (`add_wait`).
+async fn add_all_within_their_wait(ipam: &Arc<Ipam>, n: usize) {
+    let t = tokio::time::Instant::now();
+    add_all(ipam, n).await;
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+/// The next AssignPrivateIpAddresses on `p`'s simulated cloud meets `kind`.
+async fn fault_next_assign(p: &vpc_sim::SimProvider, kind: vpc_sim::FaultKind) {
+    p.backend()
+        .call(vpc_sim::Request::InjectFault(vpc_sim::Fault {
+            api: Some("AssignPrivateIpAddresses".into()),
+            kind,
+            count: 1,
+        }))
+        .await
+        .unwrap();
+}
+
 /// On such a node, a step for waiting ADDs that assigns the primary
 /// interface's free slots (the Assign bucket's own call) and then creates
 /// an interface for the rest takes the Create bucket's reserve for that
@@ -585,13 +608,7 @@ async fn a_second_grow_of_a_step_adds_wait_for_takes_its_buckets_reserve() {
     // 15 pods: one takes the free address; for the 14 others the step
     // assigns the primary interface's 8 free slots and creates an
     // interface for the rest.
-    let t = tokio::time::Instant::now();
-    add_all(&ipam, 15).await;
-    assert!(
-        t.elapsed() < std::time::Duration::from_secs(10),
-        "{:?}",
-        t.elapsed()
-    );
+    add_all_within_their_wait(&ipam, 15).await;
     let created = p.api_figures()["CreateNetworkInterface"].calls;
     assert_eq!(created, 2, "the test's and the step's");
     stop.send(true).ok();
@@ -629,7 +646,6 @@ async fn a_grow_for_the_warm_target_in_a_step_adds_wait_for_takes_no_reserve() {
 /// token (400 s) while the ADD timed out. Found in review.
 #[tokio::test(start_paused = true)]
 async fn a_prefix_sent_as_one_address_leaves_the_adds_next_grow_its_reserve() {
-    use vpc_sim::{Fault, FaultKind, Request};
     let env = [
         ("ENABLE_PREFIX_DELEGATION", "true"),
         ("WARM_IP_TARGET", "20"),
@@ -643,21 +659,8 @@ async fn a_prefix_sent_as_one_address_leaves_the_adds_next_grow_its_reserve() {
         (counts["prefixes"].as_u64(), counts["total"].as_u64()),
         (Some(2), Some(32))
     );
-    p.backend()
-        .call(Request::InjectFault(Fault {
-            api: Some("AssignPrivateIpAddresses".into()),
-            kind: FaultKind::SubnetFreeAtMost { addresses: 1 },
-            count: 1,
-        }))
-        .await
-        .unwrap();
-    let t = tokio::time::Instant::now();
-    add_all(&ipam, 34).await;
-    assert!(
-        t.elapsed() < std::time::Duration::from_secs(10),
-        "{:?}",
-        t.elapsed()
-    );
+    fault_next_assign(&p, vpc_sim::FaultKind::SubnetFreeAtMost { addresses: 1 }).await;
+    add_all_within_their_wait(&ipam, 34).await;
     let figures = p.api_figures();
     let assign = &figures["AssignPrivateIpAddresses"];
     assert_eq!(
@@ -682,24 +685,10 @@ async fn a_prefix_sent_as_one_address_leaves_the_adds_next_grow_its_reserve() {
 /// and takes the Create bucket's reserve. Found in review.
 #[tokio::test(start_paused = true)]
 async fn an_assign_partly_served_leaves_the_adds_create_its_reserve() {
-    use vpc_sim::{Fault, FaultKind, Request};
     let env = [("WARM_IP_TARGET", "5"), ("MINIMUM_IP_TARGET", "5")];
     let (p, ipam, stop, task) = idle_node_with_create_spent("m5.large", &env).await;
-    p.backend()
-        .call(Request::InjectFault(Fault {
-            api: Some("AssignPrivateIpAddresses".into()),
-            kind: FaultKind::Partial { at_most: 1 },
-            count: 1,
-        }))
-        .await
-        .unwrap();
-    let t = tokio::time::Instant::now();
-    add_all(&ipam, 7).await;
-    assert!(
-        t.elapsed() < std::time::Duration::from_secs(10),
-        "{:?}",
-        t.elapsed()
-    );
+    fault_next_assign(&p, vpc_sim::FaultKind::Partial { at_most: 1 }).await;
+    add_all_within_their_wait(&ipam, 7).await;
     let figures = p.api_figures();
     assert_eq!(figures["AssignPrivateIpAddresses"].calls, 2, "start, step");
     assert_eq!(
