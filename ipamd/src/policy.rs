@@ -387,10 +387,10 @@ pub struct Plan {
     /// Addresses the ADDs waiting need beyond the pool's (free ones
     /// serve them first): the first grows of `actions`, up to this many
     /// addresses, are for them; the rest of the grows are for the warm
-    /// target, ahead of demand. The reconciler counts it down by what each
-    /// grow did add, which a nearly full subnet may make fewer than
-    /// planned (a /28 sent as single addresses), so that the grows after
-    /// it serve the ADDs still waiting.
+    /// target, ahead of demand. The reconciler counts it down by the
+    /// addresses each grow did make free, which a nearly full subnet may
+    /// make fewer than planned (a /28 sent as single addresses), so that
+    /// the grows after it serve the ADDs still waiting.
     pub for_adds: u32,
 }
 
