@@ -412,6 +412,11 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
     let assigned: u32 = view.interfaces.iter().map(|i| i.assigned).sum();
     let demand = used + view.waiting;
     let for_adds = demand.saturating_sub(total);
+    let plan_of = |actions, blocked| Plan {
+        actions,
+        blocked,
+        for_adds,
+    };
 
     // The adaptive target now, and how many addresses the pool releases
     // down to: it keeps up to twice its warm target free or cooling, so
@@ -560,29 +565,17 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
                 });
             }
         }
-        return Plan {
-            actions,
-            blocked,
-            for_adds,
-        };
+        return plan_of(actions, blocked);
     }
 
     if view.waiting > 0 {
-        return Plan {
-            actions,
-            blocked,
-            for_adds,
-        };
+        return plan_of(actions, blocked);
     }
 
     // Shrink. First a whole idle interface, at most one per step.
     let keep = release_to.map_or(want, |r| r.max(want));
     if total <= keep {
-        return Plan {
-            actions,
-            blocked,
-            for_adds,
-        };
+        return plan_of(actions, blocked);
     }
     let excess = total - keep;
     let deletable = view
@@ -599,19 +592,11 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
         actions.push(Action::DeleteInterface {
             interface_id: i.id.clone(),
         });
-        return Plan {
-            actions,
-            blocked,
-            for_adds,
-        };
+        return plan_of(actions, blocked);
     }
     // Under the ENI target aws-node keeps interfaces whole.
     if !pd && !cfg.fine_grained() {
-        return Plan {
-            actions,
-            blocked,
-            for_adds,
-        };
+        return plan_of(actions, blocked);
     }
     // Then single addresses or wholly unused prefixes, emptiest interface first.
     let mut order: Vec<&IfaceView> = view.interfaces.iter().collect();
@@ -647,9 +632,5 @@ pub fn plan(view: &PoolView, cfg: &PoolConfig, now: Instant) -> Plan {
             });
         }
     }
-    Plan {
-        actions,
-        blocked,
-        for_adds,
-    }
+    plan_of(actions, blocked)
 }

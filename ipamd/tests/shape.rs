@@ -513,9 +513,10 @@ async fn two_hundred_nodes_starting_at_once_all_start() {
     );
 }
 
-/// A node of `instance_type` in a 2,000-node account (a grow call's share:
-/// one call per 400 s) started with `env`, after an idle hour (each grow bucket holds
-/// its call and one more in reserve for a grow ADDs wait for), whose
+/// A node of `instance_type` in a 2,000-node account (a grow call's
+/// share: one call per 400 s) started with `env`, after an idle hour
+/// (each grow bucket holds its call and one more in reserve for a grow
+/// ADDs wait for), whose
 /// Create bucket's own call another caller of its layer then spent: the
 /// provider, the pool, the stop switch, the reconciler's task.
 async fn idle_node_with_create_spent(

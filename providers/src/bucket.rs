@@ -168,21 +168,21 @@ pub const GROWERS_HEADROOM: f64 = 2.0;
 /// once in the step, by whichever of its calls, a chain's Attach or a
 /// retry included, first finds the bucket empty): not a grow made ahead
 /// of demand ([`Buckets::put_off`]), nor a grow of the same step that the
-/// plan adds for the warm target, nor their chain calls or retries. Under churn a node's grows are
-/// rare and mostly made ahead of demand (its warm target rising with
-/// the arrivals it saw): without the reserve, a grow made ahead took the
-/// one call the node's share had saved, and an ADD that found nothing
-/// free a minute later waited for the next call's token (one per 400 s
-/// at 2,000 nodes) or an address's cooldown. Every node idle alike holds
-/// one call more. When they all call together, a throttled call empties
-/// the reserve with the bucket, so the event costs the account about the
-/// calls of the nodes it did not throttle. But when idle nodes start to
-/// grow spread over one refill period (pods scheduled across the cluster
-/// over a few minutes), their first grows go through and the reserves
-/// add a second call each within the period, which the account
-/// throttles: a review's model of 2,000 nodes put it at about 1,100-1,350
-/// throttled calls where there were 0-425 without the reserve. No
-/// `cluster-sim` phase has that shape yet.
+/// plan adds for the warm target, nor their chain calls or retries. Under
+/// churn a node's grows are rare and mostly made ahead of demand (its
+/// warm target rising with the arrivals it saw): without the reserve, a
+/// grow made ahead took the one call the node's share had saved, and an
+/// ADD that found nothing free a minute later waited for the next call's
+/// token (one per 400 s at 2,000 nodes) or an address's cooldown. Every
+/// node idle alike holds one call more. When they all call together, a
+/// throttled call empties the reserve with the bucket, so the event costs
+/// the account about the calls of the nodes it did not throttle. But when
+/// idle nodes start to grow spread over one refill period (pods scheduled
+/// across the cluster over a few minutes), their first grows go through
+/// and the reserves add a second call each within the period, which the
+/// account throttles: a review's model of 2,000 nodes put it at about
+/// 1,100-1,350 throttled calls where there were 0-425 without the
+/// reserve. No `cluster-sim` phase has that shape yet.
 ///
 /// In the 2,000-node simulation (`cluster-sim`, seed 1) the longest ADD
 /// wait under churn went from 15.6 s to 0 s in the adaptive mode and
@@ -243,16 +243,16 @@ pub const THROTTLED_RETRY_WITHIN: f64 = 0.5;
 /// new random part of its own, or a grow at a random point of half a
 /// period of the share it had ([`THROTTLED_RETRY_WITHIN`]). A release
 /// (Unassign, Detach, Delete) is never urgent: when its bucket has sat
-/// full, the node's saved token is
-/// not spent on it at once (every node idle alike would send its release
-/// in the same second after a cluster-wide scale down); it goes at once
-/// with the chance of the share's burst, else after a random part of one
-/// refill period. Grows and reads keep the saved token. A change no ADD
-/// waits for is asked about first ([`Buckets::put_off`]): it waits for a
-/// token outside the call, and is spread the same way after an idle spell
-/// while the saved token stays for a grow an ADD waits for. A grow bucket
-/// whose share is under one call keeps, once full, one call more in
-/// reserve ([`GROW_RESERVE`]) that only a grow an ADD waits for takes.
+/// full, the node's saved token is not spent on it at once (every node
+/// idle alike would send its release in the same second after a
+/// cluster-wide scale down); it goes at once with the chance of the
+/// share's burst, else after a random part of one refill period. Grows
+/// and reads keep the saved token. A change no ADD waits for is asked
+/// about first ([`Buckets::put_off`]): it waits for a token outside the
+/// call, and is spread the same way after an idle spell while the saved
+/// token stays for a grow an ADD waits for. A grow bucket whose share is
+/// under one call keeps, once full, one call more in reserve
+/// ([`GROW_RESERVE`]) that only a grow an ADD waits for takes.
 #[derive(Debug)]
 pub struct Buckets {
     spec: fn(&str) -> BucketSpec,
